@@ -1,0 +1,330 @@
+"""The audit flow: index the data, audit it shard by shard, find, commit, report.
+
+Read top to bottom, :func:`audit` is the story of a run. Tasks pass paths and small
+values, never models or tensors (Prefect hashes task arguments); the model is loaded
+once per process by :func:`tasks.models.load_model`'s cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import BaseModel, Field
+
+from tasks import storage
+from tasks.findings import Thresholds, compute_findings
+from tasks.images import Preprocess
+from tasks.models import ModelError, ModelSpec, default_preprocess, load_model
+from tasks.predictions import ShardResult, ShardSettings, audit_shard
+from tasks.sources import DataSourceError, build_index, class_names_from_index, read_class_file
+
+METHODS = ("gradcam",)
+
+
+class AuditRequest(BaseModel):
+    """Everything a run needs, as plain values (the flow's parameters)."""
+
+    source: str
+    out_dir: str
+    arch: str | None = None
+    model: str | None = None
+    weights: str | None = None
+    layer: str | None = None
+    classes_file: str | None = None
+    run_id: str | None = None
+    device: str = "auto"
+    batch_size: int = Field(32, ge=1, le=4096)
+    shard_size: int = Field(256, ge=1, le=1_000_000)
+    resize: int | None = Field(None, ge=8)
+    crop: int | None = Field(None, ge=8)
+    multi_label: bool | None = None
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    template_dir: str | None = None
+    pdf: bool = True
+    trust_checkpoint: bool = False
+    decode_workers: int = Field(4, ge=1, le=64)
+
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(
+            arch=self.arch, factory=self.model, weights=self.weights,
+            layer=self.layer, trust_checkpoint=self.trust_checkpoint,
+        )
+
+
+@dataclass
+class RunPlan:
+    """The validated plan of a run, saved beside its staged parts so a restart reuses it."""
+
+    run_id: str
+    out_dir: str
+    request: dict
+    classes: list[str]
+    preprocess: dict
+    multi_label: bool
+    layers: list[str]
+    model_fingerprint: str
+    data_fingerprint: str
+    images: int
+    shards: list[tuple[str, int, int]]
+    started: str
+
+    @property
+    def folder(self) -> Path:
+        return plan_dir(Path(self.out_dir), self.run_id)
+
+    def shard_settings(self) -> ShardSettings:
+        request = AuditRequest(**self.request)
+        return ShardSettings(
+            classes=tuple(self.classes),
+            preprocess=Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in self.preprocess.items()}),
+            multi_label=self.multi_label,
+            batch_size=request.batch_size,
+            decode_workers=request.decode_workers,
+            methods=tuple(request.methods),
+        )
+
+
+def new_run_id() -> str:
+    """Sortable, never all digits (so Hive partitioning reads it as a string)."""
+    return f"r{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def plan_dir(out_dir: Path, run_id: str) -> Path:
+    """Hidden folder holding a run's plan and index until the run is committed."""
+    return Path(out_dir) / "runs" / f".staging-{run_id}"
+
+
+def prepare_run(request: AuditRequest) -> RunPlan:
+    """Validate the request, index the data, load the model once, and save the plan.
+
+    Raises :class:`DataSourceError` or :class:`ModelError` with a one-line message for bad
+    input. A plan saved by an earlier attempt of the same run is reused as is.
+    """
+    run_id = request.run_id or new_run_id()
+    folder = plan_dir(Path(request.out_dir), run_id)
+    if (folder / "plan.json").exists():
+        return load_plan(folder)
+    unknown = [m for m in request.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+    known = set(Thresholds.__dataclass_fields__)
+    bad = [k for k in request.thresholds if k not in known]
+    if bad:
+        raise ValueError(f"unknown threshold(s) {bad}; available: {', '.join(sorted(known))}")
+    index = build_index(request.source)
+    loaded = load_model(request.model_spec(), request.device, request.crop or 224)
+    preprocess = default_preprocess(loaded, request.resize, request.crop)
+    if request.classes_file:
+        classes = read_class_file(Path(request.classes_file))
+    elif loaded.categories:
+        classes = loaded.categories
+    else:
+        classes = class_names_from_index(index)
+    if len(classes) != loaded.num_classes:
+        raise ModelError(
+            f"the model has {loaded.num_classes} outputs but {len(classes)} class names were found "
+            f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); pass --classes FILE "
+            "with the model's class names, one per line, in output order"
+        )
+    multi_label = request.multi_label
+    if multi_label is None:
+        multi_label = bool((index["labels"].map(len) > 1).any())
+    shards = [
+        (f"{i // request.shard_size:05d}", i, min(i + request.shard_size, len(index)))
+        for i in range(0, len(index), request.shard_size)
+    ]
+    fingerprint = hashlib.sha256(
+        pd.util.hash_pandas_object(index[["uri"]].assign(labels=index["labels"].map(";".join)), index=False)
+        .to_numpy()
+        .tobytes()
+    ).hexdigest()
+    plan = RunPlan(
+        run_id=run_id,
+        out_dir=str(Path(request.out_dir).resolve()),
+        request=request.model_dump() | {"run_id": run_id},
+        classes=list(classes),
+        preprocess=asdict(preprocess),
+        multi_label=multi_label,
+        layers=loaded.layers,
+        model_fingerprint=loaded.fingerprint,
+        data_fingerprint=fingerprint,
+        images=len(index),
+        shards=shards,
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    index.to_parquet(folder / "index.parquet", index=False)
+    tmp = folder / "plan.json.tmp"
+    tmp.write_text(json.dumps(asdict(plan), indent=2))
+    os.replace(tmp, folder / "plan.json")
+    return plan
+
+
+def load_plan(folder: Path) -> RunPlan:
+    data = json.loads((folder / "plan.json").read_text())
+    data["shards"] = [tuple(s) for s in data["shards"]]
+    return RunPlan(**data)
+
+
+def run_shard(plan_folder: str, shard: str, start: int, stop: int) -> ShardResult:
+    """Audit one shard of the planned run (the model comes from the per-process cache)."""
+    plan = load_plan(Path(plan_folder))
+    request = AuditRequest(**plan.request)
+    loaded = load_model(request.model_spec(), request.device, request.crop or 224)
+    rows = pd.read_parquet(Path(plan_folder) / "index.parquet").iloc[start:stop]
+    rows["labels"] = rows["labels"].map(list)
+    rows["attributes"] = rows["attributes"].map(lambda a: dict(a) if a is not None else {})
+    return audit_shard(rows, loaded, plan.shard_settings(), Path(plan.out_dir), plan.run_id, shard)
+
+
+def find(plan: RunPlan) -> int:
+    """Compute findings over the run's staged tables and stage them; returns how many."""
+    request = AuditRequest(**plan.request)
+    predictions = storage.read_staged("predictions", Path(plan.out_dir), plan.run_id)
+    explanations = storage.read_staged("explanations", Path(plan.out_dir), plan.run_id)
+    thresholds = Thresholds(**request.thresholds)
+    findings = compute_findings(predictions, explanations, plan.classes, thresholds, plan.multi_label)
+    storage.write_part(findings, "findings", Path(plan.out_dir), plan.run_id, "00000")
+    return len(findings)
+
+
+def summary_metrics(predictions: pd.DataFrame, multi_label: bool) -> dict[str, float | int | None]:
+    """Headline numbers for run.json and the report."""
+    audited = predictions[predictions["error"].isna()]
+    judged = audited[audited["correct"].notna()]
+    accuracy = float(judged["correct"].astype(bool).mean()) if len(judged) else None
+    top5 = None
+    if not multi_label and len(judged):
+        top5 = float(
+            sum(labels[0] in top for labels, top in zip(judged["labels"], judged["top_classes"])) / len(judged)
+        )
+    return {
+        "images": int(len(predictions)),
+        "audited": int(len(audited)),
+        "unreadable": int(predictions["error"].notna().sum()),
+        "accuracy": accuracy,
+        "top5_accuracy": top5,
+    }
+
+
+def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
+    """Make the run visible: write run.json, move staged tables into place, drop the plan."""
+    import prefect
+    import torch
+    import torchvision
+
+    out_dir = Path(plan.out_dir)
+    request = AuditRequest(**plan.request)
+    predictions = storage.read_staged("predictions", out_dir, plan.run_id)
+    run_dir = out_dir / "runs" / plan.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "run_id": plan.run_id,
+        "started": plan.started,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            "name": request.arch or request.model,
+            "weights": request.weights,
+            "fingerprint": plan.model_fingerprint,
+            "task": "multilabel" if plan.multi_label else "multiclass",
+            "layers": plan.layers,
+            "num_classes": len(plan.classes),
+        },
+        "data": {
+            "source": request.source,
+            "fingerprint": plan.data_fingerprint,
+            "images": plan.images,
+            "unreadable": int(predictions["error"].notna().sum()),
+        },
+        "classes": plan.classes,
+        "preprocess": plan.preprocess,
+        "parameters": {
+            "methods": request.methods,
+            "device": request.device,
+            "batch_size": request.batch_size,
+            "shard_size": request.shard_size,
+            "thresholds": Thresholds(**request.thresholds).as_dict(),
+        },
+        "versions": {
+            "visaudit": _version(),
+            "torch": torch.__version__,
+            "torchvision": torchvision.__version__,
+            "prefect": prefect.__version__,
+            "python": platform.python_version(),
+        },
+        "timings": timings,
+        "metrics": summary_metrics(predictions, plan.multi_label),
+    }
+    tmp = run_dir / "run.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, run_dir / "run.json")
+    storage.commit_run(out_dir, plan.run_id)
+    shutil.rmtree(plan.folder, ignore_errors=True)
+    return run_dir
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("visaudit")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def render(out_dir: str, run_id: str, template_dir: str | None, pdf: bool) -> str:
+    from tasks.report import render_report
+
+    paths = render_report(Path(out_dir), run_id, Path(template_dir) if template_dir else None, pdf=pdf)
+    return str(paths.pdf or paths.html)
+
+
+prepare_task = task(prepare_run, name="prepare", cache_policy=NO_CACHE)
+shard_task = task(run_shard, name="audit-shard", cache_policy=NO_CACHE, task_run_name="shard-{shard}")
+find_task = task(find, name="findings", cache_policy=NO_CACHE)
+commit_task = task(commit, name="commit", cache_policy=NO_CACHE)
+report_task = task(render, name="report", cache_policy=NO_CACHE)
+
+
+@flow(name="visaudit-audit", task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True)
+def audit(request: AuditRequest) -> str:
+    """Audit a model on a data source; returns the run id. The story of a run:"""
+    clock = time.perf_counter()
+    timings: dict[str, float] = {}
+    # 1. Validate, index the data, load the model once, and plan the shards.
+    plan = prepare_task(request)
+    timings["prepare"] = round(time.perf_counter() - clock, 3)
+    # 2. Audit shard by shard: decode, one forward, predictions, Grad-CAM, Parquet parts.
+    #    One worker per device: concurrent shards would only fight over it.
+    futures = [shard_task.submit(str(plan.folder), name, start, stop) for name, start, stop in plan.shards]
+    results = [future.result() for future in futures]  # resolving every future fails the flow on any failure
+    timings["shards"] = round(time.perf_counter() - clock - timings["prepare"], 3)
+    for stage in ("decode", "model", "rows", "write"):
+        timings[f"shards.{stage}"] = round(sum(r.seconds.get(stage, 0.0) for r in results), 3)
+    # 3. Findings over the staged tables.
+    mark = time.perf_counter()
+    find_task(plan)
+    timings["findings"] = round(time.perf_counter() - mark, 3)
+    # 4. Commit: the run becomes visible to readers all at once.
+    timings["total_before_report"] = round(time.perf_counter() - clock, 3)
+    commit_task(plan, timings)
+    # 5. Report from the committed tables (can be re-rendered later with `visaudit report`).
+    report_task(plan.out_dir, plan.run_id, request.template_dir, request.pdf)
+    return plan.run_id
+
+
+__all__ = ["AuditRequest", "DataSourceError", "ModelError", "RunPlan", "audit", "prepare_run"]

@@ -1,0 +1,245 @@
+"""The ``visaudit`` command line: ``run``, ``demo``, ``report``.
+
+Bad input ends with a one-line ``error: ...`` naming the file and the fix (exit code 2),
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Prefect reads its settings at import time: quiet by default, no analytics, patient start.
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from pydantic import ValidationError
+
+from tasks.models import ModelError
+from tasks.sources import DataSourceError
+
+app = typer.Typer(
+    help="Audit image classifiers: predictions, Grad-CAM, Parquet tables, and a PDF report of bias and failure modes.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+DEFAULT_OUT = Path("visaudit-out")
+USER_ERRORS = (DataSourceError, ModelError, ValueError, FileNotFoundError)
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    return "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+
+
+def parse_thresholds(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--threshold {item!r}: expected NAME=VALUE, e.g. --threshold confident_error_confidence=0.95")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            fail(f"--threshold {item!r}: {value!r} is not a number")
+    return out
+
+
+def execute(request: "AuditRequest", quiet: bool = False) -> Path:  # noqa: F821
+    """Validate and plan (clean errors), then run the flow with a progress bar; returns the run folder."""
+    from flows.audit import audit, prepare_run
+
+    try:
+        plan = prepare_run(request)
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    request = request.model_copy(update={"run_id": plan.run_id})
+    typer.echo(
+        f"auditing {plan.images} images of {len(plan.classes)} classes from {request.source} "
+        f"(run {plan.run_id}, layer {', '.join(plan.layers)})",
+        err=True,
+    )
+    stop = threading.Event()
+    watcher = None if quiet else threading.Thread(target=_progress, args=(plan, stop), daemon=True)
+    if watcher:
+        watcher.start()
+    try:
+        audit(request)
+    except USER_ERRORS as exc:
+        fail(f"{exc} (finished shards are kept: rerun with --run-id {plan.run_id} to resume)")
+    except Exception as exc:
+        fail(
+            f"the audit failed: {type(exc).__name__}: {exc} "
+            f"(finished shards are kept: rerun with --run-id {plan.run_id} to resume)"
+        )
+    finally:
+        stop.set()
+        if watcher:
+            watcher.join()
+    return Path(plan.out_dir) / "runs" / plan.run_id
+
+
+def _progress(plan: "RunPlan", stop: threading.Event) -> None:  # noqa: F821
+    """Show shards as they land in the run's staging folder."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tasks.storage import staging_dir
+
+    folder = staging_dir(Path(plan.out_dir), "predictions", plan.run_id)
+    sizes = {name: stop_ - start for name, start, stop_ in plan.shards}
+    with Progress(
+        TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
+        console=None,
+    ) as bar:
+        job = bar.add_task("audit", total=plan.images)
+        while not stop.wait(0.25):
+            done = sum(sizes.get(p.stem.removeprefix("part-"), 0) for p in folder.glob("part-*.parquet"))
+            bar.update(job, completed=done)
+
+
+def _print_result(run_dir: Path) -> None:
+    import json
+
+    record = json.loads((run_dir / "run.json").read_text())
+    metrics = record.get("metrics", {})
+    accuracy = metrics.get("accuracy")
+    typer.echo(
+        f"audited {metrics.get('audited')} of {metrics.get('images')} images"
+        f" ({metrics.get('unreadable')} unreadable)"
+        + (f", accuracy {accuracy:.1%}" if accuracy is not None else "")
+    )
+    for name in ("report.pdf", "report.html"):
+        if (run_dir / name).exists():
+            typer.echo(f"report: {run_dir / name}")
+    typer.echo(f"tables: {run_dir.parent.parent / 'tables'}")
+
+
+@app.command()
+def run(
+    source: Annotated[str, typer.Argument(help="Class-per-folder directory, or a .csv/.parquet manifest (path or URL).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (tables/ and runs/).")] = DEFAULT_OUT,
+    arch: Annotated[Optional[str], typer.Option(help="torchvision architecture name, e.g. resnet18.")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="Model factory 'package.module:function' or 'path/to/file.py:function'.")
+    ] = None,
+    weights: Annotated[
+        Optional[str], typer.Option(help="state_dict file, or a torchvision weights name such as IMAGENET1K_V1.")
+    ] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Layer to explain (default: the last spatial conv stage).")] = None,
+    classes: Annotated[
+        Optional[Path], typer.Option(help="File with class names, one per line, in the model's output order.")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    shard_size: Annotated[int, typer.Option(help="Images per Prefect task.")] = 256,
+    resize: Annotated[Optional[int], typer.Option(help="Resize the shorter side to this (default: weights' or 256).")] = None,
+    crop: Annotated[Optional[int], typer.Option(help="Centre crop size (default: weights' or 224).")] = None,
+    multi_label: Annotated[
+        Optional[bool], typer.Option("--multi-label/--multi-class", help="Sigmoid or softmax model (default: from the labels).")
+    ] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated explanation methods.")] = "gradcam",
+    threshold: Annotated[
+        list[str], typer.Option(help="Override a finding threshold, NAME=VALUE (repeatable).")
+    ] = [],  # noqa: B006 - typer needs a literal default
+    templates: Annotated[Optional[Path], typer.Option(help="Folder with your own report.html.j2 and report.css.")] = None,
+    pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="Also render the PDF.")] = True,
+    run_id: Annotated[Optional[str], typer.Option(help="Resume or name a run (default: a new id).")] = None,
+    trust_checkpoint: Annotated[
+        bool, typer.Option(help="Allow weights files that are full pickles (they can run code).")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Audit a model on a data source once."""
+    from flows.audit import AuditRequest
+
+    try:
+        request = AuditRequest(
+            source=source, out_dir=str(out), arch=arch, model=model, weights=weights, layer=layer,
+            classes_file=str(classes) if classes else None, run_id=run_id, device=device,
+            batch_size=batch_size, shard_size=shard_size, resize=resize, crop=crop, multi_label=multi_label,
+            methods=[m.strip() for m in methods.split(",") if m.strip()], thresholds=parse_thresholds(threshold),
+            template_dir=str(templates) if templates else None, pdf=pdf, trust_checkpoint=trust_checkpoint,
+        )
+        request.model_spec()
+    except ValidationError as exc:
+        fail(_validation_message(exc))
+    except ModelError as exc:
+        fail(str(exc))
+    _print_result(execute(request, quiet))
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")] = DEFAULT_OUT,
+    cache: Annotated[
+        Path, typer.Option(help="Where the generated dataset and trained model are kept.")
+    ] = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "visaudit" / "demo",
+    pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="Also render the PDF.")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Build the planted-bias demo (data + a small CNN trained on the CPU) and audit it."""
+    from flows.audit import AuditRequest
+    from tasks import demo as demo_data
+
+    recipe = demo_data.load_recipe()
+    started = time.perf_counter()
+    typer.echo(f"generating the demo dataset in {cache} ...", err=True)
+    data_dir = demo_data.generate_dataset(recipe, cache / "data")
+    typer.echo("training the demo model on the CPU (cached after the first time) ...", err=True)
+    metrics = demo_data.train_model(data_dir, recipe, cache / "model.pt", log=lambda line: typer.echo(line, err=True))
+    classes_file = cache / "classes.txt"
+    classes_file.write_text("\n".join(recipe.classes) + "\n")
+    typer.echo(
+        f"model ready: held-out accuracy {metrics['test_accuracy']:.1%} "
+        f"({time.perf_counter() - started:.0f} s so far)",
+        err=True,
+    )
+    request = AuditRequest(
+        source=str(data_dir / "test.csv"), out_dir=str(out), model="tasks.demo:build_model",
+        weights=str(cache / "model.pt"), classes_file=str(classes_file), resize=recipe.image_size,
+        crop=recipe.image_size, batch_size=64, shard_size=100, pdf=pdf,
+    )
+    _print_result(execute(request, quiet))
+    typer.echo(f"demo finished in {time.perf_counter() - started:.0f} s")
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="The run to render (a folder name under OUT/runs).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder of the run.")] = DEFAULT_OUT,
+    templates: Annotated[Optional[Path], typer.Option(help="Folder with your own report.html.j2 and report.css.")] = None,
+    pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="Also render the PDF.")] = True,
+) -> None:
+    """Re-render a run's HTML and PDF report from its tables."""
+    from tasks.report import render_report
+
+    if not (out / "runs" / run_id / "run.json").exists():
+        known = sorted(p.name for p in (out / "runs").glob("*") if (p / "run.json").exists()) if (out / "runs").exists() else []
+        fail(f"{out / 'runs' / run_id}: no such completed run; known runs: {', '.join(known[-5:]) or 'none'}")
+    paths = render_report(out, run_id, templates, pdf=pdf)
+    typer.echo(f"report: {paths.pdf or paths.html}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

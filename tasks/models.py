@@ -1,0 +1,324 @@
+"""Model loading: torchvision architecture + weights, or a user factory; layer discovery.
+
+A model is described by a :class:`ModelSpec` (plain strings, so it can travel between
+Prefect tasks and processes) and built once per process by :func:`load_model`.
+Checkpoints load with ``torch.load(weights_only=True)``; a full pickle is refused unless
+the user says they trust it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import pickle
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from tasks.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+
+_POOLING = (
+    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.FractionalMaxPool2d,
+)
+
+
+class ModelError(ValueError):
+    """The model cannot be built or loaded; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load: ``arch`` (torchvision name) or ``factory`` (``module:function`` or
+    ``path/to/file.py:function``), and ``weights`` (a state_dict file, or for ``arch`` a
+    torchvision weights name such as ``IMAGENET1K_V1``)."""
+
+    arch: str | None = None
+    factory: str | None = None
+    weights: str | None = None
+    layer: str | None = None
+    trust_checkpoint: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.arch is None) == (self.factory is None):
+            raise ModelError("give exactly one of --arch (a torchvision architecture) or --model (module:function)")
+
+    @property
+    def name(self) -> str:
+        return self.arch or self.factory or "model"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to audit: in eval mode on its device, with the layers to explain."""
+
+    model: nn.Module
+    device: torch.device
+    num_classes: int
+    layers: list[str]
+    preprocess: Preprocess | None  # known from torchvision weights, else None
+    categories: list[str] | None  # class names shipped with torchvision weights
+    fingerprint: str
+    layer_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present; an explicit device that is not there is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+@functools.lru_cache(maxsize=4)
+def load_model(spec: ModelSpec, device_name: str = "auto", input_size: int = 224) -> LoadedModel:
+    """Build, load and prepare the model once per process (cached by spec and device)."""
+    device = resolve_device(device_name)
+    state, fingerprint = _read_weights(spec)
+    if spec.arch is not None:
+        model, preprocess, categories = _build_torchvision(spec, state)
+    else:
+        model, preprocess, categories = _build_factory(spec, state), None, None
+    if state is not None:
+        _load_state(model, state, spec)
+    model.eval().to(device)
+    size = preprocess.crop if preprocess is not None else input_size
+    layer_shapes, num_classes = probe(model, device, size)
+    if spec.layer is not None:
+        layers = [spec.layer]
+        _check_layer(model, spec.layer, layer_shapes)
+    else:
+        layers = [default_layer(layer_shapes, model)]
+    return LoadedModel(model, device, num_classes, layers, preprocess, categories, fingerprint, layer_shapes)
+
+
+def _read_weights(spec: ModelSpec) -> tuple[dict[str, torch.Tensor] | nn.Module | None, str]:
+    """Read a weights file (state_dict) if the spec names one; returns it and its sha256."""
+    if spec.weights is None or not _is_file_spec(spec.weights):
+        return None, hashlib.sha256(f"{spec.name}:{spec.weights}".encode()).hexdigest()
+    path = Path(spec.weights).expanduser()
+    if not path.is_file():
+        raise ModelError(f"{path}: weights file not found")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if not spec.trust_checkpoint:
+            raise ModelError(
+                f"{path}: the checkpoint holds pickled Python objects, which can run code when loaded; "
+                "re-save it with torch.save(model.state_dict(), path), or pass --trust-checkpoint "
+                "if you trust where it came from"
+            ) from exc
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc})") from exc
+    if isinstance(obj, nn.Module):
+        return obj, digest
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+        tensors = {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors, digest
+    raise ModelError(f"{path}: not a state_dict (a dict of tensors); save it with torch.save(model.state_dict(), path)")
+
+
+def _is_file_spec(weights: str) -> bool:
+    return weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or "/" in weights or Path(weights).exists()
+
+
+def classifier_size(state: dict[str, torch.Tensor]) -> int | None:
+    """Number of classes: the output size of the last 2-D weight (the classifier) in the state_dict."""
+    for key in reversed(list(state)):
+        value = state[key]
+        if key.endswith("weight") and value.dim() == 2:
+            return int(value.shape[0])
+    return None
+
+
+def _build_torchvision(
+    spec: ModelSpec, state: dict[str, torch.Tensor] | nn.Module | None
+) -> tuple[nn.Module, Preprocess | None, list[str] | None]:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if spec.arch not in names:
+        close = difflib.get_close_matches(spec.arch or "", names, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see torchvision.models.list_models()"
+        raise ModelError(f"unknown architecture {spec.arch!r}{hint}")
+    if isinstance(state, nn.Module):
+        return state, None, None
+    if spec.weights is not None and not _is_file_spec(spec.weights):
+        enum = torchvision.models.get_model_weights(spec.arch)
+        try:
+            weights = enum[spec.weights]
+        except KeyError:
+            raise ModelError(
+                f"unknown weights {spec.weights!r} for {spec.arch}; known: {', '.join(enum.__members__)}"
+            ) from None
+        model = torchvision.models.get_model(spec.arch, weights=weights)
+        transforms = weights.transforms()
+        preprocess = Preprocess(
+            resize=int(transforms.resize_size[0]),
+            crop=int(transforms.crop_size[0]),
+            mean=tuple(transforms.mean),
+            std=tuple(transforms.std),
+        )
+        return model, preprocess, list(weights.meta.get("categories") or []) or None
+    kwargs: dict[str, Any] = {}
+    if state is not None and (size := classifier_size(state)) is not None:
+        kwargs["num_classes"] = size
+    return torchvision.models.get_model(spec.arch, weights=None, **kwargs), None, None
+
+
+def _build_factory(spec: ModelSpec, state: dict[str, torch.Tensor] | nn.Module | None) -> nn.Module:
+    if isinstance(state, nn.Module):
+        return state
+    function = import_factory(spec.factory or "")
+    kwargs: dict[str, Any] = {}
+    size = classifier_size(state) if state is not None else None
+    if size is not None and "num_classes" in inspect.signature(function).parameters:
+        kwargs["num_classes"] = size
+    try:
+        model = function(**kwargs)
+    except Exception as exc:
+        raise ModelError(f"model factory {spec.factory} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model factory {spec.factory} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def import_factory(reference: str) -> Callable[..., Any]:
+    """Import ``package.module:function`` or ``path/to/file.py:function``."""
+    module_ref, sep, attr = reference.rpartition(":")
+    if not sep or not module_ref or not attr:
+        raise ModelError(f"--model {reference!r}: expected 'package.module:function' or 'path/to/file.py:function'")
+    if module_ref.endswith(".py"):
+        path = Path(module_ref).expanduser().resolve()
+        if not path.is_file():
+            raise ModelError(f"{path}: model factory file not found")
+        module_spec = importlib.util.spec_from_file_location(f"visaudit_user_model_{path.stem}", path)
+        assert module_spec is not None and module_spec.loader is not None
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise ModelError(f"{path}: importing the model file raised {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(module_ref)
+        except ImportError as exc:
+            raise ModelError(f"--model {reference!r}: cannot import {module_ref!r} ({exc})") from exc
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise ModelError(f"--model {reference!r}: {module_ref} has no callable {attr!r}")
+    return function
+
+
+def _load_state(model: nn.Module, state: dict[str, torch.Tensor] | nn.Module, spec: ModelSpec) -> None:
+    """Load a state_dict strictly; on mismatch, list the offending keys."""
+    if isinstance(state, nn.Module):
+        return
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)):
+            if keys:
+                more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
+                parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+        raise ModelError(
+            f"{spec.weights}: weights do not fit {spec.name} ({'; '.join(parts)}); "
+            "check --arch/--model matches the architecture the weights were saved from"
+        )
+    model.load_state_dict(state)
+
+
+def probe(model: nn.Module, device: torch.device, size: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """Run one dummy forward; return the spatial output size of every module with a 4-D
+    output (in execution order) and the number of classes (the output width)."""
+    shapes: dict[str, tuple[int, int]] = {}
+    handles = []
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                shapes.pop(name, None)  # re-insert so the order is execution order
+                shapes[name] = (int(output.shape[2]), int(output.shape[3]))
+
+        return hook
+
+    for name, module in model.named_modules():
+        if name:
+            handles.append(module.register_forward_hook(record(name)))
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, size, size, device=device))
+    except Exception as exc:
+        raise ModelError(f"the model failed on a {size}x{size} input ({type(exc).__name__}: {exc})") from exc
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"the model must return class scores of shape (batch, classes); it returned {shape}")
+    return shapes, int(out.shape[1])
+
+
+def default_layer(layer_shapes: dict[str, tuple[int, int]], model: nn.Module) -> str:
+    """The last module (in execution order) with a spatial output, pooling aside: the last conv stage.
+
+    When a container and its last child emit the same output, the container's hook fires
+    last, so ``layer4`` (resnet) or ``features`` (vgg, densenet, mobilenet) is chosen;
+    a pooling head such as VGG's 7x7 ``avgpool`` is not a stage.
+    """
+    modules = dict(model.named_modules())
+    spatial = [
+        name
+        for name, (h, w) in layer_shapes.items()
+        if h * w > 1 and not isinstance(modules[name], _POOLING)
+    ]
+    if not spatial:
+        raise ModelError("no layer with a spatial output found; name one with --layer")
+    return spatial[-1]
+
+
+def _check_layer(model: nn.Module, layer: str, layer_shapes: dict[str, tuple[int, int]]) -> None:
+    names = dict(model.named_modules())
+    if layer not in names:
+        close = difflib.get_close_matches(layer, list(layer_shapes), n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ModelError(f"--layer {layer!r}: no such module in the model{hint}")
+    h, w = layer_shapes.get(layer, (0, 0))
+    if h * w <= 1:
+        raise ModelError(
+            f"--layer {layer!r}: its output is not a spatial (N,C,H,W) map, so it cannot be explained; "
+            f"spatial layers include {', '.join([n for n, s in layer_shapes.items() if s[0] * s[1] > 1][-3:])}"
+        )
+
+
+def default_preprocess(loaded: LoadedModel, resize: int | None, crop: int | None) -> Preprocess:
+    """Preprocessing from the weights' transforms when known, overridden by flags, else ImageNet defaults."""
+    base = loaded.preprocess or Preprocess(resize=256, crop=224, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    crop = crop or base.crop
+    resize = resize or (base.resize if base.crop == crop else crop)
+    return Preprocess(resize=resize, crop=crop, mean=base.mean, std=base.std)

@@ -1,0 +1,262 @@
+"""Audit one shard of images: decode, one forward, predictions, Grad-CAM, scores, Parquet parts.
+
+Everything per batch is tensors on the device; the only per-image Python work is the
+bookkeeping that turns results into table rows.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from tasks import cam, storage
+from tasks.images import Decoded, Preprocess, boxes_to_input, decode_many, normalise, to_batch
+from tasks.models import LoadedModel
+
+TOP_K = 5
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    """What a shard needs besides its rows; plain values so it can cross process boundaries."""
+
+    classes: tuple[str, ...]
+    preprocess: Preprocess
+    multi_label: bool = False
+    batch_size: int = 32
+    label_threshold: float = 0.5  # multi-label: sigmoid score at which a class is predicted
+    decode_workers: int = 4
+    methods: tuple[str, ...] = ("gradcam",)
+
+
+@dataclass
+class ShardResult:
+    """What a finished shard reports back (small: counts and timings, never tensors)."""
+
+    shard: str
+    images: int
+    unreadable: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    reused: bool = False
+
+
+def label_matrix(labels: list[list[str]], classes: tuple[str, ...]) -> np.ndarray:
+    """(N, K) boolean: which known classes each image is labelled with."""
+    position = {name: i for i, name in enumerate(classes)}
+    matrix = np.zeros((len(labels), len(classes)), dtype=bool)
+    for row, names in enumerate(labels):
+        for name in names:
+            if name in position:
+                matrix[row, position[name]] = True
+    return matrix
+
+
+def audit_shard(
+    rows: pd.DataFrame,
+    loaded: LoadedModel,
+    settings: ShardSettings,
+    out_dir: Path,
+    run_id: str,
+    shard: str,
+) -> ShardResult:
+    """Audit ``rows`` of the index and write their predictions and explanations parts.
+
+    A shard whose parts exist already (a restarted run) is not recomputed.
+    """
+    if storage.part_exists("predictions", out_dir, run_id, shard) and (
+        storage.part_exists("explanations", out_dir, run_id, shard)
+    ):
+        return ShardResult(shard, len(rows), 0, reused=True)
+    timings = {"decode": 0.0, "model": 0.0, "rows": 0.0}
+    predictions, explanations = [], []
+    batches = [rows.iloc[i : i + settings.batch_size] for i in range(0, len(rows), settings.batch_size)]
+
+    def load(batch: pd.DataFrame) -> list[Decoded | str]:
+        return decode_many(batch["uri"].tolist(), settings.preprocess, settings.decode_workers)
+
+    # Decode the next batch while the model works on the current one.
+    with ThreadPoolExecutor(max_workers=1) as prefetch:
+        pending = prefetch.submit(load, batches[0]) if batches else None
+        for number, batch in enumerate(batches):
+            t0 = time.perf_counter()
+            decoded = pending.result()  # type: ignore[union-attr]
+            if number + 1 < len(batches):
+                pending = prefetch.submit(load, batches[number + 1])
+            t1 = time.perf_counter()
+            ok = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
+            result = _run_batch(batch.iloc[ok], [decoded[i] for i in ok], loaded, settings) if ok else None
+            t2 = time.perf_counter()
+            predictions.append(_prediction_rows(batch, decoded, ok, result, settings))
+            if result is not None:
+                explanations.append(_explanation_rows(batch.iloc[ok], result, settings))
+            timings["decode"] += t1 - t0  # time waiting for decoding, beyond what overlapped
+            timings["model"] += t2 - t1
+            timings["rows"] += time.perf_counter() - t2
+    t3 = time.perf_counter()
+    pred_df = pd.concat(predictions, ignore_index=True)
+    expl_df = (
+        pd.concat(explanations, ignore_index=True)
+        if explanations
+        else storage.table_schema("explanations").empty_table().to_pandas()
+    )
+    storage.write_part(expl_df, "explanations", out_dir, run_id, shard)
+    storage.write_part(pred_df, "predictions", out_dir, run_id, shard)  # written last: marks the shard done
+    timings["write"] = time.perf_counter() - t3
+    return ShardResult(shard, len(rows), int(pred_df["error"].notna().sum()), timings)
+
+
+@dataclass
+class BatchResult:
+    probs: np.ndarray  # (N, K)
+    top_index: np.ndarray  # (N, k)
+    top_score: np.ndarray
+    predicted: np.ndarray  # (N, K) bool
+    loss: np.ndarray  # (N,) NaN where no known label
+    correct: np.ndarray  # (N,) float 1/0/NaN
+    pairs: np.ndarray  # (M, 2) image, class
+    is_predicted: np.ndarray  # (M,)
+    is_label: np.ndarray
+    maps: dict[str, np.ndarray]  # layer -> (M, h, w)
+    scores: dict[str, cam.MapScores]
+
+
+def _run_batch(
+    rows: pd.DataFrame, decoded: list[Decoded], loaded: LoadedModel, settings: ShardSettings
+) -> BatchResult:
+    """One forward for predictions + activations, Grad-CAM for predicted and true classes."""
+    device = loaded.device
+    inputs = normalise(to_batch(decoded, device), settings.preprocess)
+    forward = cam.hooked_forward(loaded.model, inputs, loaded.layers)
+    scores = forward.scores.detach().float()
+    labels = torch.from_numpy(label_matrix(rows["labels"].tolist(), settings.classes)).to(device)
+    has_label = labels.any(dim=1)
+    if settings.multi_label:
+        probs = torch.sigmoid(scores)
+        predicted = probs >= settings.label_threshold
+        loss = F.binary_cross_entropy_with_logits(scores, labels.float(), reduction="none").mean(dim=1)
+        correct = (predicted == labels).all(dim=1).float()
+    else:
+        probs = torch.softmax(scores, dim=1)
+        predicted = F.one_hot(probs.argmax(dim=1), probs.shape[1]).bool()
+        single = labels.sum(dim=1) == 1
+        target = labels.float().argmax(dim=1)
+        loss = F.cross_entropy(scores, target, reduction="none")
+        correct = (predicted & labels).any(dim=1).float()
+        has_label = single
+    nan = torch.full_like(loss, float("nan"))
+    loss, correct = torch.where(has_label, loss, nan), torch.where(has_label, correct, nan)
+    k = min(TOP_K, probs.shape[1])
+    top_score, top_index = probs.topk(k, dim=1)
+
+    wanted = predicted | labels
+    pairs = wanted.nonzero()  # sorted by image, then class
+    sample, target_cls = pairs[:, 0], pairs[:, 1]
+    maps = cam.grad_cam(forward, sample, target_cls)
+    boxes = _input_boxes(rows, decoded, device)[sample]
+    map_scores = {name: cam.score_maps(m, boxes, settings.preprocess.crop) for name, m in maps.items()}
+    return BatchResult(
+        probs=probs.cpu().numpy(),
+        top_index=top_index.cpu().numpy(),
+        top_score=top_score.cpu().numpy(),
+        predicted=predicted.cpu().numpy(),
+        loss=loss.cpu().numpy(),
+        correct=correct.cpu().numpy(),
+        pairs=pairs.cpu().numpy(),
+        is_predicted=predicted[sample, target_cls].cpu().numpy(),
+        is_label=labels[sample, target_cls].cpu().numpy(),
+        maps={name: m.float().cpu().numpy() for name, m in maps.items()},
+        scores=map_scores,
+    )
+
+
+def _input_boxes(rows: pd.DataFrame, decoded: list[Decoded], device: torch.device) -> torch.Tensor:
+    boxes = rows[["box_x0", "box_y0", "box_x1", "box_y1"]].to_numpy(dtype=np.float64)
+    return torch.from_numpy(boxes_to_input(boxes, decoded)).float().to(device)
+
+
+def _prediction_rows(
+    batch: pd.DataFrame,
+    decoded: list[Decoded | str],
+    ok: list[int],
+    result: BatchResult | None,
+    settings: ShardSettings,
+) -> pd.DataFrame:
+    classes = np.array(settings.classes, dtype=object)
+    n = len(batch)
+    out = pd.DataFrame(
+        {
+            "image_id": batch["image_id"].to_numpy(),
+            "uri": batch["uri"].to_numpy(),
+            "labels": batch["labels"].tolist(),
+            "predicted": [None] * n,
+            "top_classes": [None] * n,
+            "top_scores": [None] * n,
+            "confidence": np.full(n, np.nan, dtype=np.float32),
+            "correct": pd.array([pd.NA] * n, dtype="boolean"),
+            "loss": np.full(n, np.nan, dtype=np.float32),
+            "image_height": pd.array([pd.NA] * n, dtype="Int32"),
+            "image_width": pd.array([pd.NA] * n, dtype="Int32"),
+            "box_x0": batch["box_x0"].to_numpy(dtype=np.float32),
+            "box_y0": batch["box_y0"].to_numpy(dtype=np.float32),
+            "box_x1": batch["box_x1"].to_numpy(dtype=np.float32),
+            "box_y1": batch["box_y1"].to_numpy(dtype=np.float32),
+            "attributes": [list(a.items()) for a in batch["attributes"]],
+            "error": [d if isinstance(d, str) else None for d in decoded],
+        }
+    )
+    if result is None:
+        return out
+    ok_index = np.array(ok)
+    out.loc[ok_index, "predicted"] = pd.Series([list(classes[row]) for row in result.predicted], index=ok_index)
+    out.loc[ok_index, "top_classes"] = pd.Series([list(classes[row]) for row in result.top_index], index=ok_index)
+    out.loc[ok_index, "top_scores"] = pd.Series([list(row) for row in result.top_score], index=ok_index)
+    out.loc[ok_index, "confidence"] = result.top_score[:, 0]
+    out.loc[ok_index, "loss"] = result.loss
+    correct = pd.array([None if np.isnan(c) else bool(c) for c in result.correct], dtype="boolean")
+    out.loc[ok_index, "correct"] = correct
+    out.loc[ok_index, "image_height"] = [decoded[i].height for i in ok]  # type: ignore[union-attr]
+    out.loc[ok_index, "image_width"] = [decoded[i].width for i in ok]  # type: ignore[union-attr]
+    return out
+
+
+def _explanation_rows(batch: pd.DataFrame, result: BatchResult, settings: ShardSettings) -> pd.DataFrame:
+    image_ids = batch["image_id"].to_numpy()[result.pairs[:, 0]]
+    targets = np.array(settings.classes, dtype=object)[result.pairs[:, 1]]
+    frames = []
+    for layer, maps in result.maps.items():
+        scores = result.scores[layer]
+        m, h, w = maps.shape
+        frames.append(
+            pd.DataFrame(
+                {
+                    "image_id": image_ids,
+                    "method": "gradcam",
+                    "layer": layer,
+                    "target": targets,
+                    "target_index": result.pairs[:, 1].astype(np.int32),
+                    "is_predicted": result.is_predicted,
+                    "is_label": result.is_label,
+                    "height": np.full(m, h, dtype=np.int32),
+                    "width": np.full(m, w, dtype=np.int32),
+                    "heatmap": list(maps.reshape(m, -1)),
+                    "peak_row": scores.peak_row.cpu().numpy().astype(np.int32),
+                    "peak_col": scores.peak_col.cpu().numpy().astype(np.int32),
+                    "peak_x": scores.peak_x.cpu().numpy(),
+                    "peak_y": scores.peak_y.cpu().numpy(),
+                    "energy_in_box": scores.energy_in_box.cpu().numpy(),
+                    "box_area_fraction": scores.box_area_fraction.cpu().numpy(),
+                    "pointing_hit": pd.array(
+                        [None if np.isnan(v) else bool(v) for v in scores.pointing_hit.cpu().numpy()],
+                        dtype="boolean",
+                    ),
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)

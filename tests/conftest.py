@@ -1,0 +1,95 @@
+"""Shared fixtures: real photos from scikit-image, small random-weight models."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tasks.images import Preprocess, fit, normalise
+
+
+def sample_photos() -> list[Image.Image]:
+    """Real RGB photos bundled with scikit-image (no network)."""
+    from skimage import data
+
+    return [Image.fromarray(getattr(data, name)()) for name in ("astronaut", "chelsea", "coffee", "rocket")]
+
+
+@pytest.fixture(scope="session")
+def photo_batch() -> torch.Tensor:
+    """The photos preprocessed like ImageNet models expect: (4, 3, 224, 224) float."""
+    pre = Preprocess()
+    crops = [np.asarray(fit(image, pre)[0]) for image in sample_photos()]
+    batch = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).contiguous()
+    return normalise(batch, pre)
+
+
+@pytest.fixture(scope="session")
+def resnet18() -> torch.nn.Module:
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(weights=None).eval()
+
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (40, 60, 220)}
+
+
+def make_shapes(root, counts: dict[str, int], size: int = 48, seed: int = 0):
+    """A tiny class-per-folder dataset (a coloured square per image) and its manifest.
+
+    Returns the manifest path; boxes are the squares, ``background`` an attribute column.
+    """
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            background = "dark" if i % 2 else "light"
+            image = np.full((size, size, 3), 30 if background == "dark" else 200, dtype=np.uint8)
+            side = int(rng.integers(size // 4, size // 2))
+            x0, y0 = (int(v) for v in rng.integers(0, size - side, 2))
+            image[y0 : y0 + side, x0 : x0 + side] = COLOURS.get(name, (128, 128, 128))
+            path = root / name / f"{i:03d}.png"
+            Image.fromarray(image).save(path)
+            rows.append(dict(path=f"{name}/{i:03d}.png", label=name, x0=x0, y0=y0, x1=x0 + side, y1=y0 + side,
+                             background=background))
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest
+
+
+TINY_MODEL = '''
+import torch
+from torch import nn
+
+
+def build(num_classes: int = 3) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, num_classes),
+    )
+'''
+
+
+@pytest.fixture()
+def tiny_model_file(tmp_path):
+    """A model factory file (``path/to/file.py:build``) and weights for it."""
+    path = tmp_path / "tiny_model.py"
+    path.write_text(TINY_MODEL)
+    namespace: dict = {}
+    exec(TINY_MODEL, namespace)
+    weights = tmp_path / "tiny.pt"
+    torch.save(namespace["build"](3).state_dict(), weights)
+    return path, weights
