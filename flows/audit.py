@@ -29,7 +29,14 @@ from tasks.findings import Thresholds, compute_findings
 from tasks.images import Preprocess
 from tasks.models import ModelError, ModelSpec, default_preprocess, load_model
 from tasks.predictions import ShardResult, ShardSettings, audit_shard
-from tasks.sources import DataSourceError, build_index, class_names_from_index, read_class_file
+from tasks.sources import (
+    DataSourceError,
+    build_index,
+    class_names_from_index,
+    read_class_file,
+    read_index,
+    write_index,
+)
 
 METHODS = ("gradcam",)
 
@@ -167,7 +174,7 @@ def prepare_run(request: AuditRequest) -> RunPlan:
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
     folder.mkdir(parents=True, exist_ok=True)
-    index.to_parquet(folder / "index.parquet", index=False)
+    write_index(index, folder / "index.parquet")
     tmp = folder / "plan.json.tmp"
     tmp.write_text(json.dumps(asdict(plan), indent=2))
     os.replace(tmp, folder / "plan.json")
@@ -185,9 +192,7 @@ def run_shard(plan_folder: str, shard: str, start: int, stop: int) -> ShardResul
     plan = load_plan(Path(plan_folder))
     request = AuditRequest(**plan.request)
     loaded = load_model(request.model_spec(), request.device, request.crop or 224)
-    rows = pd.read_parquet(Path(plan_folder) / "index.parquet").iloc[start:stop]
-    rows["labels"] = rows["labels"].map(list)
-    rows["attributes"] = rows["attributes"].map(lambda a: dict(a) if a is not None else {})
+    rows = read_index(Path(plan_folder) / "index.parquet", start, stop)
     return audit_shard(rows, loaded, plan.shard_settings(), Path(plan.out_dir), plan.run_id, shard)
 
 

@@ -13,11 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 MANIFEST_SUFFIXES = {".csv", ".parquet", ".pq"}
 INDEX_COLUMNS = ["image_id", "uri", "labels", "box_x0", "box_y0", "box_x1", "box_y1", "attributes"]
+
+
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.string()),
+        pa.field("uri", pa.string()),
+        pa.field("labels", pa.list_(pa.string())),
+        *(pa.field(f"box_{c}", pa.float64()) for c in BOX_COLUMNS),
+        pa.field("attributes", pa.map_(pa.string(), pa.string())),
+    ]
+)
 
 
 class DataSourceError(ValueError):
@@ -125,6 +138,22 @@ def read_class_file(path: Path) -> list[str]:
     if not names:
         raise DataSourceError(f"{path}: the class-names file is empty; write one class name per line")
     return names
+
+
+def write_index(index: pd.DataFrame, path: Path) -> None:
+    """Save an index as Parquet (attributes as a string map)."""
+    frame = index.assign(attributes=index["attributes"].map(lambda a: list(a.items())))
+    pq.write_table(pa.Table.from_pandas(frame[INDEX_COLUMNS], schema=INDEX_SCHEMA, preserve_index=False), path)
+
+
+def read_index(path: Path, start: int = 0, stop: int | None = None) -> pd.DataFrame:
+    """Load rows ``start:stop`` of a saved index, with labels as lists and attributes as dicts."""
+    table = pq.read_table(path, schema=INDEX_SCHEMA)
+    table = table.slice(start, (stop if stop is not None else table.num_rows) - start)
+    frame = table.to_pandas()
+    frame["labels"] = frame["labels"].map(list)
+    frame["attributes"] = frame["attributes"].map(lambda a: dict(a) if a is not None else {})
+    return frame
 
 
 def read_bytes(uri: str) -> bytes:

@@ -1,0 +1,142 @@
+"""The audit end to end: CLI -> Prefect flow -> tables -> report, on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pandas as pd
+import pytest
+from pypdf import PdfReader
+from typer.testing import CliRunner
+
+from flows.cli import app
+from tasks.storage import SCHEMAS, read_table
+
+from conftest import make_shapes
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _pdf_text(path) -> str:
+    return re.sub(r"\s+", " ", " ".join(page.extract_text() or "" for page in PdfReader(path).pages))
+
+
+def test_folder_audit_end_to_end(tmp_path, tiny_model_file) -> None:
+    data = tmp_path / "data"
+    make_shapes(data, {"red": 6, "green": 6, "blue": 2})
+    (data / "manifest.csv").unlink()
+    (data / "red" / "notes.txt").write_text("not an image")
+    jpeg = (data / "green" / "broken.jpg")
+    from PIL import Image
+    Image.new("RGB", (48, 48), (0, 200, 0)).save(jpeg, quality=90)
+    jpeg.write_bytes(jpeg.read_bytes()[:200])  # truncated JPEG
+    model, weights = tiny_model_file
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(data), "--out", str(out), "--model", f"{model}:build",
+                                 "--weights", str(weights), "--crop", "48", "--resize", "48",
+                                 "--shard-size", "5", "--batch-size", "4", "-q"])
+    assert result.exit_code == 0, result.output
+    assert "report:" in result.output
+
+    predictions = read_table(out, "predictions")
+    assert len(predictions) == 16 and predictions["image_id"].is_unique
+    assert set(SCHEMAS["predictions"].names) | {"run_id"} == set(predictions.columns)
+    errors = predictions[predictions["error"].notna()]
+    assert sorted(errors["uri"].map(lambda u: u.rsplit("/", 1)[1])) == ["broken.jpg", "notes.txt"]
+    good = predictions[predictions["error"].isna()]
+    assert good["top_classes"].map(len).eq(3).all() and good["confidence"].between(0, 1).all()
+    assert good["correct"].notna().all() and good["loss"].gt(0).all()
+
+    explanations = read_table(out, "explanations")
+    assert set(SCHEMAS["explanations"].names) | {"run_id"} == set(explanations.columns)
+    predicted = explanations[explanations["is_predicted"]]
+    assert predicted["image_id"].nunique() == 14 and len(predicted) == 14, "one predicted-class map per image"
+    wrong = good[~good["correct"].astype(bool)]["image_id"]
+    labelled = explanations[explanations["is_label"]]
+    assert set(wrong) <= set(labelled["image_id"]), "wrong images also get the true-class map"
+    assert (explanations["heatmap"].map(len) == explanations["height"] * explanations["width"]).all()
+
+    findings = read_table(out, "findings")
+    assert ((findings["kind"] == "class_imbalance") & (findings["class_name"] == "blue")).any()
+
+    run_id = predictions["run_id"].iloc[0]
+    run_dir = out / "runs" / run_id
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["metrics"]["unreadable"] == 2 and record["classes"] == ["blue", "green", "red"]
+    text = _pdf_text(run_dir / "report.pdf")
+    for name in ("blue", "green", "red"):
+        assert name in text
+    for message in findings["message"]:
+        assert re.sub(r"\s+", " ", message)[:60] in text
+
+
+def test_manifest_with_boxes_scores_energy(tmp_path, tiny_model_file) -> None:
+    manifest = make_shapes(tmp_path / "data", {"red": 5, "green": 5, "blue": 5})
+    model, weights = tiny_model_file
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(manifest), "--out", str(out), "--model", f"{model}:build",
+                                 "--weights", str(weights), "--crop", "48", "--resize", "48", "--no-pdf", "-q"])
+    assert result.exit_code == 0, result.output
+    explanations = read_table(out, "explanations")
+    assert explanations["energy_in_box"].between(0, 1).all()
+    assert explanations["box_area_fraction"].between(0, 1).all()
+    predictions = read_table(out, "predictions")
+    assert predictions["attributes"].map(dict).map(lambda a: a["background"]).isin(["dark", "light"]).all()
+
+
+def test_multilabel_audit(tmp_path, tiny_model_file) -> None:
+    make_shapes(tmp_path, {"red": 3, "green": 3})
+    pd.DataFrame({
+        "path": ["red/000.png", "red/001.png", "green/000.png", "green/001.png"],
+        "label": ["red;blue", "red", "green;blue", "green"],
+    }).to_csv(tmp_path / "multi.csv", index=False)
+    model, weights = tiny_model_file
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(tmp_path / "multi.csv"), "--out", str(out), "--model", f"{model}:build",
+                                 "--weights", str(weights), "--crop", "48", "--resize", "48", "--no-pdf", "-q"])
+    assert result.exit_code == 0, result.output
+    predictions = read_table(out, "predictions")
+    assert predictions["labels"].map(len).tolist() == [2, 1, 2, 1]
+    assert predictions["top_scores"].map(lambda s: all(0 <= v <= 1 for v in s)).all()
+    explanations = read_table(out, "explanations")
+    multi = explanations[explanations["image_id"] == predictions["image_id"].iloc[0]]
+    assert {"red", "blue"} <= set(multi.loc[multi["is_label"], "target"]), "a map for every positive label"
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["run", "{tmp}/missing", "--arch", "resnet18"], "data source not found"),
+        (["run", "{data}", "--arch", "resnet-18"], "did you mean resnet18"),
+        (["run", "{data}", "--model", "{model}:build", "--weights", "{r34}"], "weights do not fit"),
+        (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--batch-size", "0"], "--batch-size"),
+        (["run", "{data}", "--arch", "resnet18", "--model", "{model}:build"], "exactly one of --arch"),
+        (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--methods", "magic"], "unknown method"),
+        (["report", "nope", "--out", "{tmp}"], "no such completed run"),
+    ],
+)
+def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_file, args, expected) -> None:
+    import torch
+    import torchvision
+
+    data = tmp_path / "data"
+    make_shapes(data, {"red": 2, "green": 2, "blue": 2})
+    model, weights = tiny_model_file
+    r34 = tmp_path / "r34.pt"
+    torch.save(torchvision.models.resnet34(num_classes=3).state_dict(), r34)
+    filled = [a.format(tmp=tmp_path, data=data, model=model, weights=weights, r34=r34) for a in args]
+    result = runner.invoke(app, filled + ["--out", str(tmp_path / "out")] if args[0] == "run" else filled)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert expected in lines[0]
+    assert "Traceback" not in result.output
