@@ -224,11 +224,11 @@ def report(
     pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="Also render the PDF.")] = True,
 ) -> None:
     """Re-render a run's HTML and PDF report from its tables."""
-    from tasks.report import render_report
-
     if not (out / "runs" / run_id / "run.json").exists():
         known = sorted(p.name for p in (out / "runs").glob("*") if (p / "run.json").exists()) if (out / "runs").exists() else []
         fail(f"{out / 'runs' / run_id}: no such completed run; known runs: {', '.join(known[-5:]) or 'none'}")
+    from tasks.report import render_report
+
     paths = render_report(out, run_id, templates, pdf=pdf)
     typer.echo(f"report: {paths.pdf or paths.html}")
 
