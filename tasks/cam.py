@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -98,31 +98,122 @@ def target_rounds(sample: torch.Tensor) -> torch.Tensor:
     return torch.arange(sample.numel(), device=sample.device) - starts[sample]
 
 
-def grad_cam(
-    forward: HookedForward, sample: torch.Tensor, target: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Grad-CAM maps for (image, class) pairs at every hooked layer.
+EPS = 1e-7
+
+
+def _weighted(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
+    return (weights[:, :, None, None] * acts).sum(dim=1)
+
+
+def _gradcam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """alpha_k = mean_ij g_kij;  L = sum_k alpha_k A_k  (Selvaraju et al. 2017)."""
+    return _weighted(g.mean(dim=(2, 3)), a)
+
+
+def _gradcam_pp(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhay et al. 2018), with the exponential-score closed form:
+    a_kij = g^2 / (2 g^2 + sum_ij(A_k) g^3);  alpha_k = sum_ij a_kij ReLU(g_kij)."""
+    g2 = g.pow(2)
+    denominator = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * g + 1e-6
+    aij = torch.where(g != 0, g2 / denominator, torch.zeros_like(g))
+    return _weighted((aij * F.relu(g)).sum(dim=(2, 3)), a)
+
+
+def _xgradcam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """XGrad-CAM (Fu et al. 2020): alpha_k = sum_ij (A_kij / sum_ij A_k) g_kij."""
+    return _weighted((g * a).sum(dim=(2, 3)) / (a.sum(dim=(2, 3)) + EPS), a)
+
+
+def _layercam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """LayerCAM (Jiang et al. 2021): L = sum_k ReLU(g_k) * A_k, weighted per position."""
+    return (F.relu(g) * a).sum(dim=1)
+
+
+def _hirescam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """HiResCAM (Draelos & Carin 2020): L = sum_k g_k * A_k, element-wise (no averaging)."""
+    return (g * a).sum(dim=1)
+
+
+def _counterfactual(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Counterfactual Grad-CAM (Grad-CAM paper, sec. 5): negated gradients, the regions
+    whose removal would make the model MORE confident in the class."""
+    return _weighted(-g.mean(dim=(2, 3)), a)
+
+
+GRADIENT_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "gradcam": _gradcam,
+    "gradcam++": _gradcam_pp,
+    "xgradcam": _xgradcam,
+    "layercam": _layercam,
+    "hirescam": _hirescam,
+    "counterfactual": _counterfactual,
+}
+
+
+def explain(
+    forward: HookedForward,
+    sample: torch.Tensor,
+    target: torch.Tensor,
+    methods: tuple[str, ...] = ("gradcam",),
+) -> dict[tuple[str, str], torch.Tensor]:
+    """Maps of every gradient-based method at every hooked layer for (image, class) pairs.
 
     ``sample`` (M,) indexes images of the batch and ``target`` (M,) their classes; pairs
-    must be sorted by ``sample``. Returns layer -> (M, h, w) maps, on the scores' device.
-    Costs one ``autograd.grad`` per round (the most targets any image has).
+    must be sorted by ``sample``. Returns (method, layer) -> (M, h, w) maps, each
+    ``ReLU``-ed, on the scores' device. All methods share the same gradients: one
+    ``autograd.grad`` per round (the most targets any image has), for all layers at once.
     """
+    unknown = [m for m in methods if m not in GRADIENT_METHODS]
+    if unknown:
+        raise ValueError(f"unknown gradient method(s) {unknown}; known: {', '.join(GRADIENT_METHODS)}")
     layers = list(forward.activations)
     acts = [forward.activations[name] for name in layers]
-    maps: dict[str, torch.Tensor] = {
-        name: a.new_zeros((sample.numel(), *a.shape[2:])) for name, a in zip(layers, acts)
+    maps = {
+        (method, name): a.new_zeros((sample.numel(), *a.shape[2:]))
+        for method in methods
+        for name, a in zip(layers, acts)
     }
     rounds = target_rounds(sample)
     n_rounds = int(rounds.max().item()) + 1 if rounds.numel() else 0
     for r in range(n_rounds):
         pick = (rounds == r).nonzero().squeeze(1)
-        objective = forward.scores[sample[pick], target[pick]].sum()
+        rows = sample[pick]
+        objective = forward.scores[rows, target[pick]].sum()
         grads = torch.autograd.grad(objective, acts, retain_graph=r < n_rounds - 1)
         for name, a, g in zip(layers, acts, grads):
-            rows = sample[pick]
-            weights = g[rows].mean(dim=(2, 3), keepdim=True)
-            maps[name][pick] = F.relu((weights * a[rows].detach()).sum(dim=1))
+            a_rows, g_rows = a[rows].detach(), g[rows]
+            for method in methods:
+                maps[(method, name)][pick] = F.relu(GRADIENT_METHODS[method](a_rows, g_rows))
     return maps
+
+
+def grad_cam(forward: HookedForward, sample: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Grad-CAM maps, layer -> (M, h, w); see :func:`explain`."""
+    return {layer: m for (_, layer), m in explain(forward, sample, target, ("gradcam",)).items()}
+
+
+def linear_head(model: nn.Module, forward: HookedForward, layer: str) -> torch.Tensor | None:
+    """The (K, C) weights of a global-average-pool + linear head on ``layer``, if the model has one.
+
+    Checked numerically on the batch at hand: scores == W mean_ij(A) + b for some
+    ``nn.Linear``. Models with anything else between the layer and the classifier
+    (DenseNet's final ReLU, VGG's MLP) have no such head, and CAM does not apply to them.
+    """
+    acts = forward.activations[layer].detach()
+    pooled = acts.mean(dim=(2, 3))
+    scores = forward.scores.detach()
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.shape == (scores.shape[1], pooled.shape[1]):
+            predicted = F.linear(pooled, module.weight, module.bias)
+            if torch.allclose(predicted, scores, rtol=1e-3, atol=1e-4 * scores.abs().max().item()):
+                return module.weight.detach()
+    return None
+
+
+def class_activation_maps(acts: torch.Tensor, weights: torch.Tensor, sample: torch.Tensor,
+                          target: torch.Tensor) -> torch.Tensor:
+    """CAM (Zhou et al. 2016): L = ReLU(sum_k w_k^c A_k) with the linear head's weights; no gradients."""
+    return F.relu(torch.einsum("mc,mchw->mhw", weights[target], acts.detach()[sample]))
 
 
 def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:

@@ -1,0 +1,643 @@
+"""Report: a committed run's tables and run.json -> Jinja2 HTML -> WeasyPrint PDF.
+
+The report reads nothing but the committed tables and ``runs/<run_id>/run.json``, so
+``visaudit report RUN`` can re-render it at any time. Figures are small PNG files under
+``runs/<run_id>/images/``, referenced by relative paths, shared by the HTML (which works
+offline) and the PDF. Overlays are drawn only for the images the report shows: the
+evidence of each finding and the failure gallery, never the whole table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup
+from matplotlib import colormaps
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw
+from weasyprint import HTML, URLFetcher
+
+from tasks.images import Decoded, Preprocess, boxes_to_input, decode_many
+from tasks.predictions import label_matrix
+from tasks.storage import read_table
+
+DEFAULT_TEMPLATES: Path = Path(__file__).resolve().parents[1] / "templates"
+TEMPLATE_NAME = "report.html.j2"
+STYLESHEET_NAME = "report.css"
+IMAGES_DIR = "images"
+SEVERITIES = ("high", "medium", "low")
+PREFERRED_METHOD = "gradcam"
+COLORMAP = "jet"
+OVERLAY_ALPHA = 0.5
+BOX_COLOUR = (0, 210, 0)
+MAX_FIGURE_PX = 224  # larger model inputs are shrunk: the report shows thumbnails
+MAX_UNREADABLE_ROWS = 50
+MAX_MATRIX_CLASSES = 25  # a bigger confusion matrix shows the classes with the most errors
+OVERVIEW_FINDINGS = 10  # findings listed on the cover page
+BOX_COLUMNS = ["box_x0", "box_y0", "box_x1", "box_y1"]
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where the report was written (``pdf`` is None when no PDF was asked for)."""
+
+    html: Path
+    pdf: Path | None
+
+
+@dataclass(frozen=True)
+class Thumb:
+    """One picture slot of an example: a PNG path relative to the run folder, or None (unavailable)."""
+
+    src: str | None
+    caption: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One image shown in the report, with its thumbnails and what the model said about it."""
+
+    image_id: str
+    file_name: str
+    labels: list[str]
+    predicted: list[str]
+    confidence: float | None
+    top: list[tuple[str, float]]
+    attributes: list[tuple[str, str]]
+    thumbs: list[Thumb]
+
+
+def render_report(
+    out_dir: Path,
+    run_id: str,
+    template_dir: Path | None = None,
+    *,
+    pdf: bool = True,
+    gallery_size: int = 12,
+    evidence_per_finding: int = 4,
+) -> ReportPaths:
+    """Render runs/<run_id>/report.html (+ report.pdf) from the committed tables and run.json alone."""
+    out_dir = Path(out_dir)
+    run_dir = out_dir / "runs" / run_id
+    record = load_record(run_dir)
+    env = environment(template_dir)
+    context, painter = report_context(out_dir, run_id, record, gallery_size, evidence_per_finding)
+    html = env.get_template(TEMPLATE_NAME).render(**context, stylesheet=stylesheet(env))
+    html_path = run_dir / "report.html"
+    write_atomically(html_path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
+    pdf_path = run_dir / "report.pdf" if pdf else None
+    if pdf_path is not None:
+        write_atomically(pdf_path, lambda tmp: write_pdf(html_path, run_dir, tmp))
+    painter.prune()
+    return ReportPaths(html_path, pdf_path)
+
+
+def report_context(
+    out_dir: Path, run_id: str, record: Mapping[str, Any], gallery_size: int, evidence_per_finding: int
+) -> tuple[dict[str, Any], Painter]:
+    """Everything the template shows; figures are drawn for the shown images only."""
+    predictions = read_table(out_dir, "predictions", run_id)
+    findings = sort_findings(read_table(out_dir, "findings", run_id))
+    model = record.get("model") or {}
+    multilabel = model.get("task") == "multilabel"
+    classes = list(record.get("classes") or _classes_seen(predictions))
+    evidence = [_ids(cell)[:evidence_per_finding] for cell in findings["evidence"]]
+    failures = failure_gallery(predictions, gallery_size)
+    shown = {image_id for ids in evidence for image_id in ids} | set(failures["image_id"])
+    explanations = read_table(out_dir, "explanations", run_id)
+    explanations = explanations[explanations["image_id"].isin(shown)]
+    painter = Painter(out_dir / "runs" / run_id, preprocess_of(record), explanations, list(model.get("layers") or []))
+    painter.decode(predictions[predictions["image_id"].isin(shown)])
+    by_id = predictions.set_index("image_id", drop=False)
+    context = {
+        "run": run_summary(record, run_id),
+        "metrics": headline_metrics(predictions, classes, multilabel),
+        "verdict": verdict(findings),
+        "findings": [
+            finding_view(row, [by_id.loc[i] for i in ids if i in by_id.index], painter)
+            for (_, row), ids in zip(findings.iterrows(), evidence)
+        ],
+        "overview_limit": OVERVIEW_FINDINGS,
+        "multilabel": multilabel,
+        "class_rows": class_table(predictions, classes, multilabel),
+        "confusion": None if multilabel else confusion_figure(predictions, classes, painter),
+        "gallery": [gallery_example(row, painter, multilabel) for _, row in failures.iterrows()],
+        "unreadable": unreadable_rows(predictions),
+        "appendix": appendix(record),
+    }
+    return context, painter
+
+
+# --- inputs -----------------------------------------------------------------------------
+
+
+def load_record(run_dir: Path) -> dict[str, Any]:
+    """The run's run.json; a clear error when the run was never committed."""
+    path = run_dir / "run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no run.json; is the run id right and did the run finish?")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def preprocess_of(record: Mapping[str, Any]) -> Preprocess:
+    """The run's preprocessing, so overlays line up with the maps the model produced."""
+    values = record.get("preprocess") or {}
+    defaults = Preprocess()
+    return Preprocess(
+        resize=int(values.get("resize", defaults.resize)),
+        crop=int(values.get("crop", defaults.crop)),
+        mean=tuple(values.get("mean", defaults.mean)),
+        std=tuple(values.get("std", defaults.std)),
+    )
+
+
+def _ids(values: Any) -> list[str]:
+    """A list cell (numpy array, list or null) as a list of strings."""
+    if values is None or (isinstance(values, float) and math.isnan(values)):
+        return []
+    return [str(v) for v in values]
+
+
+def _classes_seen(predictions: pd.DataFrame) -> list[str]:
+    """Class names from the tables, for a run.json without a class list."""
+    names = {name for column in ("labels", "predicted") for cell in predictions[column] for name in _ids(cell)}
+    return sorted(names)
+
+
+def _string(value: Any) -> str | None:
+    """A string cell, or None for null/NaN."""
+    return value if isinstance(value, str) else None
+
+
+def _number(value: Any) -> float | None:
+    """A float, or None for null/NaN."""
+    if value is None or value is pd.NA:
+        return None
+    number = float(value)
+    return None if math.isnan(number) else number
+
+
+# --- header and findings ------------------------------------------------------------------
+
+
+def run_summary(record: Mapping[str, Any], run_id: str) -> dict[str, Any]:
+    """The cover's identity lines: model, data, run id, date."""
+    model, data = record.get("model") or {}, record.get("data") or {}
+    return {
+        "run_id": record.get("run_id", run_id),
+        "model": model.get("name") or "unnamed model",
+        "source": data.get("source") or "unknown source",
+        "task": model.get("task") or "multiclass",
+        "date": format_date(record.get("finished") or record.get("started")),
+    }
+
+
+def format_date(value: str | None) -> str:
+    """An ISO timestamp as 'YYYY-MM-DD HH:MM UTC' (or as given when it does not parse)."""
+    if not value:
+        return "unknown date"
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    zone = moment.tzname() or ""
+    return f"{moment:%Y-%m-%d %H:%M} {'UTC' if zone in ('UTC', 'UTC+00:00') else zone}".strip()
+
+
+def headline_metrics(predictions: pd.DataFrame, classes: list[str], multilabel: bool) -> list[tuple[str, str]]:
+    """Key numbers, computed from the tables (the tables are the truth, run.json may be older)."""
+    audited = predictions[predictions["error"].isna()]
+    judged = audited[audited["correct"].notna()]
+    accuracy = judged["correct"].astype(bool).mean() if len(judged) else None
+    top5 = None
+    if not multilabel and len(judged):
+        top5 = np.mean([_ids(labels)[0] in _ids(top) for labels, top in zip(judged["labels"], judged["top_classes"])])
+    return [
+        ("Images", f"{len(predictions):,}"),
+        ("Audited", f"{len(audited):,}"),
+        ("Unreadable", f"{len(predictions) - len(audited):,}"),
+        ("Exact-match accuracy" if multilabel else "Accuracy", percent(accuracy)),
+        ("Top-5 accuracy", percent(top5)),
+        ("Classes", f"{len(classes):,}"),
+    ]
+
+
+def percent(value: float | None) -> str:
+    """0.934 -> '93.4%'; None -> 'n/a'."""
+    return "n/a" if value is None or math.isnan(value) else f"{value:.1%}"
+
+
+def number(value: Any) -> str:
+    """A metric value or threshold, short (3 significant digits); 'n/a' when missing."""
+    parsed = _number(value)
+    return "n/a" if parsed is None else f"{parsed:.3g}"
+
+
+def score(value: Any) -> str:
+    """A model score with two decimals; 'n/a' when missing."""
+    parsed = _number(value)
+    return "n/a" if parsed is None else f"{parsed:.2f}"
+
+
+def sort_findings(findings: pd.DataFrame) -> pd.DataFrame:
+    """Most severe first (high, medium, low, anything else), keeping the table's order within a level."""
+    rank = findings["severity"].map({s: i for i, s in enumerate(SEVERITIES)}).fillna(len(SEVERITIES))
+    return findings.assign(_rank=rank).sort_values("_rank", kind="stable").drop(columns="_rank").reset_index(drop=True)
+
+
+def verdict(findings: pd.DataFrame) -> str:
+    """'3 findings: 1 high, 2 medium' or 'No findings'."""
+    if findings.empty:
+        return "No findings"
+    counts = findings["severity"].value_counts()
+    levels = [s for s in SEVERITIES if s in counts] + sorted(set(counts.index) - set(SEVERITIES))
+    noun = "finding" if len(findings) == 1 else "findings"
+    return f"{len(findings)} {noun}: " + ", ".join(f"{counts[s]} {s}" for s in levels)
+
+
+def finding_view(finding: pd.Series, evidence: list[pd.Series], painter: Painter) -> dict[str, Any]:
+    """One finding block: badge, message, measured number, and its evidence examples."""
+    class_name, slice_text = _string(finding.get("class_name")), _string(finding.get("slice"))
+    layer = _slice_value(slice_text, "layer")
+    return {
+        "kind": finding["kind"],
+        "severity": finding["severity"],
+        "class_name": class_name,
+        "slice": slice_text,
+        "message": finding["message"],
+        "measure": f"{finding['metric']} = {number(finding['value'])} (threshold {number(finding['threshold'])})",
+        "examples": [evidence_example(row, class_name, painter, layer) for row in evidence],
+    }
+
+
+def _slice_value(slice_text: str | None, key: str) -> str | None:
+    """The value of ``key`` in a slice string such as 'layer=layer4'."""
+    for part in (slice_text or "").split(","):
+        name, _, value = part.partition("=")
+        if name.strip() == key and value:
+            return value.strip()
+    return None
+
+
+def evidence_example(row: pd.Series, class_name: str | None, painter: Painter, layer: str | None) -> Example:
+    """An evidence image and its map for the TRUE label (the finding's class first), else the prediction."""
+    labels, predicted = _ids(row["labels"]), _ids(row["predicted"])
+    preferred = [class_name] if class_name in labels else []
+    targets = preferred + labels + predicted
+    target = next((t for t in targets if painter.find_map(row["image_id"], t, layer) is not None), None)
+    return make_example(row, painter, [("Grad-CAM", target)] if target else [], layer)
+
+
+# --- gallery ------------------------------------------------------------------------------
+
+
+def failure_gallery(predictions: pd.DataFrame, size: int) -> pd.DataFrame:
+    """Wrong predictions, most confident first."""
+    wrong = predictions[predictions["error"].isna() & predictions["correct"].eq(False).fillna(False).astype(bool)]
+    return wrong.sort_values("confidence", ascending=False, kind="stable").head(max(0, size))
+
+
+def gallery_example(row: pd.Series, painter: Painter, multilabel: bool) -> Example:
+    """A failure: the image, the map of the (wrongly) predicted class, and that of the true class."""
+    labels, predicted = _ids(row["labels"]), _ids(row["predicted"])
+    if multilabel:
+        wrong_prediction = next((p for p in predicted if p not in labels), predicted[0] if predicted else None)
+        missed_label = next((t for t in labels if t not in predicted), labels[0] if labels else None)
+    else:
+        wrong_prediction = predicted[0] if predicted else None
+        missed_label = labels[0] if len(labels) == 1 else None
+    maps = [("predicted", wrong_prediction), ("true", missed_label)]
+    stored = [(role, t) for role, t in maps if t and painter.find_map(row["image_id"], t) is not None]
+    return make_example(row, painter, stored)
+
+
+def make_example(row: pd.Series, painter: Painter, maps: list[tuple[str, str]], layer: str | None = None) -> Example:
+    """The image thumbnail plus one overlay per (role, target class)."""
+    image_id = str(row["image_id"])
+    thumbs = [Thumb(painter.image(image_id), "image")]
+    thumbs += [Thumb(painter.overlay(image_id, target, layer), f"{role}: {target}") for role, target in maps]
+    top = list(zip(_ids(row["top_classes"]), [float(s) for s in _values(row["top_scores"])]))
+    return Example(
+        image_id=image_id,
+        file_name=file_name(str(row["uri"])),
+        labels=_ids(row["labels"]),
+        predicted=_ids(row["predicted"]),
+        confidence=_number(row["confidence"]),
+        top=top,
+        attributes=[(str(k), str(v)) for k, v in _pairs(row["attributes"])],
+        thumbs=thumbs,
+    )
+
+
+def _values(cell: Any) -> list[Any]:
+    return [] if cell is None or (isinstance(cell, float) and math.isnan(cell)) else list(cell)
+
+
+def _pairs(cell: Any) -> Iterable[tuple[Any, Any]]:
+    """A map cell (list of (key, value) tuples, or a dict) as pairs."""
+    if isinstance(cell, Mapping):
+        return cell.items()
+    return [tuple(pair) for pair in _values(cell)]
+
+
+def file_name(uri: str) -> str:
+    """The last path segment of a local path or URL."""
+    return uri.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0] or uri
+
+
+# --- thumbnails and overlays ------------------------------------------------------------
+
+
+class Painter:
+    """Draws the thumbnails and overlays of the shown images, once each, as PNG files.
+
+    It knows only the explanation rows of the shown images, so nothing is drawn for the
+    rest of the table; files of earlier renders that are no longer shown are pruned.
+    """
+
+    def __init__(self, run_dir: Path, pre: Preprocess, explanations: pd.DataFrame, layers: list[str]) -> None:
+        self.run_dir = run_dir
+        self.pre = pre
+        methods = set(explanations["method"])
+        self.method = PREFERRED_METHOD if PREFERRED_METHOD in methods or not methods else sorted(methods)[0]
+        rows = explanations[explanations["method"] == self.method]
+        stored = set(rows["layer"])
+        listed = [layer for layer in layers if layer in stored]
+        self.default_layer = listed[-1] if listed else (rows["layer"].mode().iloc[0] if len(rows) else "")
+        self.maps: dict[tuple[str, str, str], Any] = {
+            (r.image_id, r.layer, r.target): r for r in rows.itertuples(index=False)
+        }
+        self.decoded: dict[str, Decoded | None] = {}
+        self.boxes: dict[str, np.ndarray] = {}
+        self.written: set[str] = set()
+        (run_dir / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
+
+    def decode(self, rows: pd.DataFrame) -> None:
+        """Re-read the shown images in parallel; one that cannot be read is remembered as None."""
+        readable = rows[rows["error"].isna()].drop_duplicates("image_id")
+        results = decode_many(readable["uri"].tolist(), self.pre)
+        boxes = readable[BOX_COLUMNS].to_numpy(dtype=np.float64)
+        for image_id, result, box in zip(readable["image_id"], results, boxes):
+            decoded = result if isinstance(result, Decoded) else None
+            self.decoded[image_id] = decoded
+            if decoded is not None and not np.isnan(box).any():
+                self.boxes[image_id] = boxes_to_input(box[None, :], [decoded])[0]
+
+    def find_map(self, image_id: str, target: str, layer: str | None = None) -> Any:
+        """The stored map row of ``target`` for this image at ``layer`` (else the default layer), or None."""
+        return self.maps.get((image_id, layer or self.default_layer, target)) or self.maps.get(
+            (image_id, self.default_layer, target)
+        )
+
+    def image(self, image_id: str) -> str | None:
+        """The model-input thumbnail, or None when the image cannot be re-read."""
+        decoded = self.decoded.get(image_id)
+        if decoded is None:
+            return None
+        return self.save(f"{digest(image_id)}.png", lambda tmp: save_png(decoded.pixels, tmp))
+
+    def overlay(self, image_id: str, target: str, layer: str | None = None) -> str | None:
+        """The map of ``target`` over the image (the bare map when the image cannot be re-read)."""
+        row = self.find_map(image_id, target, layer)
+        if row is None:
+            return None
+        decoded = self.decoded.get(image_id)
+        pixels = decoded.pixels if decoded is not None else None
+        heat = np.asarray(row.heatmap, dtype=np.float32).reshape(row.height, row.width)
+        size = pixels.shape[0] if pixels is not None else self.pre.crop
+        box = self.boxes.get(image_id)
+        name = f"{digest(image_id)}-{digest(f'{self.method}/{row.layer}/{target}')[:8]}.png"
+        return self.save(name, lambda tmp: save_png(overlay_pixels(heat, pixels, size, box), tmp))
+
+    def save(self, name: str, write: Callable[[Path], None]) -> str:
+        """Write figure ``name`` once per render; returns its path relative to the run folder."""
+        if name not in self.written:
+            write_atomically(self.run_dir / IMAGES_DIR / name, write)
+            self.written.add(name)
+        return f"{IMAGES_DIR}/{name}"
+
+    def prune(self) -> None:
+        """Delete figures of earlier renders that this render does not show."""
+        for path in (self.run_dir / IMAGES_DIR).glob("*.png"):
+            if path.name not in self.written:
+                path.unlink(missing_ok=True)
+
+
+def digest(text: str) -> str:
+    """A file-name-safe digest (image ids and class names are user data)."""
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def save_png(pixels: np.ndarray, path: Path) -> None:
+    """Save RGB pixels as a small PNG, shrunk to MAX_FIGURE_PX when the model input is larger."""
+    image = Image.fromarray(pixels)
+    if max(image.size) > MAX_FIGURE_PX:
+        image = image.resize((MAX_FIGURE_PX, MAX_FIGURE_PX), Image.Resampling.BILINEAR)
+    image.save(path, format="PNG", compress_level=1)  # fast; level 6 costs 5x the time for 10% less
+
+
+def overlay_pixels(heat: np.ndarray, pixels: np.ndarray | None, size: int, box: np.ndarray | None) -> np.ndarray:
+    """Map upsampled (bilinear) to the input size, over its max, colour-mapped, blended 0.5; box in green."""
+    upsampled = np.asarray(Image.fromarray(heat).resize((size, size), Image.Resampling.BILINEAR))
+    peak = float(upsampled.max())
+    scaled = np.clip(upsampled / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(upsampled)
+    colour = colormaps[COLORMAP](scaled)[..., :3] * 255.0
+    blended = colour if pixels is None else (1 - OVERLAY_ALPHA) * pixels + OVERLAY_ALPHA * colour
+    image = Image.fromarray(blended.round().astype(np.uint8))
+    if box is not None:
+        x0, x1 = sorted((float(box[0]), float(box[2])))
+        y0, y1 = sorted((float(box[1]), float(box[3])))
+        ImageDraw.Draw(image).rectangle([x0, y0, x1, y1], outline=BOX_COLOUR, width=max(1, size // 112))
+    return np.asarray(image)
+
+
+# --- per-class results ----------------------------------------------------------------------
+
+
+def judged_rows(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Audited images whose correctness is known (they have usable labels)."""
+    return predictions[predictions["error"].isna() & predictions["correct"].notna()]
+
+
+def class_table(predictions: pd.DataFrame, classes: list[str], multilabel: bool) -> list[dict[str, Any]]:
+    """Per class: images, recall, precision, mean top-1 confidence, errors.
+
+    Multi-class errors are the class's images predicted as another class; multi-label
+    errors are the class's misses plus its false alarms.
+    """
+    judged = judged_rows(predictions)
+    labels = label_matrix([_ids(v) for v in judged["labels"]], tuple(classes))
+    predicted = label_matrix([_ids(v) for v in judged["predicted"]], tuple(classes))
+    confidence = judged["confidence"].to_numpy(dtype=np.float64)
+    hits = (labels & predicted).sum(axis=0)
+    images, called = labels.sum(axis=0), predicted.sum(axis=0)
+    errors = images - hits + (called - hits if multilabel else 0)
+    rows = []
+    for k, name in enumerate(classes):
+        mine = confidence[labels[:, k]]
+        rows.append(
+            {
+                "name": name,
+                "images": int(images[k]),
+                "recall": hits[k] / images[k] if images[k] else None,
+                "precision": hits[k] / called[k] if called[k] else None,
+                "confidence": float(np.nanmean(mine)) if len(mine) and not np.isnan(mine).all() else None,
+                "errors": int(errors[k]),
+            }
+        )
+    return rows
+
+
+def confusion_figure(predictions: pd.DataFrame, classes: list[str], painter: Painter) -> dict[str, str] | None:
+    """Multi-class confusion matrix as a PNG (counts in cells, colour normalised per true class)."""
+    judged = judged_rows(predictions)
+    if judged.empty or not classes:
+        return None
+    true = judged["labels"].map(lambda v: _ids(v)[0])
+    pred = judged["predicted"].map(lambda v: (_ids(v) or [""])[0])
+    counts = pd.crosstab(true, pred).reindex(index=classes, columns=classes, fill_value=0)
+    note = ""
+    if len(classes) > MAX_MATRIX_CLASSES:
+        off = counts.to_numpy() * (1 - np.eye(len(classes), dtype=np.int64))
+        keep = np.sort(np.argsort(-(off.sum(axis=0) + off.sum(axis=1)), kind="stable")[:MAX_MATRIX_CLASSES])
+        counts = counts.iloc[keep, keep]
+        note = f"Showing the {MAX_MATRIX_CLASSES} of {len(classes)} classes involved in the most errors."
+    src = painter.save("confusion-matrix.png", lambda tmp: draw_confusion(counts, tmp))
+    return {"src": src, "note": note}
+
+
+def draw_confusion(counts: pd.DataFrame, path: Path) -> None:
+    """Draw the matrix with matplotlib's object API (Agg canvas, no global pyplot state)."""
+    values = counts.to_numpy()
+    totals = values.sum(axis=1, keepdims=True)
+    share = np.divide(values, totals, out=np.zeros(values.shape, dtype=np.float64), where=totals > 0)
+    k = len(counts)
+    font = 8 if k <= 10 else 6.5 if k <= 18 else 6
+    side = min(7.2, 2.4 + 0.24 * k)
+    figure = Figure(figsize=(side + 0.4, side), dpi=100)
+    axes = figure.add_subplot()
+    axes.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    names = [_axis_label(name) for name in counts.index]
+    axes.set_xticks(range(k), names, rotation=60, ha="right", rotation_mode="anchor", fontsize=font)
+    axes.set_yticks(range(k), names, fontsize=font)
+    axes.set_xlabel("predicted class", fontsize=font + 1)
+    axes.set_ylabel("true class", fontsize=font + 1)
+    for (row, col), count in np.ndenumerate(values):
+        if count:
+            shade = "white" if share[row, col] > 0.55 else "#1f2a36"
+            axes.text(col, row, str(count), ha="center", va="center", fontsize=font, color=shade)
+    axes.tick_params(length=0)
+    for spine in axes.spines.values():
+        spine.set_visible(False)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    with Image.open(buffer) as image:  # a 128-colour palette keeps even a 25-class matrix small
+        image.convert("RGB").quantize(colors=128).save(path, format="PNG", optimize=True)
+
+
+def _axis_label(name: str, limit: int = 18) -> str:
+    """A class name fit for an axis: shortened, with '$' escaped (no mathtext from user strings)."""
+    short = name if len(name) <= limit else name[: limit - 1] + "…"
+    return short.replace("$", r"\$")
+
+
+# --- unreadable images and appendix ----------------------------------------------------------
+
+
+def unreadable_rows(predictions: pd.DataFrame) -> dict[str, Any]:
+    """Up to MAX_UNREADABLE_ROWS (uri, error) pairs, and how many more there are."""
+    bad = predictions[predictions["error"].notna()]
+    shown = bad.head(MAX_UNREADABLE_ROWS)
+    return {
+        "rows": list(zip(shown["uri"].astype(str), shown["error"].astype(str))),
+        "total": len(bad),
+        "more": len(bad) - len(shown),
+    }
+
+
+def appendix(record: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """Key/value tables of everything in run.json that makes the run reproducible."""
+    model, data = record.get("model") or {}, record.get("data") or {}
+    parameters = dict(record.get("parameters") or {})
+    thresholds = parameters.pop("thresholds", None) or {}
+    preprocess = {f"preprocess {k}": v for k, v in (record.get("preprocess") or {}).items()}
+    timings = {k: f"{v:.2f} s" if isinstance(v, (int, float)) else v for k, v in (record.get("timings") or {}).items()}
+    sections = [
+        ("Run", {k: record.get(k) for k in ("run_id", "started", "finished") if record.get(k)}),
+        ("Model", model),
+        ("Data", data | preprocess),
+        ("Parameters", parameters),
+        ("Thresholds", thresholds),
+        ("Versions", record.get("versions") or {}),
+        ("Timings", timings),
+    ]
+    return [(title, [(str(k), text(v)) for k, v in values.items()]) for title, values in sections if values]
+
+
+def text(value: Any) -> str:
+    """A run.json value as one line of text."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(text(v) for v in value)
+    if isinstance(value, Mapping):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def environment(template_dir: Path | None) -> Environment:
+    """Jinja2 with autoescape ON; a user folder's files win over the default ones of the same name."""
+    folders = ([Path(template_dir)] if template_dir else []) + [DEFAULT_TEMPLATES]
+    env = Environment(
+        loader=ChoiceLoader([FileSystemLoader(str(folder)) for folder in folders]),
+        autoescape=True,
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["percent"] = percent
+    env.filters["number"] = number
+    env.filters["score"] = score
+    return env
+
+
+def stylesheet(env: Environment) -> Markup:
+    """The report.css of the template folder, inlined so that report.html is one offline file."""
+    source, _, _ = env.loader.get_source(env, STYLESHEET_NAME)  # type: ignore[union-attr]
+    return Markup(source)
+
+
+def write_pdf(html_path: Path, run_dir: Path, target: Path) -> None:
+    """Lay the HTML out as the PDF; only local files and data: URLs are fetched (offline, no surprises)."""
+    fetcher = URLFetcher(allowed_protocols=("file", "data"))
+    HTML(filename=str(html_path), base_url=str(run_dir), url_fetcher=fetcher).write_pdf(str(target))
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Write through a hidden temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

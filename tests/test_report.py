@@ -1,0 +1,256 @@
+"""Report: a small committed run fabricated in a temp folder, rendered to HTML and PDF."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageDraw
+from pypdf import PdfReader
+
+from tasks.report import class_table, digest, render_report
+from tasks.storage import commit_run, read_table, write_part
+
+SCRIPT = "<script>alert(1)</script>"
+CLASSES = ["circle", "square", SCRIPT]
+SECTIONS = ["Findings", "Per-class results", "Confusion matrix", "Failure gallery", "Unreadable images", "Appendix"]
+
+
+@dataclass(frozen=True)
+class Shot:
+    """One fabricated image: file name, labels, prediction, confidence (None: unreadable)."""
+
+    name: str
+    labels: list[str]
+    predicted: list[str]
+    confidence: float | None
+
+
+MULTICLASS = [
+    Shot("a0.png", ["circle"], ["circle"], 0.95),
+    Shot("a1.png", ["circle"], ["square"], 0.97),
+    Shot("a2.png", ["square"], ["square"], 0.90),
+    Shot("a3-<b>bold.png", ["square"], ["circle"], 0.80),
+    Shot("a4.png", [SCRIPT], ["circle"], 0.60),
+    Shot("a5.png", ["circle"], ["circle"], 0.85),
+    Shot("a6.png", ["square"], ["square"], 0.70),
+    Shot("broken.png", ["circle"], [], None),
+]
+
+MULTILABEL = [
+    Shot("m0.png", ["circle", "square"], ["circle", "square"], 0.9),
+    Shot("m1.png", ["circle"], ["circle", "square"], 0.8),
+    Shot("m2.png", ["square"], ["circle"], 0.7),
+    Shot("m3.png", ["circle", "square"], ["circle"], 0.6),
+]
+
+FINDINGS = [
+    dict(kind="class_imbalance", severity="low", class_name=SCRIPT, slice=None, metric="share_vs_uniform",
+         value=0.43, threshold=0.5, message=f"Class '{SCRIPT}' has 1 of 7 images, a rare class.",
+         evidence=["a4"]),
+    dict(kind="confident_error", severity="high", class_name="circle", slice=None, metric="confident_error_share",
+         value=0.33, threshold=0.02, message="1 of 3 'circle' images are misclassified with high confidence.",
+         evidence=["a1"]),
+    dict(kind="confused_pair", severity="medium", class_name="square", slice="predicted=circle",
+         metric="confused_share", value=0.33, threshold=0.1,
+         message="1 of 3 'square' images are predicted as 'circle'.", evidence=["a3", "a1"]),
+]
+
+
+def draw_image(path: Path, seed: int) -> None:
+    """A small RGB picture: a coloured shape on a plain background."""
+    image = Image.new("RGB", (48, 40), (30 * seed % 255, 120, 200))
+    ImageDraw.Draw(image).ellipse([8, 6, 30, 28], fill=(250, 220, 40))
+    image.save(path)
+
+
+def prediction_rows(folder: Path, images: list[Shot]) -> pd.DataFrame:
+    rows = []
+    for n, spec in enumerate(images):
+        uri = folder / spec.name
+        ok = spec.confidence is not None
+        if ok:
+            draw_image(uri, n)
+        else:
+            uri.write_bytes(b"not an image")
+        others = [c for c in CLASSES if c not in spec.predicted]
+        top = spec.predicted + others if ok else None
+        rows.append(
+            dict(
+                image_id=spec.name.split(".")[0].split("-")[0],
+                uri=str(uri),
+                labels=spec.labels,
+                predicted=spec.predicted if ok else None,
+                top_classes=top,
+                top_scores=[spec.confidence] + [0.01] * (len(top) - 1) if ok else None,
+                confidence=spec.confidence,
+                correct=sorted(spec.labels) == sorted(spec.predicted) if ok else None,
+                loss=0.1 if ok else None,
+                image_height=40 if ok else None,
+                image_width=48 if ok else None,
+                box_x0=8.0, box_y0=6.0, box_x1=30.0, box_y1=28.0,
+                attributes=[("background", "grass<i>")],
+                error=None if ok else "UnidentifiedImageError: cannot identify <image> file",
+            )
+        )
+    frame = pd.DataFrame(rows)
+    frame["image_height"] = frame["image_height"].astype("Int32")
+    frame["image_width"] = frame["image_width"].astype("Int32")
+    frame["correct"] = frame["correct"].astype("boolean")
+    return frame
+
+
+def explanation_rows(predictions: pd.DataFrame) -> pd.DataFrame:
+    """A 4x4 map for every predicted and every true class of each readable image."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for row in predictions[predictions["error"].isna()].itertuples():
+        for target in dict.fromkeys(list(row.predicted) + list(row.labels)):
+            rows.append(
+                dict(
+                    image_id=row.image_id, method="gradcam", layer="layer4", target=target,
+                    target_index=CLASSES.index(target), is_predicted=target in row.predicted,
+                    is_label=target in row.labels, height=4, width=4,
+                    heatmap=rng.random(16).astype(np.float32).tolist(), peak_row=1, peak_col=2,
+                    peak_x=0.6, peak_y=0.4, energy_in_box=0.3, box_area_fraction=0.25, pointing_hit=True,
+                )
+            )
+    return pd.DataFrame(rows)
+
+
+def run_record(run_id: str, task: str) -> dict:
+    return {
+        "run_id": run_id,
+        "started": "2026-11-22T15:15:00+00:00",
+        "finished": "2026-11-22T15:16:00+00:00",
+        "model": {"name": "tasks.demo:build_model", "weights": None, "fingerprint": "ab" * 32, "task": task,
+                  "layers": ["layer4"], "num_classes": len(CLASSES)},
+        "data": {"source": "/data/shapes", "fingerprint": "cd" * 32, "images": 8, "unreadable": 1},
+        "classes": CLASSES,
+        "preprocess": {"resize": 32, "crop": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+        "parameters": {"methods": ["gradcam"], "device": "cpu", "batch_size": 64, "shard_size": 256,
+                       "thresholds": {"confident_error_confidence": 0.9}},
+        "versions": {"visaudit": "0.1.0", "python": "3.11"},
+        "timings": {"shards": 1.25, "findings": 0.01},
+    }
+
+
+def make_run(root: Path, images: list[Shot], findings: list[dict], task: str = "multiclass") -> tuple[Path, str]:
+    """Write images, commit the three tables and run.json: a run as the flow leaves it."""
+    out_dir, run_id, pictures = root / "out", f"r-{task}", root / "pictures"
+    pictures.mkdir(parents=True)
+    predictions = prediction_rows(pictures, images)
+    write_part(predictions, "predictions", out_dir, run_id, "0")
+    write_part(explanation_rows(predictions), "explanations", out_dir, run_id, "0")
+    if findings:
+        write_part(pd.DataFrame(findings), "findings", out_dir, run_id, "0")
+    commit_run(out_dir, run_id)
+    run_dir = out_dir / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps(run_record(run_id, task)))
+    return out_dir, run_id
+
+
+def pdf_text(path: Path) -> tuple[int, str]:
+    reader = PdfReader(path)
+    return len(reader.pages), " ".join(" ".join(page.extract_text() for page in reader.pages).split())
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out_dir, run_id = make_run(tmp_path_factory.mktemp("report"), MULTICLASS, FINDINGS)
+    stale = out_dir / "runs" / run_id / "images" / "stale.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left by an earlier render")
+    render_report(out_dir, run_id)
+    return out_dir, run_id
+
+
+def test_html_and_pdf_show_classes_findings_and_sections(rendered: tuple[Path, str]) -> None:
+    out_dir, run_id = rendered
+    run_dir = out_dir / "runs" / run_id
+    assert (run_dir / "report.html").exists()
+    pages, text = pdf_text(run_dir / "report.pdf")
+    assert pages >= 2
+    for needle in ["visaudit report", "circle", "square", SCRIPT, *SECTIONS, "3 findings: 1 high, 1 medium, 1 low"]:
+        assert needle in text
+    for finding in FINDINGS:
+        assert finding["message"] in text
+    assert "page 2 of" in text
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_findings_are_ordered_most_severe_first(rendered: tuple[Path, str]) -> None:
+    out_dir, run_id = rendered
+    html = (out_dir / "runs" / run_id / "report.html").read_text()
+    positions = [html.index(f"<article class=\"finding severity-{s}\">") for s in ("high", "medium", "low")]
+    assert positions == sorted(positions)
+
+
+def test_user_strings_are_escaped(rendered: tuple[Path, str]) -> None:
+    out_dir, run_id = rendered
+    html = (out_dir / "runs" / run_id / "report.html").read_text()
+    assert "<script>alert" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "a3-<b>bold" not in html and "a3-&lt;b&gt;bold.png" in html
+    assert "grass<i>" not in html and "grass&lt;i&gt;" in html
+    assert "<image> file" not in html
+    _, text = pdf_text(out_dir / "runs" / run_id / "report.pdf")
+    assert "a3-<b>bold.png" in text and "grass<i>" in text
+
+
+def test_figures_only_for_shown_images(rendered: tuple[Path, str]) -> None:
+    out_dir, run_id = rendered
+    images = out_dir / "runs" / run_id / "images"
+    names = {p.name for p in images.glob("*.png")}
+    shown = {"a1", "a3", "a4"}  # the evidence and the wrong predictions
+    assert len(names) <= 3 * len(shown) + 1  # thumbnail + two maps each, plus the confusion matrix
+    assert "confusion-matrix.png" in names and "stale.png" not in names
+    for hidden in ("a0", "a2", "a5", "a6", "broken"):
+        assert not any(name.startswith(digest(hidden)) for name in names)
+    assert (images / "confusion-matrix.png").stat().st_size < 60_000
+    html = (out_dir / "runs" / run_id / "report.html").read_text()
+    assert all(f"images/{name}" in html for name in names)
+
+
+def test_image_deleted_after_the_run_renders_a_placeholder(tmp_path: Path) -> None:
+    out_dir, run_id = make_run(tmp_path, MULTICLASS, FINDINGS)
+    predictions = read_table(out_dir, "predictions", run_id)
+    Path(predictions.loc[predictions["image_id"] == "a1", "uri"].iloc[0]).unlink()
+    paths = render_report(out_dir, run_id, pdf=False)
+    assert paths.pdf is None
+    html = paths.html.read_text()
+    assert "image unavailable" in html
+    assert not (paths.html.parent / "images" / f"{digest('a1')}.png").exists()
+
+
+def test_no_findings_and_custom_template_folder(tmp_path: Path) -> None:
+    out_dir, run_id = make_run(tmp_path, MULTICLASS, [])
+    custom = tmp_path / "templates"
+    custom.mkdir()
+    (custom / "report.css").write_text("body { color: #123456; }")
+    paths = render_report(out_dir, run_id, custom, pdf=False)
+    html = paths.html.read_text()
+    assert "No findings in this run" in html and "No findings</p>" in html
+    assert "#123456" in html
+
+
+def test_multilabel_run(tmp_path: Path) -> None:
+    out_dir, run_id = make_run(tmp_path, MULTILABEL, [], task="multilabel")
+    paths = render_report(out_dir, run_id)
+    html = paths.html.read_text()
+    assert "does not apply" in html
+    assert not (paths.html.parent / "images" / "confusion-matrix.png").exists()
+    _, text = pdf_text(paths.pdf)
+    assert "Recall" in text and "Precision" in text
+    rows = {row["name"]: row for row in class_table(read_table(out_dir, "predictions", run_id), CLASSES, True)}
+    # square: labelled on m0, m2, m3; predicted on m0, m1 -> 1 hit, 2 misses, 1 false alarm
+    assert rows["square"]["images"] == 3
+    assert rows["square"]["recall"] == pytest.approx(1 / 3)
+    assert rows["square"]["precision"] == pytest.approx(1 / 2)
+    assert rows["square"]["errors"] == 3
+    assert rows["circle"]["recall"] == pytest.approx(1.0) and rows["circle"]["precision"] == pytest.approx(3 / 4)
