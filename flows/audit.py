@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
 import uuid
@@ -27,7 +28,7 @@ from pydantic import BaseModel, Field
 from tasks import storage
 from tasks.findings import Thresholds, compute_findings
 from tasks.images import Preprocess
-from tasks.models import ModelError, ModelSpec, default_preprocess, load_model
+from tasks.models import LoadedModel, ModelError, ModelSpec, default_preprocess, load_model, stage_layers
 from tasks.predictions import ShardResult, ShardSettings, audit_shard
 from tasks.sources import (
     DataSourceError,
@@ -38,7 +39,7 @@ from tasks.sources import (
     write_index,
 )
 
-METHODS = ("gradcam",)
+METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "counterfactual", "cam")
 
 
 class AuditRequest(BaseModel):
@@ -58,7 +59,10 @@ class AuditRequest(BaseModel):
     resize: int | None = Field(None, ge=8)
     crop: int | None = Field(None, ge=8)
     multi_label: bool | None = None
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    methods: list[str] = Field(default_factory=lambda: ["gradcam"])
+    layer_by_layer: bool = False
+    targets: list[str] = Field(default_factory=lambda: ["predicted", "true"])
+    target_classes: list[str] = Field(default_factory=list)
     thresholds: dict[str, float] = Field(default_factory=dict)
     template_dir: str | None = None
     pdf: bool = True
@@ -82,7 +86,7 @@ class RunPlan:
     classes: list[str]
     preprocess: dict
     multi_label: bool
-    layers: list[str]
+    layers: list[str]  # hooked layers, shallow to deep; the explained layer last
     model_fingerprint: str
     data_fingerprint: str
     images: int
@@ -102,6 +106,10 @@ class RunPlan:
             batch_size=request.batch_size,
             decode_workers=request.decode_workers,
             methods=tuple(request.methods),
+            layer=self.layers[-1],
+            stages=tuple(self.layers[:-1]),
+            targets=tuple(request.targets),
+            target_classes=tuple(request.target_classes),
         )
 
 
@@ -147,6 +155,17 @@ def prepare_run(request: AuditRequest) -> RunPlan:
             f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); pass --classes FILE "
             "with the model's class names, one per line, in output order"
         )
+    unknown_targets = [c for c in request.target_classes if c not in classes]
+    if unknown_targets:
+        raise ValueError(f"--target-class {unknown_targets}: not among the model's classes ({', '.join(classes[:8])}, ...)")
+    bad_targets = [t for t in request.targets if t not in ("predicted", "true") and not re.fullmatch(r"top\d+", t)]
+    if bad_targets:
+        raise ValueError(f"--targets {bad_targets}: use predicted, true and/or top<k> (e.g. top3)")
+    layer = loaded.layers[-1]
+    layers = [s for s in stage_layers(loaded.layer_shapes, loaded.model) if s != layer] if request.layer_by_layer else []
+    layers.append(layer)
+    if "cam" in request.methods:
+        check_cam_applies(loaded, layer, preprocess.crop)
     multi_label = request.multi_label
     if multi_label is None:
         multi_label = bool((index["labels"].map(len) > 1).any())
@@ -166,7 +185,7 @@ def prepare_run(request: AuditRequest) -> RunPlan:
         classes=list(classes),
         preprocess=asdict(preprocess),
         multi_label=multi_label,
-        layers=loaded.layers,
+        layers=layers,
         model_fingerprint=loaded.fingerprint,
         data_fingerprint=fingerprint,
         images=len(index),
@@ -179,6 +198,21 @@ def prepare_run(request: AuditRequest) -> RunPlan:
     tmp.write_text(json.dumps(asdict(plan), indent=2))
     os.replace(tmp, folder / "plan.json")
     return plan
+
+
+def check_cam_applies(loaded: LoadedModel, layer: str, size: int) -> None:
+    """CAM needs a global-average-pool + linear head on the explained layer; say so early if not."""
+    import torch
+
+    from tasks.cam import hooked_forward, linear_head
+
+    generator = torch.Generator().manual_seed(0)
+    probe_input = torch.randn(2, 3, size, size, generator=generator).to(loaded.device)
+    if linear_head(loaded.model, hooked_forward(loaded.model, probe_input, [layer]), layer) is None:
+        raise ModelError(
+            f"CAM does not apply to this model: its head on {layer!r} is not global-average-pool + linear; "
+            "use --methods gradcam (Grad-CAM equals CAM on such heads)"
+        )
 
 
 def load_plan(folder: Path) -> RunPlan:
@@ -202,7 +236,9 @@ def find(plan: RunPlan) -> int:
     predictions = storage.read_staged("predictions", Path(plan.out_dir), plan.run_id)
     explanations = storage.read_staged("explanations", Path(plan.out_dir), plan.run_id)
     thresholds = Thresholds(**request.thresholds)
-    findings = compute_findings(predictions, explanations, plan.classes, thresholds, plan.multi_label)
+    findings = compute_findings(
+        predictions, explanations, plan.classes, thresholds, plan.multi_label, layer=plan.layers[-1]
+    )
     storage.write_part(findings, "findings", Path(plan.out_dir), plan.run_id, "00000")
     return len(findings)
 

@@ -150,7 +150,19 @@ def run(
     multi_label: Annotated[
         Optional[bool], typer.Option("--multi-label/--multi-class", help="Sigmoid or softmax model (default: from the labels).")
     ] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated explanation methods.")] = "gradcam",
+    methods: Annotated[
+        str,
+        typer.Option(help="Comma-separated: gradcam, gradcam++, xgradcam, layercam, hirescam, counterfactual, cam."),
+    ] = "gradcam",
+    layer_by_layer: Annotated[
+        bool, typer.Option(help="Also Grad-CAM at each of the 4 deepest stages (same backward pass).")
+    ] = False,
+    targets: Annotated[
+        str, typer.Option(help="Classes to explain per image, comma-separated: predicted, true, top<k>.")
+    ] = "predicted,true",
+    target_class: Annotated[
+        list[str], typer.Option(help="Also explain this class for every image (repeatable).")
+    ] = [],  # noqa: B006 - typer needs a literal default
     threshold: Annotated[
         list[str], typer.Option(help="Override a finding threshold, NAME=VALUE (repeatable).")
     ] = [],  # noqa: B006 - typer needs a literal default
@@ -171,6 +183,8 @@ def run(
             classes_file=str(classes) if classes else None, run_id=run_id, device=device,
             batch_size=batch_size, shard_size=shard_size, resize=resize, crop=crop, multi_label=multi_label,
             methods=[m.strip() for m in methods.split(",") if m.strip()], thresholds=parse_thresholds(threshold),
+            layer_by_layer=layer_by_layer, targets=[t.strip() for t in targets.split(",") if t.strip()],
+            target_classes=target_class,
             template_dir=str(templates) if templates else None, pdf=pdf, trust_checkpoint=trust_checkpoint,
         )
         request.model_spec()

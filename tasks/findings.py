@@ -40,14 +40,21 @@ def compute_findings(
     classes: list[str],
     thresholds: Thresholds,
     multi_label: bool = False,
+    layer: str | None = None,
 ) -> pd.DataFrame:
-    """Run every detector; rows sorted most severe first, in the findings schema."""
+    """Run every detector; rows sorted most severe first, in the findings schema.
+
+    ``layer`` is the explained layer: attention is judged on its maps (not on the shallow
+    stages of a layer-by-layer run).
+    """
     audited = predictions[predictions["error"].isna()]
     rows: list[dict] = []
     rows += class_imbalance(audited, classes, thresholds)
     if not multi_label:
         rows += confident_errors(audited, thresholds)
         rows += confused_pairs(audited, thresholds)
+    if layer is not None and not explanations.empty:
+        explanations = explanations[explanations["layer"] == layer]
     rows += attention_off_object(audited, explanations, thresholds)
     columns = table_schema("findings").names
     if not rows:

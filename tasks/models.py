@@ -302,6 +302,22 @@ def default_layer(layer_shapes: dict[str, tuple[int, int]], model: nn.Module) ->
     return spatial[-1]
 
 
+def stage_layers(layer_shapes: dict[str, tuple[int, int]], model: nn.Module, count: int = 4) -> list[str]:
+    """The backbone's stages for the layer-by-layer view: for each spatial resolution, the last
+    module (pooling aside) that outputs it, keeping the ``count`` deepest, shallow to deep.
+
+    ResNets give ``layer1..layer4``; VGG, DenseNet and MobileNet give the last module of each
+    resolution inside ``features``.
+    """
+    modules = dict(model.named_modules())
+    last_at: dict[tuple[int, int], str] = {}
+    for name, shape in layer_shapes.items():
+        if shape[0] * shape[1] > 1 and not isinstance(modules[name], _POOLING):
+            last_at.pop(shape, None)
+            last_at[shape] = name
+    return list(last_at.values())[-count:]
+
+
 def _check_layer(model: nn.Module, layer: str, layer_shapes: dict[str, tuple[int, int]]) -> None:
     names = dict(model.named_modules())
     if layer not in names:

@@ -33,7 +33,16 @@ class ShardSettings:
     batch_size: int = 32
     label_threshold: float = 0.5  # multi-label: sigmoid score at which a class is predicted
     decode_workers: int = 4
-    methods: tuple[str, ...] = ("gradcam",)
+    methods: tuple[str, ...] = ("gradcam",)  # at the explained layer
+    layer: str = ""  # the explained layer (the last conv stage unless named)
+    stages: tuple[str, ...] = ()  # extra layers for the layer-by-layer view (Grad-CAM only)
+    targets: tuple[str, ...] = ("predicted", "true")  # and/or "top<k>"
+    target_classes: tuple[str, ...] = ()  # named classes explained for every image
+
+    @property
+    def layers(self) -> list[str]:
+        """Hooked layers, shallow to deep, the explained layer last."""
+        return [s for s in self.stages if s != self.layer] + [self.layer]
 
 
 @dataclass
@@ -123,17 +132,38 @@ class BatchResult:
     pairs: np.ndarray  # (M, 2) image, class
     is_predicted: np.ndarray  # (M,)
     is_label: np.ndarray
-    maps: dict[str, np.ndarray]  # layer -> (M, h, w)
-    scores: dict[str, cam.MapScores]
+    maps: dict[tuple[str, str], np.ndarray]  # (method, layer) -> (M, h, w)
+    scores: dict[tuple[str, str], cam.MapScores]
+
+
+def target_matrix(
+    probs: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor, settings: ShardSettings
+) -> torch.Tensor:
+    """(N, K) boolean: the classes to explain for each image (predicted, true, top-k, named)."""
+    wanted = torch.zeros_like(predicted)
+    for choice in settings.targets:
+        if choice == "predicted":
+            wanted |= predicted
+        elif choice == "true":
+            wanted |= labels
+        elif choice.startswith("top") and choice[3:].isdigit():
+            k = min(int(choice[3:]), probs.shape[1])
+            wanted.scatter_(1, probs.topk(k, dim=1).indices, True)
+        else:
+            raise ValueError(f"unknown target {choice!r}; use predicted, true or top<k> (e.g. top3)")
+    if settings.target_classes:
+        named = [settings.classes.index(name) for name in settings.target_classes]
+        wanted[:, named] = True
+    return wanted
 
 
 def _run_batch(
     rows: pd.DataFrame, decoded: list[Decoded], loaded: LoadedModel, settings: ShardSettings
 ) -> BatchResult:
-    """One forward for predictions + activations, Grad-CAM for predicted and true classes."""
+    """One forward for predictions + activations; every requested map from shared gradients."""
     device = loaded.device
     inputs = normalise(to_batch(decoded, device), settings.preprocess)
-    forward = cam.hooked_forward(loaded.model, inputs, loaded.layers)
+    forward = cam.hooked_forward(loaded.model, inputs, settings.layers)
     scores = forward.scores.detach().float()
     labels = torch.from_numpy(label_matrix(rows["labels"].tolist(), settings.classes)).to(device)
     has_label = labels.any(dim=1)
@@ -155,12 +185,29 @@ def _run_batch(
     k = min(TOP_K, probs.shape[1])
     top_score, top_index = probs.topk(k, dim=1)
 
-    wanted = predicted | labels
-    pairs = wanted.nonzero()  # sorted by image, then class
+    pairs = target_matrix(probs, predicted, labels, settings).nonzero()  # sorted by image, then class
     sample, target_cls = pairs[:, 0], pairs[:, 1]
-    maps = cam.grad_cam(forward, sample, target_cls)
+    gradient_methods = tuple(m for m in settings.methods if m in cam.GRADIENT_METHODS)
+    stage_methods = ("gradcam",) if settings.stages else ()
+    needed = tuple(dict.fromkeys(gradient_methods + stage_methods))
+    all_maps = cam.explain(forward, sample, target_cls, needed) if needed else {}
+    maps = {
+        (method, layer): m
+        for (method, layer), m in all_maps.items()
+        if layer == settings.layer and method in gradient_methods or layer != settings.layer and method == "gradcam"
+    }
+    if "cam" in settings.methods:
+        weights = cam.linear_head(loaded.model, forward, settings.layer)
+        if weights is None:
+            raise ValueError(
+                f"CAM does not apply: the model's head on {settings.layer!r} is not global-average-pool + "
+                "linear; use gradcam (which equals CAM on such heads)"
+            )
+        maps[("cam", settings.layer)] = cam.class_activation_maps(
+            forward.activations[settings.layer], weights, sample, target_cls
+        )
     boxes = _input_boxes(rows, decoded, device)[sample]
-    map_scores = {name: cam.score_maps(m, boxes, settings.preprocess.crop) for name, m in maps.items()}
+    map_scores = {key: cam.score_maps(m, boxes, settings.preprocess.crop) for key, m in maps.items()}
     return BatchResult(
         probs=probs.cpu().numpy(),
         top_index=top_index.cpu().numpy(),
@@ -171,7 +218,7 @@ def _run_batch(
         pairs=pairs.cpu().numpy(),
         is_predicted=predicted[sample, target_cls].cpu().numpy(),
         is_label=labels[sample, target_cls].cpu().numpy(),
-        maps={name: m.float().cpu().numpy() for name, m in maps.items()},
+        maps={key: m.float().cpu().numpy() for key, m in maps.items()},
         scores=map_scores,
     )
 
@@ -230,14 +277,14 @@ def _explanation_rows(batch: pd.DataFrame, result: BatchResult, settings: ShardS
     image_ids = batch["image_id"].to_numpy()[result.pairs[:, 0]]
     targets = np.array(settings.classes, dtype=object)[result.pairs[:, 1]]
     frames = []
-    for layer, maps in result.maps.items():
-        scores = result.scores[layer]
+    for (method, layer), maps in result.maps.items():
+        scores = result.scores[(method, layer)]
         m, h, w = maps.shape
         frames.append(
             pd.DataFrame(
                 {
                     "image_id": image_ids,
-                    "method": "gradcam",
+                    "method": method,
                     "layer": layer,
                     "target": targets,
                     "target_index": result.pairs[:, 1].astype(np.int32),

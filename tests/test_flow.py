@@ -115,6 +115,25 @@ def test_multilabel_audit(tmp_path, tiny_model_file) -> None:
     assert {"red", "blue"} <= set(multi.loc[multi["is_label"], "target"]), "a map for every positive label"
 
 
+def test_every_method_layer_by_layer_and_named_targets(tmp_path, tiny_model_file) -> None:
+    manifest = make_shapes(tmp_path / "data", {"red": 4, "green": 4, "blue": 4})
+    model, weights = tiny_model_file
+    out = tmp_path / "out"
+    methods = "gradcam,gradcam++,xgradcam,layercam,hirescam,counterfactual,cam"
+    result = runner.invoke(app, ["run", str(manifest), "--out", str(out), "--model", f"{model}:build",
+                                 "--weights", str(weights), "--crop", "48", "--resize", "48", "--no-pdf", "-q",
+                                 "--methods", methods, "--layer-by-layer", "--targets", "top2",
+                                 "--target-class", "blue"])
+    assert result.exit_code == 0, result.output
+    explanations = read_table(out, "explanations")
+    at_layer = explanations[explanations["layer"] == "3"]
+    assert set(at_layer["method"]) == set(methods.split(","))
+    assert set(explanations.loc[explanations["layer"] == "1", "method"]) == {"gradcam"}, "stages: Grad-CAM only"
+    assert explanations.loc[explanations["layer"] == "1", "height"].eq(48).all()
+    per_image = at_layer[at_layer["method"] == "gradcam"].groupby("image_id")["target"].agg(set)
+    assert len(per_image) == 12 and per_image.map(lambda t: "blue" in t and len(t) >= 2).all()
+
+
 @pytest.mark.parametrize(
     "args, expected",
     [
@@ -125,6 +144,10 @@ def test_multilabel_audit(tmp_path, tiny_model_file) -> None:
         (["run", "{data}", "--arch", "resnet18", "--model", "{model}:build"], "exactly one of --arch"),
         (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--methods", "magic"], "unknown method"),
         (["report", "nope", "--out", "{tmp}"], "no such completed run"),
+        (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--methods", "cam", "--layer", "2"],
+         "CAM does not apply"),
+        (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--target-class", "purple"],
+         "not among the model's classes"),
     ],
 )
 def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_file, args, expected) -> None:
