@@ -39,7 +39,10 @@ from tasks.sources import (
     write_index,
 )
 
-METHODS = ("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "counterfactual", "cam")
+METHODS = (
+    "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "counterfactual", "cam",
+    "guided_backprop", "guided_gradcam",
+)
 
 
 class AuditRequest(BaseModel):
@@ -68,6 +71,8 @@ class AuditRequest(BaseModel):
     pdf: bool = True
     trust_checkpoint: bool = False
     decode_workers: int = Field(4, ge=1, le=64)
+    sanity_check: bool = True
+    sanity_images: int = Field(16, ge=2, le=256)
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(
@@ -166,6 +171,14 @@ def prepare_run(request: AuditRequest) -> RunPlan:
     layers.append(layer)
     if "cam" in request.methods:
         check_cam_applies(loaded, layer, preprocess.crop)
+    if {"guided_backprop", "guided_gradcam"} & set(request.methods):
+        import torch
+
+        if not any(isinstance(m, torch.nn.ReLU) for m in loaded.model.modules()):
+            raise ModelError(
+                "guided backprop needs nn.ReLU modules and this model has none (it may call F.relu); "
+                "drop guided_backprop/guided_gradcam from --methods"
+            )
     multi_label = request.multi_label
     if multi_label is None:
         multi_label = bool((index["labels"].map(len) > 1).any())
@@ -241,6 +254,51 @@ def find(plan: RunPlan) -> int:
     )
     storage.write_part(findings, "findings", Path(plan.out_dir), plan.run_id, "00000")
     return len(findings)
+
+
+def sample_inputs(plan: RunPlan, loaded: LoadedModel, count: int):
+    """The first ``count`` readable images of the run, preprocessed, as one batch on the device."""
+    from tasks.images import Decoded, decode_many, normalise, to_batch
+
+    settings = plan.shard_settings()
+    index = read_index(plan.folder / "index.parquet")
+    decoded: list[Decoded] = []
+    for start in range(0, len(index), count):
+        uris = index["uri"].iloc[start : start + count].tolist()
+        decoded += [d for d in decode_many(uris, settings.preprocess, settings.decode_workers) if isinstance(d, Decoded)]
+        if len(decoded) >= count:
+            break
+    return normalise(to_batch(decoded[:count], loaded.device), settings.preprocess)
+
+
+def sanity(plan: RunPlan) -> int:
+    """Model-randomisation sanity check of the run's methods; staged as ``metrics`` rows."""
+    from tasks.cam import GRADIENT_METHODS, GUIDED_METHODS
+    from tasks.sanity import sanity_check
+
+    request = AuditRequest(**plan.request)
+    methods = tuple(m for m in request.methods if m in GRADIENT_METHODS or m in GUIDED_METHODS)
+    if not request.sanity_check or not methods:
+        return 0
+    loaded = load_model(request.model_spec(), request.device, request.crop or 224)
+    inputs = sample_inputs(plan, loaded, request.sanity_images)
+    if inputs.shape[0] < 2:
+        return 0
+    stages = stage_layers(loaded.layer_shapes, loaded.model)
+    result = sanity_check(loaded.model, inputs, plan.layers[-1], stages, methods)
+    rows = pd.DataFrame(
+        {
+            "metric": "sanity_spearman",
+            "method": result["method"],
+            "layer": result["layer"],
+            "class_name": None,
+            "detail": result["step"].astype(str) + ":" + result["randomised"],
+            "value": result["spearman_mean"],
+            "images": result["images"].astype("int32"),
+        }
+    )
+    storage.write_part(rows, "metrics", Path(plan.out_dir), plan.run_id, "sanity")
+    return len(rows)
 
 
 def summary_metrics(predictions: pd.DataFrame, multi_label: bool) -> dict[str, float | int | None]:
@@ -337,6 +395,7 @@ def render(out_dir: str, run_id: str, template_dir: str | None, pdf: bool) -> st
 prepare_task = task(prepare_run, name="prepare", cache_policy=NO_CACHE)
 shard_task = task(run_shard, name="audit-shard", cache_policy=NO_CACHE, task_run_name="shard-{shard}")
 find_task = task(find, name="findings", cache_policy=NO_CACHE)
+sanity_task = task(sanity, name="sanity-check", cache_policy=NO_CACHE)
 commit_task = task(commit, name="commit", cache_policy=NO_CACHE)
 report_task = task(render, name="report", cache_policy=NO_CACHE)
 
@@ -356,14 +415,18 @@ def audit(request: AuditRequest) -> str:
     timings["shards"] = round(time.perf_counter() - clock - timings["prepare"], 3)
     for stage in ("decode", "model", "rows", "write"):
         timings[f"shards.{stage}"] = round(sum(r.seconds.get(stage, 0.0) for r in results), 3)
-    # 3. Findings over the staged tables.
+    # 3. Sanity check: do the maps change when the model's weights are randomised?
+    mark = time.perf_counter()
+    sanity_task(plan)
+    timings["sanity_check"] = round(time.perf_counter() - mark, 3)
+    # 4. Findings over the staged tables.
     mark = time.perf_counter()
     find_task(plan)
     timings["findings"] = round(time.perf_counter() - mark, 3)
-    # 4. Commit: the run becomes visible to readers all at once.
+    # 5. Commit: the run becomes visible to readers all at once.
     timings["total_before_report"] = round(time.perf_counter() - clock, 3)
     commit_task(plan, timings)
-    # 5. Report from the committed tables (can be re-rendered later with `visaudit report`).
+    # 6. Report from the committed tables (can be re-rendered later with `visaudit report`).
     report_task(plan.out_dir, plan.run_id, request.template_dir, request.pdf)
     return plan.run_id
 

@@ -152,7 +152,10 @@ def run(
     ] = None,
     methods: Annotated[
         str,
-        typer.Option(help="Comma-separated: gradcam, gradcam++, xgradcam, layercam, hirescam, counterfactual, cam."),
+        typer.Option(
+            help="Comma-separated: gradcam, gradcam++, xgradcam, layercam, hirescam, counterfactual, cam, "
+            "guided_backprop, guided_gradcam."
+        ),
     ] = "gradcam",
     layer_by_layer: Annotated[
         bool, typer.Option(help="Also Grad-CAM at each of the 4 deepest stages (same backward pass).")
@@ -172,6 +175,10 @@ def run(
     trust_checkpoint: Annotated[
         bool, typer.Option(help="Allow weights files that are full pickles (they can run code).")
     ] = False,
+    sanity_check: Annotated[
+        bool, typer.Option("--sanity-check/--no-sanity-check", help="Model-randomisation check of the methods.")
+    ] = True,
+    sanity_images: Annotated[int, typer.Option(help="Images used by the sanity check.")] = 16,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Audit a model on a data source once."""
@@ -184,7 +191,7 @@ def run(
             batch_size=batch_size, shard_size=shard_size, resize=resize, crop=crop, multi_label=multi_label,
             methods=[m.strip() for m in methods.split(",") if m.strip()], thresholds=parse_thresholds(threshold),
             layer_by_layer=layer_by_layer, targets=[t.strip() for t in targets.split(",") if t.strip()],
-            target_classes=target_class,
+            target_classes=target_class, sanity_check=sanity_check, sanity_images=sanity_images,
             template_dir=str(templates) if templates else None, pdf=pdf, trust_checkpoint=trust_checkpoint,
         )
         request.model_spec()

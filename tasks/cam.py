@@ -25,12 +25,41 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class GuidedSwitch:
+    """Shared flag read by every guided gate at backward time (see :class:`_GuidedGate`)."""
+
+    def __init__(self) -> None:
+        self.on = False
+
+
+class _GuidedGate(torch.autograd.Function):
+    """Identity in the forward; in the backward, while ``switch.on``, the incoming gradient
+    is clamped at zero. Placed after every ``nn.ReLU``, whose own backward multiplies by
+    (input > 0), it turns the backward into Guided Backpropagation (Springenberg et al. 2015)::
+
+        R_l = (f_l > 0) * (R_{l+1} > 0) * R_{l+1}
+
+    and with the switch off it is plain backpropagation, so ONE forward serves both
+    Grad-CAM (plain gradients) and guided backprop (guided gradients)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, switch: GuidedSwitch) -> torch.Tensor:
+        ctx.switch = switch
+        return x.clone()  # a fresh tensor: later in-place ops (ReLU(inplace), +=) stay legal
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return (grad.clamp(min=0) if ctx.switch.on else grad), None
+
+
 @dataclass
 class HookedForward:
     """Class scores (with the graph back to the activations) and the hooked activations."""
 
     scores: torch.Tensor  # (N, K)
     activations: dict[str, torch.Tensor]  # layer -> (N, C, h, w), part of the graph
+    inputs: torch.Tensor | None = None  # the input leaf, when the forward was run guided
+    switch: GuidedSwitch | None = None
 
 
 @contextmanager
@@ -50,12 +79,18 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             parameter.requires_grad_(flag)
 
 
-def hooked_forward(model: nn.Module, inputs: torch.Tensor, layers: list[str]) -> HookedForward:
+def hooked_forward(
+    model: nn.Module, inputs: torch.Tensor, layers: list[str], guided: bool = False
+) -> HookedForward:
     """Run the model once, capturing the outputs of ``layers`` as differentiable activations.
 
     The first hooked output met during the forward is detached into a leaf that requires
     grad; later ones are already in the graph. Each hook hands a clone downstream, so an
     in-place op after the layer (``ReLU(inplace=True)``) cannot alter the captured values.
+
+    With ``guided`` the graph starts at the input (a leaf that requires grad) and a
+    :class:`_GuidedGate` follows every ``nn.ReLU`` module, off until guided backprop asks.
+    Models that call ``F.relu`` instead of ``nn.ReLU`` modules cannot be guided.
     """
     if torch.is_inference_mode_enabled():
         raise RuntimeError("Grad-CAM needs autograd; call it outside torch.inference_mode()")
@@ -74,7 +109,23 @@ def hooked_forward(model: nn.Module, inputs: torch.Tensor, layers: list[str]) ->
 
         return hook
 
+    switch = GuidedSwitch() if guided else None
+    if guided:
+        relus = [module for module in model.modules() if isinstance(module, nn.ReLU)]
+        if not relus:
+            raise ValueError(
+                "guided backprop needs nn.ReLU modules; this model has none (it may call F.relu): "
+                "use the gradcam family instead"
+            )
+        inputs = inputs.detach().requires_grad_(True)
+
+    def gate(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        return _GuidedGate.apply(output, switch)
+
+    # Layer hooks first: a hooked ReLU is captured before its gate, so Grad-CAM sees plain values.
     handles = [modules[name].register_forward_hook(make_hook(name)) for name in layers]
+    if guided:
+        handles += [module.register_forward_hook(gate) for module in relus]
     try:
         with frozen_parameters(model), torch.enable_grad():
             scores = model(inputs)
@@ -84,7 +135,7 @@ def hooked_forward(model: nn.Module, inputs: torch.Tensor, layers: list[str]) ->
     not_reached = [name for name in layers if name not in captured]
     if not_reached:
         raise ValueError(f"layers never ran in the forward pass: {not_reached}")
-    return HookedForward(scores, captured)
+    return HookedForward(scores, captured, inputs if guided else None, switch)
 
 
 def target_rounds(sample: torch.Tensor) -> torch.Tensor:
@@ -148,6 +199,9 @@ GRADIENT_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     "hirescam": _hirescam,
     "counterfactual": _counterfactual,
 }
+# Input-space methods: maps at the input's resolution, keyed (method, INPUT_LAYER) by explain().
+GUIDED_METHODS = ("guided_backprop", "guided_gradcam")
+INPUT_LAYER = "input"
 
 
 def explain(
@@ -156,34 +210,71 @@ def explain(
     target: torch.Tensor,
     methods: tuple[str, ...] = ("gradcam",),
 ) -> dict[tuple[str, str], torch.Tensor]:
-    """Maps of every gradient-based method at every hooked layer for (image, class) pairs.
+    """Maps of every requested method at every hooked layer for (image, class) pairs.
 
     ``sample`` (M,) indexes images of the batch and ``target`` (M,) their classes; pairs
     must be sorted by ``sample``. Returns (method, layer) -> (M, h, w) maps, each
-    ``ReLU``-ed, on the scores' device. All methods share the same gradients: one
+    ``ReLU``-ed, on the scores' device. All gradient methods share the same gradients: one
     ``autograd.grad`` per round (the most targets any image has), for all layers at once.
+
+    Guided methods (the forward must be run with ``guided=True``) add one guided backward
+    per round to the input, and are keyed at ``INPUT_LAYER``:
+      guided_backprop  (M, 3, H, W)  the guided gradient of the class score w.r.t. the input
+      guided_gradcam   (M, 3, H, W)  guided_backprop * Grad-CAM of the deepest hooked layer,
+                                     upsampled to the input (Selvaraju et al. 2017, sec. 3.1)
     """
-    unknown = [m for m in methods if m not in GRADIENT_METHODS]
+    known = set(GRADIENT_METHODS) | set(GUIDED_METHODS)
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"unknown gradient method(s) {unknown}; known: {', '.join(GRADIENT_METHODS)}")
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(sorted(known))}")
+    guided = [m for m in methods if m in GUIDED_METHODS]
+    if guided and (forward.inputs is None or forward.switch is None):
+        raise ValueError(f"{guided} need a forward run with hooked_forward(..., guided=True)")
     layers = list(forward.activations)
     acts = [forward.activations[name] for name in layers]
+    deepest = layers[-1]
+    cam_methods = [m for m in methods if m in GRADIENT_METHODS]
+    if "guided_gradcam" in methods and "gradcam" not in cam_methods:
+        cam_methods.append("gradcam")  # needed for the product, dropped from the result below
     maps = {
         (method, name): a.new_zeros((sample.numel(), *a.shape[2:]))
-        for method in methods
+        for method in cam_methods
         for name, a in zip(layers, acts)
     }
+    if guided:
+        x = forward.inputs
+        maps[("guided_backprop", INPUT_LAYER)] = x.new_zeros((sample.numel(), *x.shape[1:]))
     rounds = target_rounds(sample)
     n_rounds = int(rounds.max().item()) + 1 if rounds.numel() else 0
     for r in range(n_rounds):
         pick = (rounds == r).nonzero().squeeze(1)
         rows = sample[pick]
         objective = forward.scores[rows, target[pick]].sum()
-        grads = torch.autograd.grad(objective, acts, retain_graph=r < n_rounds - 1)
-        for name, a, g in zip(layers, acts, grads):
-            a_rows, g_rows = a[rows].detach(), g[rows]
-            for method in methods:
-                maps[(method, name)][pick] = F.relu(GRADIENT_METHODS[method](a_rows, g_rows))
+        last = r == n_rounds - 1
+        if cam_methods:
+            grads = torch.autograd.grad(objective, acts, retain_graph=bool(guided) or not last)
+            for name, a, g in zip(layers, acts, grads):
+                a_rows, g_rows = a[rows].detach(), g[rows]
+                for method in cam_methods:
+                    maps[(method, name)][pick] = F.relu(GRADIENT_METHODS[method](a_rows, g_rows))
+        if guided:
+            assert forward.switch is not None and forward.inputs is not None
+            forward.switch.on = True
+            try:
+                (g_input,) = torch.autograd.grad(objective, forward.inputs, retain_graph=not last)
+            finally:
+                forward.switch.on = False
+            maps[("guided_backprop", INPUT_LAYER)][pick] = g_input[rows]
+    if "guided_gradcam" in methods:
+        backprop = maps[("guided_backprop", INPUT_LAYER)]
+        size = backprop.shape[-2:]
+        coarse = F.interpolate(maps[("gradcam", deepest)][:, None], size=size, mode="bilinear", align_corners=False)
+        maps[("guided_gradcam", INPUT_LAYER)] = backprop * coarse
+        if "guided_backprop" not in methods:
+            del maps[("guided_backprop", INPUT_LAYER)]
+    if "gradcam" not in methods:
+        for name in layers:
+            maps.pop(("gradcam", name), None)
     return maps
 
 

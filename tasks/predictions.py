@@ -163,7 +163,8 @@ def _run_batch(
     """One forward for predictions + activations; every requested map from shared gradients."""
     device = loaded.device
     inputs = normalise(to_batch(decoded, device), settings.preprocess)
-    forward = cam.hooked_forward(loaded.model, inputs, settings.layers)
+    guided = tuple(m for m in settings.methods if m in cam.GUIDED_METHODS)
+    forward = cam.hooked_forward(loaded.model, inputs, settings.layers, guided=bool(guided))
     scores = forward.scores.detach().float()
     labels = torch.from_numpy(label_matrix(rows["labels"].tolist(), settings.classes)).to(device)
     has_label = labels.any(dim=1)
@@ -189,13 +190,15 @@ def _run_batch(
     sample, target_cls = pairs[:, 0], pairs[:, 1]
     gradient_methods = tuple(m for m in settings.methods if m in cam.GRADIENT_METHODS)
     stage_methods = ("gradcam",) if settings.stages else ()
-    needed = tuple(dict.fromkeys(gradient_methods + stage_methods))
+    needed = tuple(dict.fromkeys(gradient_methods + stage_methods + guided))
     all_maps = cam.explain(forward, sample, target_cls, needed) if needed else {}
     maps = {
         (method, layer): m
         for (method, layer), m in all_maps.items()
         if layer == settings.layer and method in gradient_methods or layer != settings.layer and method == "gradcam"
     }
+    for method in guided:
+        maps[(method, cam.INPUT_LAYER)] = guided_saliency(all_maps[(method, cam.INPUT_LAYER)])
     if "cam" in settings.methods:
         weights = cam.linear_head(loaded.model, forward, settings.layer)
         if weights is None:
@@ -221,6 +224,18 @@ def _run_batch(
         maps={key: m.float().cpu().numpy() for key, m in maps.items()},
         scores=map_scores,
     )
+
+
+GUIDED_STORED_SIZE = 56  # guided maps are stored pooled to at most this many pixels a side
+
+
+def guided_saliency(gradients: torch.Tensor) -> torch.Tensor:
+    """(M, 3, H, W) input gradients -> (M, h, w) stored map: max_c |g_c| per pixel, average-pooled
+    to at most GUIDED_STORED_SIZE a side, so a table row stays small (56x56 floats at 224 px)."""
+    saliency = gradients.abs().amax(dim=1, keepdim=True)
+    h, w = saliency.shape[-2:]
+    scale = max(1, -(-max(h, w) // GUIDED_STORED_SIZE))
+    return F.avg_pool2d(saliency, scale, ceil_mode=True)[:, 0] if scale > 1 else saliency[:, 0]
 
 
 def _input_boxes(rows: pd.DataFrame, decoded: list[Decoded], device: torch.device) -> torch.Tensor:

@@ -87,6 +87,19 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 
+SCHEMAS["metrics"] = pa.schema(
+    [
+        # long format, one row per run and measured number: trends and quality checks
+        pa.field("metric", pa.string(), nullable=False),
+        pa.field("method", pa.string()),
+        pa.field("layer", pa.string()),
+        pa.field("class_name", pa.string()),
+        pa.field("detail", pa.string()),
+        pa.field("value", pa.float64()),
+        pa.field("images", pa.int32()),
+    ]
+)
+
 PARTITIONING = ds.partitioning(pa.schema([pa.field("run_id", pa.string())]), flavor="hive")
 
 

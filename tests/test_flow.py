@@ -119,7 +119,7 @@ def test_every_method_layer_by_layer_and_named_targets(tmp_path, tiny_model_file
     manifest = make_shapes(tmp_path / "data", {"red": 4, "green": 4, "blue": 4})
     model, weights = tiny_model_file
     out = tmp_path / "out"
-    methods = "gradcam,gradcam++,xgradcam,layercam,hirescam,counterfactual,cam"
+    methods = "gradcam,gradcam++,xgradcam,layercam,hirescam,counterfactual,cam,guided_backprop,guided_gradcam"
     result = runner.invoke(app, ["run", str(manifest), "--out", str(out), "--model", f"{model}:build",
                                  "--weights", str(weights), "--crop", "48", "--resize", "48", "--no-pdf", "-q",
                                  "--methods", methods, "--layer-by-layer", "--targets", "top2",
@@ -127,7 +127,14 @@ def test_every_method_layer_by_layer_and_named_targets(tmp_path, tiny_model_file
     assert result.exit_code == 0, result.output
     explanations = read_table(out, "explanations")
     at_layer = explanations[explanations["layer"] == "3"]
-    assert set(at_layer["method"]) == set(methods.split(","))
+    guided = explanations[explanations["layer"] == "input"]
+    assert set(at_layer["method"]) == set(methods.split(",")) - {"guided_backprop", "guided_gradcam"}
+    assert set(guided["method"]) == {"guided_backprop", "guided_gradcam"}
+    assert guided["height"].eq(48).all() and guided["heatmap"].map(len).eq(48 * 48).all(), "input resolution"
+    sanity = read_table(out, "metrics")
+    sanity = sanity[sanity["metric"] == "sanity_spearman"]
+    assert set(sanity["method"]) == set(methods.split(",")) - {"cam"}
+    assert sanity["value"].between(-1, 1).all() and sanity["images"].eq(12).all()
     assert set(explanations.loc[explanations["layer"] == "1", "method"]) == {"gradcam"}, "stages: Grad-CAM only"
     assert explanations.loc[explanations["layer"] == "1", "height"].eq(48).all()
     per_image = at_layer[at_layer["method"] == "gradcam"].groupby("image_id")["target"].agg(set)

@@ -1,0 +1,127 @@
+"""Benchmark: the explanation bundle against one forward and against the peers, in one run.
+
+Bundle = predictions + Grad-CAM + Grad-CAM++ + counterfactual Grad-CAM for the top-1 class
+at the last stage. Contenders, same model, batch and device:
+  forward   one plain ``torch.no_grad()`` forward of the batch (the limit)
+  ours      one hooked forward + one ``autograd.grad`` -> all three maps
+  pgc       pytorch-grad-cam: GradCAM, GradCAMPlusPlus, and GradCAM on the negated score
+  captum    Captum: a forward for predictions, LayerGradCam, LayerGradCam on the negated score
+            (Captum has no Grad-CAM++, so it computes one map less)
+Then layer-by-layer Grad-CAM at 4 stages (ours, one backward) against one forward.
+
+Usage: python benchmarks/bench_cam.py [--models resnet18,resnet50] [--batch 16] [--reps 5] [--device cpu]
+Warm-up twice, contenders alternate within each repetition, medians and ratios reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torchvision
+
+from tasks import cam
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def contenders(model: torch.nn.Module, x: torch.Tensor, layer: str) -> dict[str, Callable[[], object]]:
+    from captum.attr import LayerGradCam
+    from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    module = dict(model.named_modules())[layer]
+    n = x.shape[0]
+
+    def forward() -> object:
+        with torch.no_grad():
+            return model(x)
+
+    def ours() -> object:
+        fwd = cam.hooked_forward(model, x, [layer])
+        target = fwd.scores.detach().argmax(dim=1)
+        probs = torch.softmax(fwd.scores.detach(), dim=1)
+        maps = cam.explain(fwd, torch.arange(n, device=x.device), target, ("gradcam", "gradcam++", "counterfactual"))
+        return probs, maps
+
+    grad_cam = GradCAM(model=model, target_layers=[module])
+    grad_cam_pp = GradCAMPlusPlus(model=model, target_layers=[module])
+
+    def pgc() -> object:
+        targets = [ClassifierOutputTarget(int(t)) for t in forward().argmax(dim=1)]
+        negated = [lambda out, t=t: -out[t.category] for t in targets]
+        return grad_cam(x, targets), grad_cam_pp(x, targets), grad_cam(x, negated), grad_cam.outputs
+
+    layer_grad_cam = LayerGradCam(model, module)
+    negated_cam = LayerGradCam(lambda inp: -model(inp), module)
+
+    def captum() -> object:
+        scores = forward()
+        target = scores.argmax(dim=1)
+        return (
+            torch.softmax(scores, 1),
+            layer_grad_cam.attribute(x, target=target, relu_attributions=True),
+            negated_cam.attribute(x, target=target, relu_attributions=True),
+        )
+
+    return {"forward": forward, "ours": ours, "pytorch-grad-cam": pgc, "captum": captum}
+
+
+def time_all(fns: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
+    for _ in range(2):  # warm-up twice: oneDNN builds its kernels on the first calls
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for rep in range(reps):
+        order = list(fns) if rep % 2 == 0 else list(reversed(fns))  # alternate the contenders
+        for name in order:
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet18,resnet50")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    print(f"device={device} batch={args.batch} size={args.size} reps={args.reps} threads={torch.get_num_threads()}")
+    print("| model | forward (s) | ours (s) | pytorch-grad-cam (s) | captum (s) | ours/forward | pgc/ours | captum/ours "
+          "| layer-by-layer 4 stages (s) | lbl/forward |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        model = torchvision.models.get_model(name, weights=None).eval().to(device)
+        x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+        fns = contenders(model, x, "layer4")
+        stages = ["layer1", "layer2", "layer3", "layer4"]
+
+        def layer_by_layer() -> object:
+            fwd = cam.hooked_forward(model, x, stages)
+            return cam.explain(fwd, torch.arange(args.batch, device=device), fwd.scores.detach().argmax(1), ("gradcam",))
+
+        fns["layer-by-layer"] = layer_by_layer
+        t = time_all(fns, args.reps, device)
+        print(
+            f"| {name} | {t['forward']:.3f} | {t['ours']:.3f} | {t['pytorch-grad-cam']:.3f} | {t['captum']:.3f} "
+            f"| {t['ours'] / t['forward']:.2f}x | {t['pytorch-grad-cam'] / t['ours']:.2f}x "
+            f"| {t['captum'] / t['ours']:.2f}x | {t['layer-by-layer']:.3f} | {t['layer-by-layer'] / t['forward']:.2f}x |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
