@@ -232,6 +232,7 @@ def demo(
         source=str(data_dir / "test.csv"), out_dir=str(out), model="tasks.demo:build_model",
         weights=str(cache / "model.pt"), classes_file=str(classes_file), resize=recipe.image_size,
         crop=recipe.image_size, batch_size=64, shard_size=100, pdf=pdf,
+        methods=["gradcam", "counterfactual", "guided_gradcam"], layer_by_layer=True,
     )
     _print_result(execute(request, quiet))
     typer.echo(f"demo finished in {time.perf_counter() - started:.0f} s")
@@ -252,6 +253,53 @@ def report(
 
     paths = render_report(out, run_id, templates, pdf=pdf)
     typer.echo(f"report: {paths.pdf or paths.html}")
+
+
+@app.command()
+def explain(
+    image: Annotated[str, typer.Argument(help="Image file or URL.")],
+    arch: Annotated[Optional[str], typer.Option(help="torchvision architecture name, e.g. resnet18.")] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="Model factory 'package.module:function' or 'path/to/file.py:function'.")
+    ] = None,
+    weights: Annotated[
+        Optional[str], typer.Option(help="state_dict file, or a torchvision weights name such as IMAGENET1K_V1.")
+    ] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Layer to explain (default: the last spatial conv stage).")] = None,
+    classes: Annotated[
+        Optional[Path], typer.Option(help="File with class names, one per line, in the model's output order.")
+    ] = None,
+    target: Annotated[
+        list[str], typer.Option(help="Class to explain (repeatable; default: the predicted class).")
+    ] = [],  # noqa: B006 - typer needs a literal default
+    out: Annotated[Path, typer.Option("--out", "-o", help="Panel PNG to write.")] = Path("explain.png"),
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    resize: Annotated[Optional[int], typer.Option(help="Resize the shorter side to this (default: weights' or 256).")] = None,
+    crop: Annotated[Optional[int], typer.Option(help="Centre crop size (default: weights' or 224).")] = None,
+    trust_checkpoint: Annotated[
+        bool, typer.Option(help="Allow weights files that are full pickles (they can run code).")
+    ] = False,
+) -> None:
+    """Explain one image: a panel PNG with Grad-CAM, guided backprop, Guided Grad-CAM, counterfactual, top-5."""
+    from tasks.models import ModelSpec, load_model
+    from tasks.panel import explain_image
+    from tasks.sources import read_class_file
+
+    try:
+        spec = ModelSpec(arch=arch, factory=model, weights=weights, layer=layer, trust_checkpoint=trust_checkpoint)
+        loaded = load_model(spec, device, crop or 224)
+        if classes:
+            names = read_class_file(classes)
+        elif loaded.categories:
+            names = loaded.categories
+        else:
+            names = [f"class {i}" for i in range(loaded.num_classes)]
+        result = explain_image(image, loaded, names, out, target or None, resize, crop)
+    except (*USER_ERRORS, OSError) as exc:
+        fail(f"{image}: {exc}" if isinstance(exc, OSError) else str(exc))
+    for name, value in result.top:
+        typer.echo(f"{value:.3f}  {name}")
+    typer.echo(f"panel: {result.path}")
 
 
 def main() -> None:

@@ -29,6 +29,8 @@ class Thresholds:
     off_object_lift: float = 1.5  # flag a class whose median energy-in-box is below lift x box-area fraction
     min_class_images: int = 5  # classes with fewer audited images are not judged by per-class rates
     evidence: int = 8  # evidence image ids kept per finding
+    sanity_max_spearman: float = 0.5  # a method whose maps keep this rank correlation after the
+    # classifier and the explained stage are randomised fails the sanity check (Adebayo et al. 2018)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)

@@ -40,7 +40,23 @@ STYLESHEET_NAME = "report.css"
 IMAGES_DIR = "images"
 SEVERITIES = ("high", "medium", "low")
 PREFERRED_METHOD = "gradcam"
+# Display order and names of the stored methods; guided maps live at the input ("input" layer).
+METHOD_NAMES = {
+    "gradcam": "Grad-CAM",
+    "gradcam++": "Grad-CAM++",
+    "xgradcam": "XGrad-CAM",
+    "layercam": "LayerCAM",
+    "hirescam": "HiResCAM",
+    "cam": "CAM",
+    "counterfactual": "Counterfactual",
+    "guided_backprop": "Guided Backprop",
+    "guided_gradcam": "Guided Grad-CAM",
+}
+INPUT_LAYER = "input"
+GUIDED = ("guided_backprop", "guided_gradcam")
+LAYER_STRIP_EXAMPLES = 4
 COLORMAP = "jet"
+SALIENCY_COLORMAP = "inferno"
 OVERLAY_ALPHA = 0.5
 BOX_COLOUR = (0, 210, 0)
 MAX_FIGURE_PX = 224  # larger model inputs are shrunk: the report shows thumbnails
@@ -135,6 +151,13 @@ def report_context(
         "class_rows": class_table(predictions, classes, multilabel),
         "confusion": None if multilabel else confusion_figure(predictions, classes, painter),
         "gallery": [gallery_example(row, painter, multilabel) for _, row in failures.iterrows()],
+        "layer_strips": layer_strips(
+            [by_id.loc[i] for i in dict.fromkeys([*(i for ids in evidence for i in ids), *failures["image_id"]])
+             if i in by_id.index],
+            painter,
+        ),
+        "methods": methods_view(record, painter),
+        "sanity": sanity_view(read_table(out_dir, "metrics", run_id), record),
         "unreadable": unreadable_rows(predictions),
         "appendix": appendix(record),
     }
@@ -293,12 +316,81 @@ def _slice_value(slice_text: str | None, key: str) -> str | None:
 
 
 def evidence_example(row: pd.Series, class_name: str | None, painter: Painter, layer: str | None) -> Example:
-    """An evidence image and its map for the TRUE label (the finding's class first), else the prediction."""
+    """An evidence image and every stored method's map for the TRUE label (the finding's class
+    first), else the prediction: Grad-CAM at the finding's layer, the others beside it."""
     labels, predicted = _ids(row["labels"]), _ids(row["predicted"])
     preferred = [class_name] if class_name in labels else []
     targets = preferred + labels + predicted
     target = next((t for t in targets if painter.find_map(row["image_id"], t, layer) is not None), None)
-    return make_example(row, painter, [("Grad-CAM", target)] if target else [], layer)
+    if target is None:
+        return make_example(row, painter, [])
+    image_id = str(row["image_id"])
+    thumbs = [Thumb(painter.image(image_id), "image")]
+    for method in painter.methods:
+        at = layer if method == painter.method else None
+        if painter.find_map(image_id, target, at, method) is not None:
+            thumbs.append(Thumb(painter.overlay(image_id, target, at, method), f"{method_name(method)}: {target}"))
+    return make_example(row, painter, [], thumbs=thumbs)
+
+
+def method_name(method: str) -> str:
+    return METHOD_NAMES.get(method, method)
+
+
+def layer_strips(rows: list[pd.Series], painter: Painter) -> list[Example]:
+    """Grad-CAM of the predicted class at every stored stage, shallow to deep, for a few images."""
+    if len(painter.layers) < 2:
+        return []
+    strips = []
+    for row in rows[:LAYER_STRIP_EXAMPLES]:
+        image_id = str(row["image_id"])
+        target = next((t for t in _ids(row["predicted"]) if painter.find_map(image_id, t) is not None), None)
+        if target is None:
+            continue
+        thumbs = [Thumb(painter.image(image_id), "image")]
+        thumbs += [
+            Thumb(painter.overlay(image_id, target, layer), f"{layer}: {target}")
+            for layer in painter.layers
+            if painter.find_map(image_id, target, layer) is not None
+        ]
+        strips.append(make_example(row, painter, [], thumbs=thumbs))
+    return strips
+
+
+def methods_view(record: Mapping[str, Any], painter: Painter) -> list[dict[str, Any]]:
+    """Every method visaudit knows, and whether this run computed it."""
+    asked = set((record.get("parameters") or {}).get("methods") or painter.methods)
+    return [{"name": name, "key": key, "computed": key in asked} for key, name in METHOD_NAMES.items()]
+
+
+def sanity_view(metrics: pd.DataFrame, record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The model-randomisation sanity check as a table: one row per method, one column per
+    cascade step; a method fails when, with the classifier and the explained stage
+    randomised (step 2), its maps keep a rank correlation of at least the threshold."""
+    rows = metrics[metrics["metric"] == "sanity_spearman"]
+    if rows.empty:
+        return None
+    thresholds = (record.get("parameters") or {}).get("thresholds") or {}
+    limit = float(thresholds.get("sanity_max_spearman", 0.5))
+    steps = list(dict.fromkeys(rows["detail"]))
+    judged_step = steps[min(1, len(steps) - 1)]
+    table = []
+    for method in [m for m in METHOD_NAMES if m in set(rows["method"])]:
+        values = rows[rows["method"] == method].set_index("detail")["value"]
+        judged = _number(values.get(judged_step))
+        table.append({
+            "method": method_name(method),
+            "values": [score(values.get(step)) for step in steps],
+            "passes": judged is not None and judged < limit,
+            "judged": score(judged),
+        })
+    return {
+        "steps": [step.split(":", 1)[-1].replace("+", " + ") for step in steps],
+        "rows": table,
+        "threshold": number(limit),
+        "judged_step": judged_step.split(":", 1)[-1].replace("+", " + "),
+        "images": int(rows["images"].max()),
+    }
 
 
 # --- gallery ------------------------------------------------------------------------------
@@ -324,11 +416,15 @@ def gallery_example(row: pd.Series, painter: Painter, multilabel: bool) -> Examp
     return make_example(row, painter, stored)
 
 
-def make_example(row: pd.Series, painter: Painter, maps: list[tuple[str, str]], layer: str | None = None) -> Example:
-    """The image thumbnail plus one overlay per (role, target class)."""
+def make_example(
+    row: pd.Series, painter: Painter, maps: list[tuple[str, str]], layer: str | None = None,
+    thumbs: list[Thumb] | None = None,
+) -> Example:
+    """The image thumbnail plus one overlay per (role, target class), unless ``thumbs`` are given."""
     image_id = str(row["image_id"])
-    thumbs = [Thumb(painter.image(image_id), "image")]
-    thumbs += [Thumb(painter.overlay(image_id, target, layer), f"{role}: {target}") for role, target in maps]
+    if thumbs is None:
+        thumbs = [Thumb(painter.image(image_id), "image")]
+        thumbs += [Thumb(painter.overlay(image_id, target, layer), f"{role}: {target}") for role, target in maps]
     top = list(zip(_ids(row["top_classes"]), [float(s) for s in _values(row["top_scores"])]))
     return Example(
         image_id=image_id,
@@ -371,14 +467,15 @@ class Painter:
     def __init__(self, run_dir: Path, pre: Preprocess, explanations: pd.DataFrame, layers: list[str]) -> None:
         self.run_dir = run_dir
         self.pre = pre
-        methods = set(explanations["method"])
-        self.method = PREFERRED_METHOD if PREFERRED_METHOD in methods or not methods else sorted(methods)[0]
+        stored_methods = set(explanations["method"])
+        self.method = PREFERRED_METHOD if PREFERRED_METHOD in stored_methods or not stored_methods else sorted(stored_methods)[0]
+        self.methods = [m for m in METHOD_NAMES if m in stored_methods] + sorted(stored_methods - set(METHOD_NAMES))
         rows = explanations[explanations["method"] == self.method]
         stored = set(rows["layer"])
-        listed = [layer for layer in layers if layer in stored]
-        self.default_layer = listed[-1] if listed else (rows["layer"].mode().iloc[0] if len(rows) else "")
-        self.maps: dict[tuple[str, str, str], Any] = {
-            (r.image_id, r.layer, r.target): r for r in rows.itertuples(index=False)
+        self.layers = [layer for layer in layers if layer in stored]
+        self.default_layer = self.layers[-1] if self.layers else (rows["layer"].mode().iloc[0] if len(rows) else "")
+        self.maps: dict[tuple[str, str, str, str], Any] = {
+            (r.image_id, r.method, r.layer, r.target): r for r in explanations.itertuples(index=False)
         }
         self.decoded: dict[str, Decoded | None] = {}
         self.boxes: dict[str, np.ndarray] = {}
@@ -396,10 +493,14 @@ class Painter:
             if decoded is not None and not np.isnan(box).any():
                 self.boxes[image_id] = boxes_to_input(box[None, :], [decoded])[0]
 
-    def find_map(self, image_id: str, target: str, layer: str | None = None) -> Any:
-        """The stored map row of ``target`` for this image at ``layer`` (else the default layer), or None."""
-        return self.maps.get((image_id, layer or self.default_layer, target)) or self.maps.get(
-            (image_id, self.default_layer, target)
+    def find_map(self, image_id: str, target: str, layer: str | None = None, method: str | None = None) -> Any:
+        """The stored map row of ``target`` for this image at ``layer`` (else the default layer),
+        by ``method`` (default Grad-CAM; guided methods are found at the input), or None."""
+        method = method or self.method
+        if method in GUIDED:
+            return self.maps.get((image_id, method, INPUT_LAYER, target))
+        return self.maps.get((image_id, method, layer or self.default_layer, target)) or self.maps.get(
+            (image_id, method, self.default_layer, target)
         )
 
     def image(self, image_id: str) -> str | None:
@@ -409,9 +510,11 @@ class Painter:
             return None
         return self.save(f"{digest(image_id)}.png", lambda tmp: save_png(decoded.pixels, tmp))
 
-    def overlay(self, image_id: str, target: str, layer: str | None = None) -> str | None:
-        """The map of ``target`` over the image (the bare map when the image cannot be re-read)."""
-        row = self.find_map(image_id, target, layer)
+    def overlay(self, image_id: str, target: str, layer: str | None = None, method: str | None = None) -> str | None:
+        """The map of ``target`` over the image (the bare map when the image cannot be re-read);
+        guided maps, fine-grained, are drawn on their own in a dark-to-bright colour map."""
+        method = method or self.method
+        row = self.find_map(image_id, target, layer, method)
         if row is None:
             return None
         decoded = self.decoded.get(image_id)
@@ -419,7 +522,9 @@ class Painter:
         heat = np.asarray(row.heatmap, dtype=np.float32).reshape(row.height, row.width)
         size = pixels.shape[0] if pixels is not None else self.pre.crop
         box = self.boxes.get(image_id)
-        name = f"{digest(image_id)}-{digest(f'{self.method}/{row.layer}/{target}')[:8]}.png"
+        name = f"{digest(image_id)}-{digest(f'{method}/{row.layer}/{target}')[:8]}.png"
+        if method in GUIDED:
+            return self.save(name, lambda tmp: save_png(saliency_pixels(heat, size), tmp))
         return self.save(name, lambda tmp: save_png(overlay_pixels(heat, pixels, size, box), tmp))
 
     def save(self, name: str, write: Callable[[Path], None]) -> str:
@@ -447,6 +552,14 @@ def save_png(pixels: np.ndarray, path: Path) -> None:
     if max(image.size) > MAX_FIGURE_PX:
         image = image.resize((MAX_FIGURE_PX, MAX_FIGURE_PX), Image.Resampling.BILINEAR)
     image.save(path, format="PNG", compress_level=1)  # fast; level 6 costs 5x the time for 10% less
+
+
+def saliency_pixels(heat: np.ndarray, size: int) -> np.ndarray:
+    """A fine-grained saliency map on its own: upsampled, scaled to its 99th percentile, colour-mapped."""
+    upsampled = np.asarray(Image.fromarray(heat).resize((size, size), Image.Resampling.BILINEAR))
+    top = float(np.percentile(upsampled, 99))
+    scaled = np.clip(upsampled / top, 0.0, 1.0) if top > 0 else np.zeros_like(upsampled)
+    return (colormaps[SALIENCY_COLORMAP](scaled)[..., :3] * 255.0).round().astype(np.uint8)
 
 
 def overlay_pixels(heat: np.ndarray, pixels: np.ndarray | None, size: int, box: np.ndarray | None) -> np.ndarray:
