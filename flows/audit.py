@@ -301,6 +301,41 @@ def sanity(plan: RunPlan) -> int:
     return len(rows)
 
 
+FEATURE_IMAGES = 4
+
+
+def feature_views(plan: RunPlan) -> int:
+    """First-layer filters and the most active channels of a few shown images (finding
+    evidence first, then the most confident failures), written beside the plan."""
+    from tasks.features import write_feature_views
+    from tasks.images import Decoded, decode_many, normalise, to_batch
+
+    out_dir = Path(plan.out_dir)
+    request = AuditRequest(**plan.request)
+    findings = storage.read_staged("findings", out_dir, plan.run_id)
+    predictions = storage.read_staged("predictions", out_dir, plan.run_id)
+    readable = predictions[predictions["error"].isna()]
+    failures = readable[readable["correct"].eq(False).fillna(False).astype(bool)].sort_values(
+        "confidence", ascending=False, kind="stable"
+    )
+    candidates = [ids[0] for ids in findings["evidence"] if ids is not None and len(ids)]
+    candidates += failures["image_id"].tolist() + readable["image_id"].tolist()
+    chosen = list(dict.fromkeys(candidates))[:FEATURE_IMAGES]
+    if not chosen:
+        return 0
+    settings = plan.shard_settings()
+    uris = readable.set_index("image_id").loc[chosen, "uri"].tolist()
+    decoded = [d for d in decode_many(uris, settings.preprocess) if isinstance(d, Decoded)]
+    if len(decoded) != len(chosen):
+        return 0  # an image changed since its shard read it: skip the view rather than mislabel it
+    loaded = load_model(request.model_spec(), request.device, request.crop or 224)
+    inputs = normalise(to_batch(decoded, loaded.device), settings.preprocess)
+    index = write_feature_views(
+        loaded.model, inputs, [d.pixels for d in decoded], chosen, plan.layers[-1], plan.folder / "features"
+    )
+    return len(index["images"])
+
+
 def summary_metrics(predictions: pd.DataFrame, multi_label: bool) -> dict[str, float | int | None]:
     """Headline numbers for run.json and the report."""
     audited = predictions[predictions["error"].isna()]
@@ -368,6 +403,10 @@ def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
         "timings": timings,
         "metrics": summary_metrics(predictions, plan.multi_label),
     }
+    staged_features = plan.folder / "features"
+    if staged_features.is_dir():
+        shutil.rmtree(run_dir / "features", ignore_errors=True)
+        os.replace(staged_features, run_dir / "features")
     tmp = run_dir / "run.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, run_dir / "run.json")
@@ -396,6 +435,7 @@ prepare_task = task(prepare_run, name="prepare", cache_policy=NO_CACHE)
 shard_task = task(run_shard, name="audit-shard", cache_policy=NO_CACHE, task_run_name="shard-{shard}")
 find_task = task(find, name="findings", cache_policy=NO_CACHE)
 sanity_task = task(sanity, name="sanity-check", cache_policy=NO_CACHE)
+features_task = task(feature_views, name="feature-views", cache_policy=NO_CACHE)
 commit_task = task(commit, name="commit", cache_policy=NO_CACHE)
 report_task = task(render, name="report", cache_policy=NO_CACHE)
 
@@ -423,10 +463,14 @@ def audit(request: AuditRequest) -> str:
     mark = time.perf_counter()
     find_task(plan)
     timings["findings"] = round(time.perf_counter() - mark, 3)
-    # 5. Commit: the run becomes visible to readers all at once.
+    # 5. Feature views of a few shown images: first-layer filters, most active channels.
+    mark = time.perf_counter()
+    features_task(plan)
+    timings["feature_views"] = round(time.perf_counter() - mark, 3)
+    # 6. Commit: the run becomes visible to readers all at once.
     timings["total_before_report"] = round(time.perf_counter() - clock, 3)
     commit_task(plan, timings)
-    # 6. Report from the committed tables (can be re-rendered later with `visaudit report`).
+    # 7. Report from the committed tables (can be re-rendered later with `visaudit report`).
     report_task(plan.out_dir, plan.run_id, request.template_dir, request.pdf)
     return plan.run_id
 

@@ -158,6 +158,7 @@ def report_context(
         ),
         "methods": methods_view(record, painter),
         "sanity": sanity_view(read_table(out_dir, "metrics", run_id), record),
+        "features": feature_view(out_dir / "runs" / run_id, by_id),
         "unreadable": unreadable_rows(predictions),
         "appendix": appendix(record),
     }
@@ -380,7 +381,7 @@ def sanity_view(metrics: pd.DataFrame, record: Mapping[str, Any]) -> dict[str, A
         judged = _number(values.get(judged_step))
         table.append({
             "method": method_name(method),
-            "values": [score(values.get(step)) for step in steps],
+            "cells": [score(values.get(step)) for step in steps],
             "passes": judged is not None and judged < limit,
             "judged": score(judged),
         })
@@ -390,6 +391,26 @@ def sanity_view(metrics: pd.DataFrame, record: Mapping[str, Any]) -> dict[str, A
         "threshold": number(limit),
         "judged_step": judged_step.split(":", 1)[-1].replace("+", " + "),
         "images": int(rows["images"].max()),
+    }
+
+
+def feature_view(run_dir: Path, by_id: pd.DataFrame) -> dict[str, Any] | None:
+    """The feature views written at audit time (``features/features.json``), if any."""
+    path = run_dir / "features" / "features.json"
+    if not path.is_file():
+        return None
+    index = json.loads(path.read_text())
+    strips = []
+    for entry in index.get("images", []):
+        thumbs = [Thumb(f"features/{entry['image']}", "image")]
+        thumbs += [Thumb(f"features/{c['path']}", f"channel {c['channel']} (mean {c['mean']:.2f})") for c in entry["channels"]]
+        strips.append({"file_name": file_name(str(by_id.loc[entry["image_id"], "uri"])) if entry["image_id"] in by_id.index
+                       else entry["image_id"], "thumbs": thumbs})
+    filters = index.get("filters")
+    return {
+        "layer": index.get("layer"),
+        "filters": {**filters, "path": f"features/{filters['path']}"} if filters else None,
+        "strips": strips,
     }
 
 

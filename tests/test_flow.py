@@ -77,6 +77,12 @@ def test_folder_audit_end_to_end(tmp_path, tiny_model_file) -> None:
         assert name in text
     for message in findings["message"]:
         assert re.sub(r"\s+", " ", message)[:60] in text
+    assert "Sanity check" in text and "Grad-CAM" in text
+    features = json.loads((run_dir / "features" / "features.json").read_text())
+    assert features["filters"]["layer"] == "0" and len(features["images"]) == 4
+    html = (run_dir / "report.html").read_text()
+    assert "features/filters.png" in html and all((run_dir / "features" / c["path"]).is_file()
+                                                  for image in features["images"] for c in image["channels"])
 
 
 def test_manifest_with_boxes_scores_energy(tmp_path, tiny_model_file) -> None:

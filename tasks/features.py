@@ -1,0 +1,112 @@
+"""Feature views: what the first conv layer filters for, and which channels an image lights up.
+
+Two views from the seeds' activation-and-filter visualisation:
+
+* first-layer filters: each (3, k, k) kernel of the first convolution on RGB, min-max
+  scaled on its own and shown as a tiny colour patch (oriented edges, colour blobs);
+* live activations: for an image, the ``k`` channels of a layer with the largest mean
+  activation, each channel's (h, w) map shown over the image.
+
+Figures are written at audit time (they need the model) under the run's ``features/``
+folder with an index ``features.json``; the report only reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+INDEX_NAME = "features.json"
+FILTER_PATCH_PX = 24  # each kernel is drawn this many pixels a side (nearest-neighbour)
+
+
+def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
+    """The first ``nn.Conv2d`` that reads the 3 input channels, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            return name, module
+    return None
+
+
+def filter_grid(weight: torch.Tensor, columns: int = 16, pad: int = 2) -> np.ndarray:
+    """(C_out, 3, k, k) kernels -> (H, W, 3) uint8 grid, each kernel min-max scaled on its own."""
+    w = weight.detach().float().cpu()
+    low = w.amin(dim=(1, 2, 3), keepdim=True)
+    high = w.amax(dim=(1, 2, 3), keepdim=True)
+    scaled = ((w - low) / (high - low).clamp(min=1e-12)).permute(0, 2, 3, 1).numpy()  # (C, k, k, 3)
+    count, k = scaled.shape[0], scaled.shape[1]
+    columns = min(columns, count)
+    rows = -(-count // columns)
+    cell = FILTER_PATCH_PX + pad
+    grid = np.full((rows * cell + pad, columns * cell + pad, 3), 255, dtype=np.uint8)
+    for i in range(count):  # at most a few hundred tiny patches, once per run
+        patch = Image.fromarray((scaled[i] * 255).round().astype(np.uint8)).resize(
+            (FILTER_PATCH_PX, FILTER_PATCH_PX), Image.Resampling.NEAREST
+        )
+        r, c = divmod(i, columns)
+        grid[pad + r * cell : pad + r * cell + FILTER_PATCH_PX, pad + c * cell : pad + c * cell + FILTER_PATCH_PX] = patch
+    return grid
+
+
+@torch.no_grad()
+def layer_activations(model: nn.Module, inputs: torch.Tensor, layer: str) -> torch.Tensor:
+    """The (N, C, h, w) output of ``layer`` for a batch; the hook is removed whatever happens."""
+    captured: list[torch.Tensor] = []
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().clone()))
+    try:
+        model(inputs)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+def top_channels(activations: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image, the ``k`` channels with the largest mean activation: (N, k) indices and means."""
+    means = activations.mean(dim=(2, 3))
+    values, indices = means.topk(min(k, means.shape[1]), dim=1)
+    return indices, values
+
+
+def write_feature_views(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    pixels: list[np.ndarray],
+    image_ids: list[str],
+    layer: str,
+    folder: Path,
+    k: int = 6,
+) -> dict:
+    """Write the filter grid and one strip of top channels per image under ``folder``;
+    returns (and saves as ``features.json``) the index the report reads."""
+    from tasks.report import overlay_pixels, save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    index: dict = {"layer": layer, "filters": None, "images": []}
+    conv = first_conv(model)
+    if conv is not None:
+        name, module = conv
+        save_png(filter_grid(module.weight), folder / "filters.png")
+        index["filters"] = {"layer": name, "path": "filters.png", "count": int(module.out_channels)}
+    activations = layer_activations(model, inputs, layer).float()
+    indices, values = top_channels(activations, k)
+    for n, image_id in enumerate(image_ids):
+        size = pixels[n].shape[0]
+        entries = []
+        for rank, (channel, mean) in enumerate(zip(indices[n].tolist(), values[n].tolist())):
+            path = f"{n:02d}-{rank}.png"
+            heat = activations[n, channel].clamp(min=0).cpu().numpy()
+            save_png(overlay_pixels(heat, pixels[n], size, None), folder / path)
+            entries.append({"channel": int(channel), "mean": float(mean), "path": path})
+        save_png(pixels[n], folder / f"{n:02d}-image.png")
+        index["images"].append({"image_id": image_id, "image": f"{n:02d}-image.png", "channels": entries})
+    tmp = folder / f".{INDEX_NAME}.tmp"
+    tmp.write_text(json.dumps(index, indent=2))
+    os.replace(tmp, folder / INDEX_NAME)
+    return index
