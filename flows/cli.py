@@ -232,7 +232,7 @@ def demo(
         source=str(data_dir / "test.csv"), out_dir=str(out), model="tasks.demo:build_model",
         weights=str(cache / "model.pt"), classes_file=str(classes_file), resize=recipe.image_size,
         crop=recipe.image_size, batch_size=64, shard_size=100, pdf=pdf,
-        methods=["gradcam", "counterfactual", "guided_gradcam"], layer_by_layer=True,
+        layer="features.stage3", methods=["gradcam", "counterfactual", "guided_gradcam"], layer_by_layer=True,
     )
     _print_result(execute(request, quiet))
     typer.echo(f"demo finished in {time.perf_counter() - started:.0f} s")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import uuid
@@ -763,6 +764,9 @@ def stylesheet(env: Environment) -> Markup:
 def write_pdf(html_path: Path, run_dir: Path, target: Path) -> None:
     """Lay the HTML out as the PDF; only local files and data: URLs are fetched (offline, no surprises)."""
     fetcher = URLFetcher(allowed_protocols=("file", "data"))
+    # font-subsetting notices ("Using fontTools instead of HarfBuzz-Subset") are not the user's concern
+    logging.getLogger("weasyprint").setLevel(logging.ERROR)
+    logging.getLogger("fontTools").setLevel(logging.ERROR)
     HTML(filename=str(html_path), base_url=str(run_dir), url_fetcher=fetcher).write_pdf(str(target))
 
 
