@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from tasks import storage
 from tasks.findings import Thresholds, compute_findings
 from tasks.images import Preprocess
+from tasks.occlusion import OcclusionSpec
 from tasks.models import LoadedModel, ModelError, ModelSpec, default_preprocess, load_model, stage_layers
 from tasks.predictions import ShardResult, ShardSettings, audit_shard
 from tasks.sources import (
@@ -41,7 +42,7 @@ from tasks.sources import (
 
 METHODS = (
     "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "counterfactual", "cam",
-    "guided_backprop", "guided_gradcam",
+    "guided_backprop", "guided_gradcam", "occlusion",
 )
 
 
@@ -71,8 +72,21 @@ class AuditRequest(BaseModel):
     pdf: bool = True
     trust_checkpoint: bool = False
     decode_workers: int = Field(4, ge=1, le=64)
+    occlusion_grid: int = Field(7, ge=1, le=64)
+    occlusion_window: int | None = Field(None, ge=1)
+    occlusion_stride: int | None = Field(None, ge=1)
+    occlusion_baseline: str = Field("zero", pattern="^(zero|mean|blur)$")
+    rise_images: int = Field(16, ge=0, le=1024)  # deletion/insertion sample (with occlusion); 0 = off
     sanity_check: bool = True
     sanity_images: int = Field(16, ge=2, le=256)
+
+    def occlusion_spec(self) -> OcclusionSpec:
+        if self.occlusion_window is not None:
+            return OcclusionSpec(window=self.occlusion_window, stride=self.occlusion_stride,
+                                 baseline=self.occlusion_baseline)
+        if self.occlusion_stride is not None:
+            raise ValueError("--occlusion-stride needs --occlusion-window")
+        return OcclusionSpec(grid=self.occlusion_grid, baseline=self.occlusion_baseline)
 
     def model_spec(self) -> ModelSpec:
         return ModelSpec(
@@ -115,6 +129,7 @@ class RunPlan:
             stages=tuple(self.layers[:-1]),
             targets=tuple(request.targets),
             target_classes=tuple(request.target_classes),
+            occlusion=request.occlusion_spec() if "occlusion" in request.methods else None,
         )
 
 
@@ -171,6 +186,8 @@ def prepare_run(request: AuditRequest) -> RunPlan:
     layers.append(layer)
     if "cam" in request.methods:
         check_cam_applies(loaded, layer, preprocess.crop)
+    if "occlusion" in request.methods:
+        request.occlusion_spec().geometry(preprocess.crop)  # a window that does not fit fails here
     if {"guided_backprop", "guided_gradcam"} & set(request.methods):
         import torch
 
@@ -298,6 +315,42 @@ def sanity(plan: RunPlan) -> int:
         }
     )
     storage.write_part(rows, "metrics", Path(plan.out_dir), plan.run_id, "sanity")
+    return len(rows)
+
+
+def rise(plan: RunPlan) -> int:
+    """RISE deletion and insertion AUC of Grad-CAM and occlusion for the predicted class, on
+    the first ``rise_images`` readable images; staged as ``metrics`` rows (mean per method)."""
+    import torch
+
+    from tasks import cam, occlusion
+
+    request = AuditRequest(**plan.request)
+    if "occlusion" not in request.methods or request.rise_images < 1:
+        return 0
+    loaded = load_model(request.model_spec(), request.device, request.crop or 224)
+    inputs = sample_inputs(plan, loaded, request.rise_images)
+    if inputs.shape[0] == 0:
+        return 0
+    layer = plan.layers[-1]
+    activation = "sigmoid" if plan.multi_label else "softmax"
+    forward = cam.hooked_forward(loaded.model, inputs, [layer])
+    target = forward.scores.detach().argmax(dim=1)
+    sample = torch.arange(inputs.shape[0], device=inputs.device)
+    saliency = {
+        "gradcam": cam.grad_cam(forward, sample, target)[layer].detach(),
+        "occlusion": occlusion.occlusion_maps(loaded.model, inputs, request.occlusion_spec(), activation=activation)
+        .maps(sample, target)
+        .clamp(min=0),
+    }
+    rows = []
+    for method, maps in saliency.items():
+        scores = occlusion.deletion_insertion(loaded.model, inputs, maps, target, activation=activation)
+        for metric, values in (("deletion_auc", scores.deletion_auc), ("insertion_auc", scores.insertion_auc)):
+            rows.append({"metric": metric, "method": method, "layer": layer if method == "gradcam" else "input",
+                         "class_name": None, "detail": "predicted class", "value": float(values.mean()),
+                         "images": int(values.numel())})
+    storage.write_part(pd.DataFrame(rows).astype({"images": "int32"}), "metrics", Path(plan.out_dir), plan.run_id, "rise")
     return len(rows)
 
 
@@ -436,6 +489,7 @@ shard_task = task(run_shard, name="audit-shard", cache_policy=NO_CACHE, task_run
 find_task = task(find, name="findings", cache_policy=NO_CACHE)
 sanity_task = task(sanity, name="sanity-check", cache_policy=NO_CACHE)
 features_task = task(feature_views, name="feature-views", cache_policy=NO_CACHE)
+rise_task = task(rise, name="deletion-insertion", cache_policy=NO_CACHE)
 commit_task = task(commit, name="commit", cache_policy=NO_CACHE)
 report_task = task(render, name="report", cache_policy=NO_CACHE)
 
@@ -459,6 +513,10 @@ def audit(request: AuditRequest) -> str:
     mark = time.perf_counter()
     sanity_task(plan)
     timings["sanity_check"] = round(time.perf_counter() - mark, 3)
+    #    ... and RISE deletion/insertion of Grad-CAM and occlusion, when occlusion was asked for.
+    mark = time.perf_counter()
+    rise_task(plan)
+    timings["deletion_insertion"] = round(time.perf_counter() - mark, 3)
     # 4. Findings over the staged tables.
     mark = time.perf_counter()
     find_task(plan)

@@ -154,7 +154,7 @@ def run(
         str,
         typer.Option(
             help="Comma-separated: gradcam, gradcam++, xgradcam, layercam, hirescam, counterfactual, cam, "
-            "guided_backprop, guided_gradcam."
+            "guided_backprop, guided_gradcam, occlusion."
         ),
     ] = "gradcam",
     layer_by_layer: Annotated[
@@ -175,6 +175,10 @@ def run(
     trust_checkpoint: Annotated[
         bool, typer.Option(help="Allow weights files that are full pickles (they can run code).")
     ] = False,
+    occlusion_grid: Annotated[int, typer.Option(help="Occlusion: windows per side (window = stride = size / grid).")] = 7,
+    occlusion_window: Annotated[Optional[int], typer.Option(help="Occlusion: window in pixels (instead of a grid).")] = None,
+    occlusion_stride: Annotated[Optional[int], typer.Option(help="Occlusion: stride in pixels (default: the window).")] = None,
+    occlusion_baseline: Annotated[str, typer.Option(help="Occlusion: what a muted window holds: zero, mean, blur.")] = "zero",
     sanity_check: Annotated[
         bool, typer.Option("--sanity-check/--no-sanity-check", help="Model-randomisation check of the methods.")
     ] = True,
@@ -191,7 +195,8 @@ def run(
             batch_size=batch_size, shard_size=shard_size, resize=resize, crop=crop, multi_label=multi_label,
             methods=[m.strip() for m in methods.split(",") if m.strip()], thresholds=parse_thresholds(threshold),
             layer_by_layer=layer_by_layer, targets=[t.strip() for t in targets.split(",") if t.strip()],
-            target_classes=target_class, sanity_check=sanity_check, sanity_images=sanity_images,
+            target_classes=target_class, occlusion_grid=occlusion_grid, occlusion_window=occlusion_window,
+            occlusion_stride=occlusion_stride, occlusion_baseline=occlusion_baseline, sanity_check=sanity_check, sanity_images=sanity_images,
             template_dir=str(templates) if templates else None, pdf=pdf, trust_checkpoint=trust_checkpoint,
         )
         request.model_spec()

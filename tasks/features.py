@@ -81,7 +81,7 @@ def write_feature_views(
     image_ids: list[str],
     layer: str,
     folder: Path,
-    k: int = 6,
+    k: int = 5,
 ) -> dict:
     """Write the filter grid and one strip of top channels per image under ``folder``;
     returns (and saves as ``features.json``) the index the report reads."""

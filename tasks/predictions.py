@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from tasks import cam, storage
+from tasks import cam, occlusion, storage
 from tasks.images import Decoded, Preprocess, boxes_to_input, decode_many, normalise, to_batch
 from tasks.models import LoadedModel
 
@@ -38,6 +38,7 @@ class ShardSettings:
     stages: tuple[str, ...] = ()  # extra layers for the layer-by-layer view (Grad-CAM only)
     targets: tuple[str, ...] = ("predicted", "true")  # and/or "top<k>"
     target_classes: tuple[str, ...] = ()  # named classes explained for every image
+    occlusion: occlusion.OcclusionSpec | None = None  # muting windows, when "occlusion" is a method
 
     @property
     def layers(self) -> list[str]:
@@ -84,7 +85,7 @@ def audit_shard(
     ):
         return ShardResult(shard, len(rows), 0, reused=True)
     timings = {"decode": 0.0, "model": 0.0, "rows": 0.0}
-    predictions, explanations = [], []
+    predictions, explanations, occlusions = [], [], []
     batches = [rows.iloc[i : i + settings.batch_size] for i in range(0, len(rows), settings.batch_size)]
 
     def load(batch: pd.DataFrame) -> list[Decoded | str]:
@@ -105,6 +106,8 @@ def audit_shard(
             predictions.append(_prediction_rows(batch, decoded, ok, result, settings))
             if result is not None:
                 explanations.append(_explanation_rows(batch.iloc[ok], result, settings))
+                if result.occlusion is not None:
+                    occlusions.append(_occlusion_rows(batch.iloc[ok], result, settings))
             timings["decode"] += t1 - t0  # time waiting for decoding, beyond what overlapped
             timings["model"] += t2 - t1
             timings["rows"] += time.perf_counter() - t2
@@ -116,6 +119,8 @@ def audit_shard(
         else storage.table_schema("explanations").empty_table().to_pandas()
     )
     storage.write_part(expl_df, "explanations", out_dir, run_id, shard)
+    if occlusions:
+        storage.write_part(pd.concat(occlusions, ignore_index=True), "occlusion", out_dir, run_id, shard)
     storage.write_part(pred_df, "predictions", out_dir, run_id, shard)  # written last: marks the shard done
     timings["write"] = time.perf_counter() - t3
     return ShardResult(shard, len(rows), int(pred_df["error"].notna().sum()), timings)
@@ -134,6 +139,9 @@ class BatchResult:
     is_label: np.ndarray
     maps: dict[tuple[str, str], np.ndarray]  # (method, layer) -> (M, h, w)
     scores: dict[tuple[str, str], cam.MapScores]
+    occlusion: np.ndarray | None = None  # (M, gh, gw) drops of the target's probability
+    occlusion_scores: cam.MapScores | None = None
+    faithfulness: np.ndarray | None = None  # (M,) Spearman(Grad-CAM pooled to the grid, occlusion)
 
 
 def target_matrix(
@@ -211,6 +219,17 @@ def _run_batch(
         )
     boxes = _input_boxes(rows, decoded, device)[sample]
     map_scores = {key: cam.score_maps(m, boxes, settings.preprocess.crop) for key, m in maps.items()}
+    occluded = occlusion_scores = faithful = None
+    if "occlusion" in settings.methods:
+        spec = settings.occlusion or occlusion.OcclusionSpec()
+        activation = "sigmoid" if settings.multi_label else "softmax"
+        muted = occlusion.occlusion_maps(loaded.model, inputs, spec, activation=activation)
+        occluded = muted.maps(sample, target_cls)
+        occlusion_scores = occlusion.box_scores(occluded, boxes, settings.preprocess.crop, spec)
+        gradcam = all_maps.get(("gradcam", settings.layer))
+        if gradcam is not None:
+            faithful = occlusion.faithfulness(gradcam.detach(), occluded).float().cpu().numpy()
+        occluded = occluded.float().cpu().numpy()
     return BatchResult(
         probs=probs.cpu().numpy(),
         top_index=top_index.cpu().numpy(),
@@ -223,6 +242,9 @@ def _run_batch(
         is_label=labels[sample, target_cls].cpu().numpy(),
         maps={key: m.float().cpu().numpy() for key, m in maps.items()},
         scores=map_scores,
+        occlusion=occluded,
+        occlusion_scores=occlusion_scores,
+        faithfulness=faithful,
     )
 
 
@@ -286,6 +308,39 @@ def _prediction_rows(
     out.loc[ok_index, "image_height"] = [decoded[i].height for i in ok]  # type: ignore[union-attr]
     out.loc[ok_index, "image_width"] = [decoded[i].width for i in ok]  # type: ignore[union-attr]
     return out
+
+
+def _occlusion_rows(batch: pd.DataFrame, result: BatchResult, settings: ShardSettings) -> pd.DataFrame:
+    """One row per (image, target) pair: the occlusion map at grid resolution and its scores."""
+    assert result.occlusion is not None and result.occlusion_scores is not None
+    spec = settings.occlusion or occlusion.OcclusionSpec()
+    geometry = spec.geometry(settings.preprocess.crop)
+    maps, scores = result.occlusion, result.occlusion_scores
+    m, h, w = maps.shape
+    faithfulness = result.faithfulness if result.faithfulness is not None else np.full(m, np.nan, dtype=np.float32)
+    return pd.DataFrame(
+        {
+            "image_id": batch["image_id"].to_numpy()[result.pairs[:, 0]],
+            "target": np.array(settings.classes, dtype=object)[result.pairs[:, 1]],
+            "target_index": result.pairs[:, 1].astype(np.int32),
+            "is_predicted": result.is_predicted,
+            "is_label": result.is_label,
+            "height": np.full(m, h, dtype=np.int32),
+            "width": np.full(m, w, dtype=np.int32),
+            "heatmap": list(maps.reshape(m, -1)),
+            "window": np.full(m, geometry.window[0], dtype=np.int32),
+            "stride": np.full(m, geometry.stride[0], dtype=np.int32),
+            "baseline": spec.baseline,
+            "peak_x": ((scores.peak_col.cpu().numpy() + 0.5) / settings.preprocess.crop).astype(np.float32),
+            "peak_y": ((scores.peak_row.cpu().numpy() + 0.5) / settings.preprocess.crop).astype(np.float32),
+            "energy_in_box": scores.energy_in_box.cpu().numpy(),
+            "box_area_fraction": scores.box_area_fraction.cpu().numpy(),
+            "pointing_hit": pd.array(
+                [None if np.isnan(v) else bool(v) for v in scores.pointing_hit.cpu().numpy()], dtype="boolean"
+            ),
+            "gradcam_spearman": faithfulness,
+        }
+    )
 
 
 def _explanation_rows(batch: pd.DataFrame, result: BatchResult, settings: ShardSettings) -> pd.DataFrame:

@@ -50,11 +50,16 @@ METHOD_NAMES = {
     "hirescam": "HiResCAM",
     "cam": "CAM",
     "counterfactual": "Counterfactual",
+    "occlusion": "Occlusion",
     "guided_backprop": "Guided Backprop",
     "guided_gradcam": "Guided Grad-CAM",
 }
 INPUT_LAYER = "input"
 GUIDED = ("guided_backprop", "guided_gradcam")
+OCCLUSION_LAYER = "occlusion grid"
+# Grad-CAM paper (Selvaraju et al. 2017, sec. 5.3): rank correlation with occlusion maps,
+# image classification on PASCAL VOC 2007 val.
+PAPER_FAITHFULNESS = (("Grad-CAM", 0.254), ("Guided Grad-CAM", 0.261), ("Guided Backprop", 0.168))
 LAYER_STRIP_EXAMPLES = 4
 COLORMAP = "jet"
 SALIENCY_COLORMAP = "inferno"
@@ -136,6 +141,13 @@ def report_context(
     shown = {image_id for ids in evidence for image_id in ids} | set(failures["image_id"])
     explanations = read_table(out_dir, "explanations", run_id)
     explanations = explanations[explanations["image_id"].isin(shown)]
+    occlusion = read_table(out_dir, "occlusion", run_id)
+    if len(occlusion):
+        shown_occlusion = occlusion[occlusion["image_id"].isin(shown)].assign(method="occlusion", layer=OCCLUSION_LAYER)
+        explanations = pd.concat(
+            [explanations, shown_occlusion[["image_id", "method", "layer", "target", "height", "width", "heatmap"]]],
+            ignore_index=True,
+        )
     painter = Painter(out_dir / "runs" / run_id, preprocess_of(record), explanations, list(model.get("layers") or []))
     painter.decode(predictions[predictions["image_id"].isin(shown)])
     by_id = predictions.set_index("image_id", drop=False)
@@ -160,6 +172,7 @@ def report_context(
         "methods": methods_view(record, painter),
         "sanity": sanity_view(read_table(out_dir, "metrics", run_id), record),
         "features": feature_view(out_dir / "runs" / run_id, by_id),
+        "faithfulness": faithfulness_view(occlusion, read_table(out_dir, "metrics", run_id)),
         "unreadable": unreadable_rows(predictions),
         "appendix": appendix(record),
     }
@@ -395,6 +408,34 @@ def sanity_view(metrics: pd.DataFrame, record: Mapping[str, Any]) -> dict[str, A
     }
 
 
+def faithfulness_view(occlusion: pd.DataFrame, metrics: pd.DataFrame) -> dict[str, Any] | None:
+    """Grad-CAM against occlusion (Spearman per predicted-class map, by class, beside the
+    paper's figures) and RISE deletion/insertion AUCs; None when occlusion was not computed."""
+    rows = occlusion[occlusion["is_predicted"] & occlusion["gradcam_spearman"].notna()] if len(occlusion) else occlusion
+    rise = metrics[metrics["metric"].isin(["deletion_auc", "insertion_auc"])]
+    if not len(rows) and rise.empty:
+        return None
+    by_class = [
+        {"class_name": name, "images": int(len(group)), "spearman": score(group["gradcam_spearman"].mean())}
+        for name, group in rows.groupby("target", sort=True)
+    ]
+    auc_rows = []
+    for method in [m for m in METHOD_NAMES if m in set(rise["method"])]:
+        values = rise[rise["method"] == method].set_index("metric")["value"]
+        auc_rows.append({"method": method_name(method), "deletion": score(values.get("deletion_auc")),
+                         "insertion": score(values.get("insertion_auc"))})
+    first = occlusion.iloc[0] if len(occlusion) else None
+    return {
+        "overall": score(rows["gradcam_spearman"].mean()) if len(rows) else "n/a",
+        "images": int(len(rows)),
+        "by_class": by_class,
+        "paper": [(name, f"{value:.3f}") for name, value in PAPER_FAITHFULNESS],
+        "window": None if first is None else f"{first['window']} px windows, stride {first['stride']}, baseline {first['baseline']}",
+        "rise": auc_rows,
+        "rise_images": int(rise["images"].max()) if not rise.empty else 0,
+    }
+
+
 def feature_view(run_dir: Path, by_id: pd.DataFrame) -> dict[str, Any] | None:
     """The feature views written at audit time (``features/features.json``), if any."""
     path = run_dir / "features" / "features.json"
@@ -521,6 +562,8 @@ class Painter:
         method = method or self.method
         if method in GUIDED:
             return self.maps.get((image_id, method, INPUT_LAYER, target))
+        if method == "occlusion":
+            return self.maps.get((image_id, method, OCCLUSION_LAYER, target))
         return self.maps.get((image_id, method, layer or self.default_layer, target)) or self.maps.get(
             (image_id, method, self.default_layer, target)
         )

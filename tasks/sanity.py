@@ -22,29 +22,7 @@ import torch
 from torch import nn
 
 from tasks import cam
-
-
-def rank(values: torch.Tensor) -> torch.Tensor:
-    """Ranks along the last dimension of (N, L) ``values`` (0-based), ties given their mean rank."""
-    n, length = values.shape
-    sorted_values, order = values.sort(dim=-1)
-    positions = torch.arange(length, dtype=values.dtype, device=values.device).expand(n, length)
-    starts_group = torch.ones_like(sorted_values, dtype=torch.bool)
-    starts_group[:, 1:] = sorted_values[:, 1:] != sorted_values[:, :-1]
-    # a group id per sorted position, unique across rows, then each group's mean position
-    group = (starts_group.cumsum(dim=-1) - 1 + torch.arange(n, device=values.device)[:, None] * length).reshape(-1)
-    total = torch.zeros(n * length, dtype=values.dtype, device=values.device).index_add_(0, group, positions.reshape(-1))
-    count = torch.zeros_like(total).index_add_(0, group, torch.ones_like(total))
-    mean_rank = (total / count.clamp(min=1))[group].reshape(n, length)
-    return torch.empty_like(values).scatter_(-1, order, mean_rank)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman rank correlation of each row of ``a`` (N, L) with the same row of ``b``:
-    the Pearson correlation of their average ranks. A constant row gives NaN."""
-    ra, rb = rank(a.double()), rank(b.double())
-    ra, rb = ra - ra.mean(dim=-1, keepdim=True), rb - rb.mean(dim=-1, keepdim=True)
-    return ((ra * rb).sum(-1) / (ra.norm(dim=-1) * rb.norm(dim=-1))).float()
+from tasks.occlusion import spearman
 
 
 def cascade(model: nn.Module, stages: list[str]) -> list[list[str]]:

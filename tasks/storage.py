@@ -87,6 +87,28 @@ SCHEMAS: dict[str, pa.Schema] = {
     ),
 }
 
+SCHEMAS["occlusion"] = pa.schema(
+    [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("target", pa.string(), nullable=False),
+        pa.field("target_index", pa.int32(), nullable=False),
+        pa.field("is_predicted", pa.bool_(), nullable=False),
+        pa.field("is_label", pa.bool_(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),  # the occlusion grid
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("heatmap", pa.list_(pa.float32()), nullable=False),  # drop of the target's probability
+        pa.field("window", pa.int32(), nullable=False),  # pixels of the model input
+        pa.field("stride", pa.int32(), nullable=False),
+        pa.field("baseline", pa.string(), nullable=False),
+        pa.field("peak_x", pa.float32()),
+        pa.field("peak_y", pa.float32()),
+        pa.field("energy_in_box", pa.float32()),
+        pa.field("box_area_fraction", pa.float32()),
+        pa.field("pointing_hit", pa.bool_()),
+        pa.field("gradcam_spearman", pa.float32()),  # faithfulness (Grad-CAM paper): NaN without Grad-CAM
+    ]
+)
+
 SCHEMAS["metrics"] = pa.schema(
     [
         # long format, one row per run and measured number: trends and quality checks

@@ -179,3 +179,39 @@ def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_file, args, expect
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert expected in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_occlusion_beside_gradcam_with_faithfulness(tmp_path, tiny_model_file) -> None:
+    manifest = make_shapes(tmp_path / "data", {"red": 4, "green": 4, "blue": 4})
+    model, weights = tiny_model_file
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(manifest), "--out", str(out), "--model", f"{model}:build",
+                                 "--weights", str(weights), "--crop", "48", "--resize", "48", "-q",
+                                 "--methods", "gradcam,occlusion", "--occlusion-grid", "4",
+                                 "--occlusion-baseline", "mean"])
+    assert result.exit_code == 0, result.output
+    explanations = read_table(out, "explanations")
+    occlusion = read_table(out, "occlusion")
+    assert set(SCHEMAS["occlusion"].names) | {"run_id"} == set(occlusion.columns)
+    key = ["image_id", "target"]
+    assert sorted(map(tuple, occlusion[key].to_numpy())) == sorted(map(tuple, explanations[key].to_numpy())), \
+        "one occlusion map per explained (image, target)"
+    assert occlusion["height"].eq(4).all() and occlusion["window"].eq(12).all() and occlusion["baseline"].eq("mean").all()
+    assert occlusion["heatmap"].map(len).eq(16).all()
+    assert occlusion["gradcam_spearman"].dropna().between(-1, 1).all() and occlusion["energy_in_box"].notna().all()
+    metrics = read_table(out, "metrics")
+    rise = metrics[metrics["metric"].isin(["deletion_auc", "insertion_auc"])]
+    assert set(zip(rise["metric"], rise["method"])) == {(m, k) for m in ("deletion_auc", "insertion_auc")
+                                                         for k in ("gradcam", "occlusion")}
+    assert rise["value"].between(0, 1).all()
+    text = _pdf_text(out / "runs" / occlusion["run_id"].iloc[0] / "report.pdf")
+    assert "Grad-CAM against occlusion" in text and "0.254" in text and "deletion AUC" in text
+
+
+def test_occlusion_window_that_does_not_fit_is_one_line(tmp_path, tiny_model_file) -> None:
+    manifest = make_shapes(tmp_path / "data", {"red": 2, "green": 2, "blue": 2})
+    model, weights = tiny_model_file
+    result = runner.invoke(app, ["run", str(manifest), "--out", str(tmp_path / "out"), "--model", f"{model}:build",
+                                 "--weights", str(weights), "--crop", "48", "--resize", "48", "-q",
+                                 "--methods", "occlusion", "--occlusion-window", "64"])
+    assert result.exit_code == 2 and "window" in result.output and "Traceback" not in result.output
