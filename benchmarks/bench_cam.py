@@ -7,7 +7,8 @@ at the last stage. Contenders, same model, batch and device:
   pgc       pytorch-grad-cam: GradCAM, GradCAMPlusPlus, and GradCAM on the negated score
   captum    Captum: a forward for predictions, LayerGradCam, LayerGradCam on the negated score
             (Captum has no Grad-CAM++, so it computes one map less)
-Then layer-by-layer Grad-CAM at 4 stages (ours, one backward) against one forward.
+Then layer-by-layer Grad-CAM at 4 stages (ours, one backward) against one forward, and the
+guided bundle (Grad-CAM + Guided Backprop + Guided Grad-CAM) against Captum and pytorch-grad-cam.
 
 Usage: python benchmarks/bench_cam.py [--models resnet18,resnet50] [--batch 16] [--reps 5] [--device cpu]
 Warm-up twice, contenders alternate within each repetition, medians and ratios reported.
@@ -73,6 +74,41 @@ def contenders(model: torch.nn.Module, x: torch.Tensor, layer: str) -> dict[str,
     return {"forward": forward, "ours": ours, "pytorch-grad-cam": pgc, "captum": captum}
 
 
+def guided_contenders(model: torch.nn.Module, x: torch.Tensor, layer: str) -> dict[str, Callable[[], object]]:
+    """Predictions + Grad-CAM + Guided Backprop + Guided Grad-CAM for the top-1 class."""
+    from captum.attr import GuidedBackprop, GuidedGradCam
+    from pytorch_grad_cam import GradCAM, GuidedBackpropReLUModel
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    module = dict(model.named_modules())[layer]
+    n = x.shape[0]
+
+    def ours() -> object:
+        fwd = cam.hooked_forward(model, x, [layer], guided=True)
+        target = fwd.scores.detach().argmax(dim=1)
+        return cam.explain(fwd, torch.arange(n, device=x.device), target, ("gradcam", "guided_backprop", "guided_gradcam"))
+
+    backprop, guided_gradcam = GuidedBackprop(model), GuidedGradCam(model, module)
+
+    def captum() -> object:
+        with torch.no_grad():
+            target = model(x).argmax(dim=1)
+        return backprop.attribute(x, target=target), guided_gradcam.attribute(x, target=target)
+
+    grad_cam = GradCAM(model=model, target_layers=[module])
+    guided_model = GuidedBackpropReLUModel(model=model, device=x.device)
+
+    def pgc() -> object:
+        with torch.no_grad():
+            target = model(x).argmax(dim=1)
+        maps = grad_cam(x, [ClassifierOutputTarget(int(t)) for t in target])
+        # pytorch-grad-cam's guided backprop takes one image and one class per call
+        guided = [guided_model(x[i : i + 1], target_category=int(target[i])) for i in range(n)]
+        return maps, guided
+
+    return {"ours": ours, "captum": captum, "pytorch-grad-cam": pgc}
+
+
 def time_all(fns: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
     for _ in range(2):  # warm-up twice: oneDNN builds its kernels on the first calls
         for fn in fns.values():
@@ -119,6 +155,19 @@ def main() -> None:
             f"| {name} | {t['forward']:.3f} | {t['ours']:.3f} | {t['pytorch-grad-cam']:.3f} | {t['captum']:.3f} "
             f"| {t['ours'] / t['forward']:.2f}x | {t['pytorch-grad-cam'] / t['ours']:.2f}x "
             f"| {t['captum'] / t['ours']:.2f}x | {t['layer-by-layer']:.3f} | {t['layer-by-layer'] / t['forward']:.2f}x |",
+            flush=True,
+        )
+    print()
+    print("Guided bundle (predictions + Grad-CAM + Guided Backprop + Guided Grad-CAM):")
+    print("| model | ours (s) | captum (s) | pytorch-grad-cam (s) | captum/ours | pgc/ours |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models.split(","):
+        model = torchvision.models.get_model(name, weights=None).eval().to(device)
+        x = torch.randn(args.batch, 3, args.size, args.size, device=device)
+        t = time_all(guided_contenders(model, x, "layer4"), args.reps, device)
+        print(
+            f"| {name} | {t['ours']:.3f} | {t['captum']:.3f} | {t['pytorch-grad-cam']:.3f} "
+            f"| {t['captum'] / t['ours']:.2f}x | {t['pytorch-grad-cam'] / t['ours']:.2f}x |",
             flush=True,
         )
 
