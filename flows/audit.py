@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field
 from tasks import storage
 from tasks.findings import Thresholds, compute_findings
 from tasks.images import Preprocess
+from tasks.impressions import choose_classes
 from tasks.occlusion import OcclusionSpec
 from tasks.models import LoadedModel, ModelError, ModelSpec, default_preprocess, load_model, stage_layers
 from tasks.predictions import ShardResult, ShardSettings, audit_shard
@@ -42,7 +43,7 @@ from tasks.sources import (
 
 METHODS = (
     "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "counterfactual", "cam",
-    "guided_backprop", "guided_gradcam", "occlusion",
+    "guided_backprop", "guided_gradcam", "occlusion", "impressions",
 )
 
 
@@ -79,6 +80,11 @@ class AuditRequest(BaseModel):
     rise_images: int = Field(16, ge=0, le=1024)  # deletion/insertion sample (with occlusion); 0 = off
     sanity_check: bool = True
     sanity_images: int = Field(16, ge=2, le=256)
+    impression_classes: list[str] = Field(default_factory=list)  # default: every class up to the cap
+    impression_max_classes: int = Field(16, ge=1, le=1000)
+    impression_iterations: int = Field(200, ge=1, le=100_000)
+    impression_tv_weight: float = Field(10.0, ge=0, le=1e6)
+    impression_seed: int = 0
 
     def occlusion_spec(self) -> OcclusionSpec:
         if self.occlusion_window is not None:
@@ -188,6 +194,8 @@ def prepare_run(request: AuditRequest) -> RunPlan:
         check_cam_applies(loaded, layer, preprocess.crop)
     if "occlusion" in request.methods:
         request.occlusion_spec().geometry(preprocess.crop)  # a window that does not fit fails here
+    if "impressions" in request.methods:
+        choose_classes(classes, request.impression_classes, request.impression_max_classes)  # unknown names fail here
     if {"guided_backprop", "guided_gradcam"} & set(request.methods):
         import torch
 
@@ -354,6 +362,34 @@ def rise(plan: RunPlan) -> int:
     return len(rows)
 
 
+def impressions(plan: RunPlan) -> int:
+    """Class impressions (one batch over the chosen classes) with their Grad-CAM; PNGs beside
+    the plan, rows staged as ``impressions``. Returns how many."""
+    from tasks.impressions import class_impressions, impression_cam, impression_table, save_pngs, settings_for_input
+
+    request = AuditRequest(**plan.request)
+    if "impressions" not in request.methods:
+        return 0
+    index = read_index(plan.folder / "index.parquet")
+    counts = index["labels"].explode().value_counts().to_dict()
+    classes = choose_classes(plan.classes, request.impression_classes, request.impression_max_classes, counts)
+    settings = plan.shard_settings()
+    pre = settings.preprocess
+    loaded = load_model(request.model_spec(), request.device, request.crop or 224)
+    result = class_impressions(
+        loaded.model, classes,
+        settings_for_input(pre.crop, iterations=request.impression_iterations,
+                           tv_weight=request.impression_tv_weight, seed=request.impression_seed),
+        pre.mean, pre.std, loaded.device, multi_label=plan.multi_label,
+    )
+    located = impression_cam(loaded.model, result.images, classes, settings.layer, pre.mean, pre.std)
+    paths = save_pngs(result, plan.classes, plan.folder / IMPRESSIONS_DIR)
+    table = impression_table(result, located, plan.classes, [f"{IMPRESSIONS_DIR}/{path.name}" for path in paths])
+    storage.write_part(table, "impressions", Path(plan.out_dir), plan.run_id, "00000")
+    return len(table)
+
+
+IMPRESSIONS_DIR = "impressions"
 FEATURE_IMAGES = 4
 
 
@@ -445,6 +481,10 @@ def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
             "batch_size": request.batch_size,
             "shard_size": request.shard_size,
             "thresholds": Thresholds(**request.thresholds).as_dict(),
+            **({"impressions": {"classes": request.impression_classes or f"up to {request.impression_max_classes}",
+                                "iterations": request.impression_iterations,
+                                "tv_weight": request.impression_tv_weight, "seed": request.impression_seed}}
+               if "impressions" in request.methods else {}),
         },
         "versions": {
             "visaudit": _version(),
@@ -456,10 +496,11 @@ def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
         "timings": timings,
         "metrics": summary_metrics(predictions, plan.multi_label),
     }
-    staged_features = plan.folder / "features"
-    if staged_features.is_dir():
-        shutil.rmtree(run_dir / "features", ignore_errors=True)
-        os.replace(staged_features, run_dir / "features")
+    for folder in ("features", IMPRESSIONS_DIR):  # figures made at audit time (they need the model)
+        staged = plan.folder / folder
+        if staged.is_dir():
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
+            os.replace(staged, run_dir / folder)
     tmp = run_dir / "run.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, run_dir / "run.json")
@@ -488,6 +529,7 @@ prepare_task = task(prepare_run, name="prepare", cache_policy=NO_CACHE)
 shard_task = task(run_shard, name="audit-shard", cache_policy=NO_CACHE, task_run_name="shard-{shard}")
 find_task = task(find, name="findings", cache_policy=NO_CACHE)
 sanity_task = task(sanity, name="sanity-check", cache_policy=NO_CACHE)
+impressions_task = task(impressions, name="class-impressions", cache_policy=NO_CACHE)
 features_task = task(feature_views, name="feature-views", cache_policy=NO_CACHE)
 rise_task = task(rise, name="deletion-insertion", cache_policy=NO_CACHE)
 commit_task = task(commit, name="commit", cache_policy=NO_CACHE)
@@ -517,6 +559,10 @@ def audit(request: AuditRequest) -> str:
     mark = time.perf_counter()
     rise_task(plan)
     timings["deletion_insertion"] = round(time.perf_counter() - mark, 3)
+    #    ... and class impressions: what the model has learnt for each class, from noise.
+    mark = time.perf_counter()
+    impressions_task(plan)
+    timings["class_impressions"] = round(time.perf_counter() - mark, 3)
     # 4. Findings over the staged tables.
     mark = time.perf_counter()
     find_task(plan)

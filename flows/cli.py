@@ -154,7 +154,7 @@ def run(
         str,
         typer.Option(
             help="Comma-separated: gradcam, gradcam++, xgradcam, layercam, hirescam, counterfactual, cam, "
-            "guided_backprop, guided_gradcam, occlusion."
+            "guided_backprop, guided_gradcam, occlusion, impressions."
         ),
     ] = "gradcam",
     layer_by_layer: Annotated[
@@ -179,6 +179,16 @@ def run(
     occlusion_window: Annotated[Optional[int], typer.Option(help="Occlusion: window in pixels (instead of a grid).")] = None,
     occlusion_stride: Annotated[Optional[int], typer.Option(help="Occlusion: stride in pixels (default: the window).")] = None,
     occlusion_baseline: Annotated[str, typer.Option(help="Occlusion: what a muted window holds: zero, mean, blur.")] = "zero",
+    rise_images: Annotated[
+        int, typer.Option(help="With occlusion: images for RISE deletion/insertion of Grad-CAM and occlusion (0 = off).")
+    ] = 16,
+    impression_class: Annotated[
+        list[str], typer.Option(help="Impressions: synthesise this class (repeatable; default: every class up to the cap).")
+    ] = [],  # noqa: B006 - typer needs a literal default
+    impression_max_classes: Annotated[int, typer.Option(help="Impressions: most classes, the most frequent first.")] = 16,
+    impression_iterations: Annotated[int, typer.Option(help="Impressions: gradient-ascent steps.")] = 200,
+    impression_tv_weight: Annotated[float, typer.Option(help="Impressions: Total Variation weight (0 = off).")] = 10.0,
+    impression_seed: Annotated[int, typer.Option(help="Impressions: random seed (same seed, same images).")] = 0,
     sanity_check: Annotated[
         bool, typer.Option("--sanity-check/--no-sanity-check", help="Model-randomisation check of the methods.")
     ] = True,
@@ -197,6 +207,9 @@ def run(
             layer_by_layer=layer_by_layer, targets=[t.strip() for t in targets.split(",") if t.strip()],
             target_classes=target_class, occlusion_grid=occlusion_grid, occlusion_window=occlusion_window,
             occlusion_stride=occlusion_stride, occlusion_baseline=occlusion_baseline, sanity_check=sanity_check, sanity_images=sanity_images,
+            rise_images=rise_images, impression_classes=impression_class, impression_max_classes=impression_max_classes,
+            impression_iterations=impression_iterations, impression_tv_weight=impression_tv_weight,
+            impression_seed=impression_seed,
             template_dir=str(templates) if templates else None, pdf=pdf, trust_checkpoint=trust_checkpoint,
         )
         request.model_spec()
@@ -237,7 +250,7 @@ def demo(
         source=str(data_dir / "test.csv"), out_dir=str(out), model="tasks.demo:build_model",
         weights=str(cache / "model.pt"), classes_file=str(classes_file), resize=recipe.image_size,
         crop=recipe.image_size, batch_size=64, shard_size=100, pdf=pdf,
-        layer="features.stage3", methods=["gradcam", "counterfactual", "guided_gradcam"], layer_by_layer=True,
+        layer="features.stage3", methods=["gradcam", "counterfactual", "guided_gradcam", "impressions"], layer_by_layer=True,
     )
     _print_result(execute(request, quiet))
     typer.echo(f"demo finished in {time.perf_counter() - started:.0f} s")

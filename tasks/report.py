@@ -53,6 +53,7 @@ METHOD_NAMES = {
     "occlusion": "Occlusion",
     "guided_backprop": "Guided Backprop",
     "guided_gradcam": "Guided Grad-CAM",
+    "impressions": "Class impressions",
 }
 INPUT_LAYER = "input"
 GUIDED = ("guided_backprop", "guided_gradcam")
@@ -61,6 +62,9 @@ OCCLUSION_LAYER = "occlusion grid"
 # image classification on PASCAL VOC 2007 val.
 PAPER_FAITHFULNESS = (("Grad-CAM", 0.254), ("Guided Grad-CAM", 0.261), ("Guided Backprop", 0.168))
 LAYER_STRIP_EXAMPLES = 4
+IMPRESSION_EXAMPLES = 3  # real images shown beside each class impression
+SAME_SPOT_RADIUS = 0.2  # a real image's Grad-CAM peak this close to the impression's evidence counts as the same spot
+SAME_SPOT_SHARE = 0.5  # ... and this share of the class's images peaking there makes it a fixed position
 COLORMAP = "jet"
 SALIENCY_COLORMAP = "inferno"
 OVERLAY_ALPHA = 0.5
@@ -138,7 +142,10 @@ def report_context(
     classes = list(record.get("classes") or _classes_seen(predictions))
     evidence = [_ids(cell)[:evidence_per_finding] for cell in findings["evidence"]]
     failures = failure_gallery(predictions, gallery_size)
+    impressions = read_table(out_dir, "impressions", run_id)
+    class_examples = impression_examples(predictions, impressions["class_name"], IMPRESSION_EXAMPLES)
     shown = {image_id for ids in evidence for image_id in ids} | set(failures["image_id"])
+    shown |= {image_id for ids in class_examples.values() for image_id in ids}
     explanations = read_table(out_dir, "explanations", run_id)
     explanations = explanations[explanations["image_id"].isin(shown)]
     occlusion = read_table(out_dir, "occlusion", run_id)
@@ -172,6 +179,7 @@ def report_context(
         "methods": methods_view(record, painter),
         "sanity": sanity_view(read_table(out_dir, "metrics", run_id), record),
         "features": feature_view(out_dir / "runs" / run_id, by_id),
+        "impressions": impressions_view(impressions, class_examples, by_id, painter, label_peaks(out_dir, run_id)),
         "faithfulness": faithfulness_view(occlusion, read_table(out_dir, "metrics", run_id)),
         "unreadable": unreadable_rows(predictions),
         "appendix": appendix(record),
@@ -454,6 +462,84 @@ def feature_view(run_dir: Path, by_id: pd.DataFrame) -> dict[str, Any] | None:
         "filters": {**filters, "path": f"features/{filters['path']}"} if filters else None,
         "strips": strips,
     }
+
+
+# --- class impressions ----------------------------------------------------------------------
+
+
+def impression_examples(predictions: pd.DataFrame, class_names: Iterable[str], count: int) -> dict[str, list[str]]:
+    """Per impression class, up to ``count`` real images labelled with it: correct ones first,
+    most confident first."""
+    readable = predictions[predictions["error"].isna()].explode("labels")
+    readable = readable.assign(right=readable["correct"].eq(True).fillna(False).astype(bool)).sort_values(
+        ["right", "confidence"], ascending=False, kind="stable"
+    )
+    grouped = readable.groupby("labels", sort=False)["image_id"]
+    return {name: grouped.get_group(name).head(count).tolist() if name in grouped.groups else []
+            for name in class_names}
+
+
+def label_peaks(out_dir: Path, run_id: str) -> pd.DataFrame:
+    """Grad-CAM peaks of every image's map for its own label(s): where real images' evidence sits."""
+    peaks = read_table(out_dir, "explanations", run_id, columns=["method", "layer", "target", "is_label", "peak_x", "peak_y"])
+    return peaks[(peaks["method"] == PREFERRED_METHOD) & peaks["is_label"]]
+
+
+def position_words(x: float, y: float) -> str:
+    """Where a point (0..1 of width and height) lies, in words: "top-left", "centre", ..."""
+    vertical = "top" if y < 1 / 3 else "bottom" if y > 2 / 3 else "middle"
+    horizontal = "left" if x < 1 / 3 else "right" if x > 2 / 3 else "centre"
+    if vertical == "middle":
+        return "centre" if horizontal == "centre" else horizontal
+    return vertical if horizontal == "centre" else f"{vertical}-{horizontal}"
+
+
+def impression_note(row: Any, peaks: pd.DataFrame) -> str | None:
+    """Says where an impression's evidence sits when that is off-centre, and whether the class's
+    real images peak on the same spot (a fixed-position cue), with the numbers."""
+    if not bool(row.off_centre) or _number(row.centroid_x) is None:
+        return None
+    x, y = float(row.centroid_x), float(row.centroid_y)
+    note = f"Its evidence sits off-centre, at the {position_words(x, y)} (x {x:.2f}, y {y:.2f})."
+    own = peaks[(peaks["target"] == row.class_name) & (peaks["layer"] == row.layer)].dropna(subset=["peak_x", "peak_y"])
+    if len(own):
+        share = float((np.hypot(own["peak_x"] - x, own["peak_y"] - y) <= SAME_SPOT_RADIUS).mean())
+        note += f" {share:.0%} of the {len(own)} real images of the class peak within {SAME_SPOT_RADIUS} of that spot"
+        note += ": a fixed-position cue the model relies on." if share >= SAME_SPOT_SHARE else "."
+    return note
+
+
+def impressions_view(impressions: pd.DataFrame, examples: Mapping[str, list[str]], by_id: pd.DataFrame,
+                     painter: Painter, peaks: pd.DataFrame) -> dict[str, Any] | None:
+    """Each class impression beside its Grad-CAM and a few real images of the class; None when
+    impressions were not computed."""
+    if impressions.empty:
+        return None
+    rows = []
+    for row in impressions.sort_values("class_index", kind="stable").itertuples(index=False):
+        path = painter.run_dir / row.image_path
+        thumbs = [Thumb(row.image_path if path.is_file() else None, "impression")]
+        if path.is_file():
+            pixels = np.asarray(Image.open(path).convert("RGB"))
+            heat = np.asarray(row.heatmap, dtype=np.float32).reshape(row.height, row.width)
+            thumbs.append(Thumb(painter.save(
+                f"impression-{digest(row.image_path)}.png",
+                lambda tmp, heat=heat, pixels=pixels: save_png(overlay_pixels(heat, pixels, pixels.shape[0], None), tmp),
+            ), "Grad-CAM"))
+        for image_id in examples.get(row.class_name, []):
+            if image_id in by_id.index:
+                thumbs.append(Thumb(painter.image(image_id), file_name(str(by_id.loc[image_id, "uri"]))))
+        rows.append({
+            "class_name": row.class_name,
+            "probability": score(row.probability),
+            "start_probability": score(row.start_probability),
+            "competitor": f"{row.competitor_name} {score(row.competitor_probability)}" if row.competitor_index >= 0 else None,
+            "thumbs": thumbs,
+            "note": impression_note(row, peaks),
+        })
+    first = impressions.iloc[0]
+    return {"rows": rows, "iterations": int(first["iterations"]), "seed": int(first["seed"]), "layer": first["layer"],
+            "parameters": json.loads(first["parameters"])}
 
 
 # --- gallery ------------------------------------------------------------------------------

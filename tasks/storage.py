@@ -109,6 +109,35 @@ SCHEMAS["occlusion"] = pa.schema(
     ]
 )
 
+SCHEMAS["impressions"] = pa.schema(
+    [
+        # one row per class impression (tasks/impressions.py): how the model scores it, where its evidence sits
+        pa.field("class_name", pa.string(), nullable=False),
+        pa.field("class_index", pa.int32(), nullable=False),
+        pa.field("logit", pa.float32()),
+        pa.field("probability", pa.float32()),  # softmax (sigmoid for multi-label) of the impression's own class
+        pa.field("start_probability", pa.float32()),  # the same for the starting noise
+        pa.field("competitor_name", pa.string()),  # the most probable other class
+        pa.field("competitor_index", pa.int32()),
+        pa.field("competitor_probability", pa.float32()),
+        pa.field("iterations", pa.int32(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("parameters", pa.string(), nullable=False),  # JSON of the optimisation settings
+        pa.field("image_path", pa.string(), nullable=False),  # PNG, relative to runs/<run_id>/
+        pa.field("layer", pa.string(), nullable=False),  # where its Grad-CAM is taken
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("heatmap", pa.list_(pa.float32()), nullable=False),  # Grad-CAM of the impression for its class
+        pa.field("peak_x", pa.float32()),
+        pa.field("peak_y", pa.float32()),
+        pa.field("centroid_x", pa.float32()),
+        pa.field("centroid_y", pa.float32()),
+        pa.field("centroid_offset", pa.float32()),
+        pa.field("spread", pa.float32()),
+        pa.field("off_centre", pa.bool_()),
+    ]
+)
+
 SCHEMAS["metrics"] = pa.schema(
     [
         # long format, one row per run and measured number: trends and quality checks
@@ -193,12 +222,14 @@ def commit_run(out_dir: Path, run_id: str, tables: list[str] | None = None) -> N
         os.replace(folder, target)
 
 
-def read_table(out_dir: Path, table: str, run_id: str | None = None) -> pd.DataFrame:
-    """Read a table for every committed run (or one), with a string ``run_id`` column."""
+def read_table(out_dir: Path, table: str, run_id: str | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a table for every committed run (or one), with a string ``run_id`` column
+    (``columns``: only these, plus ``run_id``)."""
     root = Path(out_dir) / "tables" / table
     schema = table_schema(table)
     if not root.exists():
-        return schema.append(pa.field("run_id", pa.string())).empty_table().to_pandas()
+        empty = schema.append(pa.field("run_id", pa.string())).empty_table().to_pandas()
+        return empty if columns is None else empty[[*columns, "run_id"]]
     dataset = ds.dataset(
         root,
         schema=schema.append(pa.field("run_id", pa.string())),
@@ -206,4 +237,4 @@ def read_table(out_dir: Path, table: str, run_id: str | None = None) -> pd.DataF
         partitioning=PARTITIONING,
     )
     expr = ds.field("run_id") == run_id if run_id is not None else None
-    return dataset.to_table(filter=expr).to_pandas()
+    return dataset.to_table(filter=expr, columns=None if columns is None else [*columns, "run_id"]).to_pandas()

@@ -161,6 +161,10 @@ def test_every_method_layer_by_layer_and_named_targets(tmp_path, tiny_model_file
          "CAM does not apply"),
         (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--target-class", "purple"],
          "not among the model's classes"),
+        (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--methods", "impressions",
+          "--impression-class", "purple"], "impression class(es) ['purple'] are not among the model's classes"),
+        (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--impression-iterations", "0"],
+         "--impression-iterations"),
     ],
 )
 def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_file, args, expected) -> None:
@@ -215,3 +219,32 @@ def test_occlusion_window_that_does_not_fit_is_one_line(tmp_path, tiny_model_fil
                                  "--weights", str(weights), "--crop", "48", "--resize", "48", "-q",
                                  "--methods", "occlusion", "--occlusion-window", "64"])
     assert result.exit_code == 2 and "window" in result.output and "Traceback" not in result.output
+
+
+def test_class_impressions_in_the_audit(tmp_path, tiny_model_file) -> None:
+    manifest = make_shapes(tmp_path / "data", {"red": 3, "green": 5, "blue": 4})
+    model, weights = tiny_model_file
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(manifest), "--out", str(out), "--model", f"{model}:build",
+                                 "--weights", str(weights), "--crop", "48", "--resize", "48", "-q",
+                                 "--methods", "gradcam,impressions", "--impression-iterations", "15",
+                                 "--impression-max-classes", "2", "--no-sanity-check"])
+    assert result.exit_code == 0, result.output
+    impressions = read_table(out, "impressions")
+    assert set(SCHEMAS["impressions"].names) | {"run_id"} == set(impressions.columns)
+    assert impressions["class_name"].tolist() == ["green", "blue"], "the cap keeps the most frequent classes"
+    assert impressions["class_index"].tolist() == [1, 0] and impressions["iterations"].eq(15).all()
+    assert impressions["probability"].between(0, 1).all() and impressions["layer"].eq("3").all()
+    assert (impressions["heatmap"].map(len) == impressions["height"] * impressions["width"]).all()
+    run_dir = out / "runs" / impressions["run_id"].iloc[0]
+    for path in impressions["image_path"]:
+        from PIL import Image
+
+        with Image.open(run_dir / path) as image:
+            assert image.size == (48, 48)
+    html = (run_dir / "report.html").read_text()
+    assert all(path in html for path in impressions["image_path"])
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["parameters"]["impressions"]["iterations"] == 15 and "class_impressions" in record["timings"]
+    text = _pdf_text(run_dir / "report.pdf")
+    assert "Class impressions" in text and "Not computed in this run (choose --methods gradcam,impressions)" not in text
