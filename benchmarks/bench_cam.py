@@ -17,19 +17,13 @@ Warm-up twice, contenders alternate within each repetition, medians and ratios r
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable
 
 import torch
 import torchvision
 
+from benchmarks.timing import time_all
 from tasks import cam
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def contenders(model: torch.nn.Module, x: torch.Tensor, layer: str) -> dict[str, Callable[[], object]]:
@@ -107,22 +101,6 @@ def guided_contenders(model: torch.nn.Module, x: torch.Tensor, layer: str) -> di
         return maps, guided
 
     return {"ours": ours, "captum": captum, "pytorch-grad-cam": pgc}
-
-
-def time_all(fns: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
-    for _ in range(2):  # warm-up twice: oneDNN builds its kernels on the first calls
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for rep in range(reps):
-        order = list(fns) if rep % 2 == 0 else list(reversed(fns))  # alternate the contenders
-        for name in order:
-            _sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:

@@ -21,8 +21,6 @@ Target: batched/limit <= 1.2.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from dataclasses import replace
 from typing import Callable
 
@@ -30,14 +28,10 @@ import torch
 import torchvision
 from torch import nn
 
+from benchmarks.timing import time_all
 from tasks.cam import frozen_parameters
 from tasks.impressions import ImpressionSettings, class_impressions
 from tasks.images import IMAGENET_MEAN, IMAGENET_STD
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def small_cnn() -> nn.Module:
@@ -75,22 +69,6 @@ def contenders(model: nn.Module, classes: list[int], settings: ImpressionSetting
         return inputs.grad
 
     return {"batched": batched, "batched-2n": batched_twice, "one-by-one": one_by_one, "limit": limit}
-
-
-def time_all(fns: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
-    for _ in range(2):  # warm-up twice: oneDNN builds its kernels on the first calls
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for rep in range(reps):
-        order = list(fns) if rep % 2 == 0 else list(reversed(fns))  # alternate the contenders
-        for name in order:
-            _sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:

@@ -18,20 +18,14 @@ Targets: captum-best/ours >= 1.0 (at least Captum's speed), ours/limit <= 1.1.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from typing import Callable
 
 import torch
 import torchvision
 from torch import nn
 
+from benchmarks.timing import time_all
 from tasks import occlusion as occ
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Softmax(nn.Module):
@@ -87,22 +81,6 @@ def contenders(model: nn.Module, x: torch.Tensor, spec: occ.OcclusionSpec,
     fns.update({f"captum-{p}": captum(p) for p in ppes})
     fns["limit"] = limit
     return fns, chunk
-
-
-def time_all(fns: dict[str, Callable[[], object]], reps: int, device: torch.device) -> dict[str, float]:
-    for _ in range(2):  # warm-up twice: oneDNN builds its kernels on the first calls
-        for fn in fns.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for rep in range(reps):
-        order = list(fns) if rep % 2 == 0 else list(reversed(fns))  # alternate the contenders
-        for name in order:
-            _sync(device)
-            start = time.perf_counter()
-            fns[name]()
-            _sync(device)
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def main() -> None:

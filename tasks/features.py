@@ -40,7 +40,7 @@ def filter_grid(weight: torch.Tensor, columns: int = 16, pad: int = 2) -> np.nda
     low = w.amin(dim=(1, 2, 3), keepdim=True)
     high = w.amax(dim=(1, 2, 3), keepdim=True)
     scaled = ((w - low) / (high - low).clamp(min=1e-12)).permute(0, 2, 3, 1).numpy()  # (C, k, k, 3)
-    count, k = scaled.shape[0], scaled.shape[1]
+    count = scaled.shape[0]
     columns = min(columns, count)
     rows = -(-count // columns)
     cell = FILTER_PATCH_PX + pad
