@@ -520,7 +520,8 @@ def impressions_view(impressions: pd.DataFrame, examples: Mapping[str, list[str]
         path = painter.run_dir / row.image_path
         thumbs = [Thumb(row.image_path if path.is_file() else None, "impression")]
         if path.is_file():
-            pixels = np.asarray(Image.open(path).convert("RGB"))
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
             heat = np.asarray(row.heatmap, dtype=np.float32).reshape(row.height, row.width)
             thumbs.append(Thumb(painter.save(
                 f"impression-{digest(row.image_path)}.png",
@@ -538,8 +539,7 @@ def impressions_view(impressions: pd.DataFrame, examples: Mapping[str, list[str]
             "note": impression_note(row, peaks),
         })
     first = impressions.iloc[0]
-    return {"rows": rows, "iterations": int(first["iterations"]), "seed": int(first["seed"]), "layer": first["layer"],
-            "parameters": json.loads(first["parameters"])}
+    return {"rows": rows, "iterations": int(first["iterations"]), "seed": int(first["seed"]), "layer": first["layer"]}
 
 
 # --- gallery ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 from pypdf import PdfReader
 
-from tasks.report import class_table, digest, render_report
+from tasks.report import class_table, digest, impression_note, position_words, render_report
 from tasks.storage import commit_run, read_table, write_part
 
 SCRIPT = "<script>alert(1)</script>"
@@ -254,3 +254,23 @@ def test_multilabel_run(tmp_path: Path) -> None:
     assert rows["square"]["precision"] == pytest.approx(1 / 2)
     assert rows["square"]["errors"] == 3
     assert rows["circle"]["recall"] == pytest.approx(1.0) and rows["circle"]["precision"] == pytest.approx(3 / 4)
+
+
+@pytest.mark.parametrize("x, y, words", [(0.1, 0.1, "top-left"), (0.5, 0.5, "centre"), (0.9, 0.5, "right"),
+                                         (0.5, 0.9, "bottom"), (0.8, 0.2, "top-right")])
+def test_position_words(x: float, y: float, words: str) -> None:
+    assert position_words(x, y) == words
+
+
+def test_impression_note_names_a_fixed_position_only_when_real_images_peak_there() -> None:
+    from types import SimpleNamespace
+
+    corner = SimpleNamespace(class_name="triangle", layer="layer4", off_centre=True, centroid_x=0.1, centroid_y=0.12)
+    peaks = pd.DataFrame({"target": ["triangle"] * 4 + ["circle"] * 4, "layer": "layer4",
+                          "peak_x": [0.08, 0.12, 0.15, 0.7] + [0.1] * 4, "peak_y": [0.1, 0.1, 0.2, 0.6] + [0.1] * 4})
+    note = impression_note(corner, peaks)
+    assert "top-left (x 0.10, y 0.12)" in note and "75% of the 4 real images" in note and "fixed-position cue" in note
+    scattered = peaks.assign(peak_x=[0.9, 0.8, 0.5, 0.7] + [0.1] * 4)
+    note = impression_note(corner, scattered)
+    assert "0% of the 4 real images" in note and "fixed-position" not in note
+    assert impression_note(SimpleNamespace(**{**vars(corner), "off_centre": False}), peaks) is None
