@@ -147,6 +147,7 @@ def report_context(
     shown = {image_id for ids in evidence for image_id in ids} | set(failures["image_id"])
     shown |= {image_id for ids in class_examples.values() for image_id in ids}
     explanations = read_table(out_dir, "explanations", run_id)
+    peaks = label_peaks(explanations)
     explanations = explanations[explanations["image_id"].isin(shown)]
     occlusion = read_table(out_dir, "occlusion", run_id)
     if len(occlusion):
@@ -179,7 +180,7 @@ def report_context(
         "methods": methods_view(record, painter),
         "sanity": sanity_view(read_table(out_dir, "metrics", run_id), record),
         "features": feature_view(out_dir / "runs" / run_id, by_id),
-        "impressions": impressions_view(impressions, class_examples, by_id, painter, label_peaks(out_dir, run_id)),
+        "impressions": impressions_view(impressions, class_examples, by_id, painter, peaks),
         "faithfulness": faithfulness_view(occlusion, read_table(out_dir, "metrics", run_id)),
         "unreadable": unreadable_rows(predictions),
         "appendix": appendix(record),
@@ -479,10 +480,10 @@ def impression_examples(predictions: pd.DataFrame, class_names: Iterable[str], c
             for name in class_names}
 
 
-def label_peaks(out_dir: Path, run_id: str) -> pd.DataFrame:
+def label_peaks(explanations: pd.DataFrame) -> pd.DataFrame:
     """Grad-CAM peaks of every image's map for its own label(s): where real images' evidence sits."""
-    peaks = read_table(out_dir, "explanations", run_id, columns=["method", "layer", "target", "is_label", "peak_x", "peak_y"])
-    return peaks[(peaks["method"] == PREFERRED_METHOD) & peaks["is_label"]]
+    own = explanations[(explanations["method"] == PREFERRED_METHOD) & explanations["is_label"]]
+    return own[["layer", "target", "peak_x", "peak_y"]]
 
 
 def position_words(x: float, y: float) -> str:

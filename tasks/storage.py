@@ -222,14 +222,12 @@ def commit_run(out_dir: Path, run_id: str, tables: list[str] | None = None) -> N
         os.replace(folder, target)
 
 
-def read_table(out_dir: Path, table: str, run_id: str | None = None, columns: list[str] | None = None) -> pd.DataFrame:
-    """Read a table for every committed run (or one), with a string ``run_id`` column
-    (``columns``: only these, plus ``run_id``)."""
+def read_table(out_dir: Path, table: str, run_id: str | None = None) -> pd.DataFrame:
+    """Read a table for every committed run (or one), with a string ``run_id`` column."""
     root = Path(out_dir) / "tables" / table
     schema = table_schema(table)
     if not root.exists():
-        empty = schema.append(pa.field("run_id", pa.string())).empty_table().to_pandas()
-        return empty if columns is None else empty[[*columns, "run_id"]]
+        return schema.append(pa.field("run_id", pa.string())).empty_table().to_pandas()
     dataset = ds.dataset(
         root,
         schema=schema.append(pa.field("run_id", pa.string())),
@@ -237,4 +235,4 @@ def read_table(out_dir: Path, table: str, run_id: str | None = None, columns: li
         partitioning=PARTITIONING,
     )
     expr = ds.field("run_id") == run_id if run_id is not None else None
-    return dataset.to_table(filter=expr, columns=None if columns is None else [*columns, "run_id"]).to_pandas()
+    return dataset.to_table(filter=expr).to_pandas()
