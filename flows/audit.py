@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
+import torch
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -27,7 +28,8 @@ from pydantic import BaseModel, Field
 
 from tasks import storage
 from tasks.findings import Thresholds, compute_findings
-from tasks.images import Preprocess
+from tasks.fixed_location import location_candidates, probe_location
+from tasks.images import Decoded, Preprocess, decode_many, normalise, to_batch
 from tasks.impressions import choose_classes
 from tasks.occlusion import OcclusionSpec
 from tasks.models import LoadedModel, ModelError, ModelSpec, default_preprocess, load_model, stage_layers
@@ -269,31 +271,61 @@ def run_shard(plan_folder: str, shard: str, start: int, stop: int) -> ShardResul
 
 
 def find(plan: RunPlan) -> int:
-    """Compute findings over the run's staged tables and stage them; returns how many."""
+    """Compute findings over the run's staged tables and stage them; returns how many.
+
+    The fixed-location detector also needs the model: its candidate spots are probed by
+    muting them on sample images of the class (tasks/fixed_location.py).
+    """
     request = AuditRequest(**plan.request)
-    predictions = storage.read_staged("predictions", Path(plan.out_dir), plan.run_id)
-    explanations = storage.read_staged("explanations", Path(plan.out_dir), plan.run_id)
+    out_dir = Path(plan.out_dir)
+    staged = {t: storage.read_staged(t, out_dir, plan.run_id)
+              for t in ("predictions", "explanations", "signals", "occlusion", "metrics")}
     thresholds = Thresholds(**request.thresholds)
+    predictions, explanations = staged["predictions"], staged["explanations"]
+    audited = predictions[predictions["error"].isna()]
+    at_layer = explanations[explanations["layer"] == plan.layers[-1]]
+    candidates = location_candidates(audited, at_layer, thresholds)
+    probes = {}
+    if candidates:
+        loaded = load_model(request.model_spec(), request.device, request.crop or 224)
+        uris = predictions.set_index("image_id")["uri"]
+        for candidate in candidates:
+            inputs = load_inputs(plan, loaded, uris.loc[list(candidate.sample_ids)].tolist())
+            if len(inputs) >= 2:
+                probes[candidate.class_name] = probe_location(
+                    loaded.model, inputs, plan.classes.index(candidate.class_name),
+                    candidate.x, candidate.y, plan.multi_label,
+                )
     findings = compute_findings(
-        predictions, explanations, plan.classes, thresholds, plan.multi_label, layer=plan.layers[-1]
+        predictions, explanations, plan.classes, thresholds, plan.multi_label, layer=plan.layers[-1],
+        signals=staged["signals"], occlusion=staged["occlusion"], metrics=staged["metrics"],
+        locations=(candidates, probes),
     )
-    storage.write_part(findings, "findings", Path(plan.out_dir), plan.run_id, "00000")
+    storage.write_part(findings, "findings", out_dir, plan.run_id, "00000")
     return len(findings)
+
+
+def load_inputs(plan: RunPlan, loaded: LoadedModel, uris: list[str]):
+    """The readable images among ``uris``, preprocessed, as one batch on the device."""
+    settings = plan.shard_settings()
+    decoded = [d for d in decode_many(uris, settings.preprocess, settings.decode_workers) if isinstance(d, Decoded)]
+    if not decoded:
+        return torch.zeros(0, 3, settings.preprocess.crop, settings.preprocess.crop, device=loaded.device)
+    return normalise(to_batch(decoded, loaded.device), settings.preprocess)
 
 
 def sample_inputs(plan: RunPlan, loaded: LoadedModel, count: int):
     """The first ``count`` readable images of the run, preprocessed, as one batch on the device."""
-    from tasks.images import Decoded, decode_many, normalise, to_batch
-
-    settings = plan.shard_settings()
     index = read_index(plan.folder / "index.parquet")
-    decoded: list[Decoded] = []
+    batches = []
+    found = 0
     for start in range(0, len(index), count):
-        uris = index["uri"].iloc[start : start + count].tolist()
-        decoded += [d for d in decode_many(uris, settings.preprocess, settings.decode_workers) if isinstance(d, Decoded)]
-        if len(decoded) >= count:
+        batch = load_inputs(plan, loaded, index["uri"].iloc[start : start + count].tolist())
+        batches.append(batch)
+        found += len(batch)
+        if found >= count:
             break
-    return normalise(to_batch(decoded[:count], loaded.device), settings.preprocess)
+    return torch.cat(batches)[:count] if batches else load_inputs(plan, loaded, [])
 
 
 def sanity(plan: RunPlan) -> int:

@@ -7,33 +7,17 @@ it crossed, a plain-words ``message`` (what was seen, why it matters, what to tr
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-
 import numpy as np
 import pandas as pd
 
+from tasks.dataset_issues import likely_label_errors, near_duplicates
+from tasks.fixed_location import LocationCandidate, LocationProbe, attention_fixed_location
+from tasks.shortcuts import shortcut_property, slice_gap
 from tasks.storage import table_schema
+from tasks.thresholds import SEVERITY_ORDER, Thresholds, severity
 
-SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Documented, configurable thresholds (README: "Finding kinds")."""
-
-    confident_error_confidence: float = 0.9  # a wrong prediction at least this confident is a confident error
-    confident_error_share: float = 0.02  # flag a class when this share of its images are confident errors
-    confused_pair_share: float = 0.10  # flag true->predicted pairs taking this share of the true class
-    confused_pair_min_count: int = 3  # ... and at least this many images
-    imbalance_ratio: float = 0.5  # flag a class whose share is below this fraction of the uniform share 1/K
-    off_object_lift: float = 1.5  # flag a class whose median energy-in-box is below lift x box-area fraction
-    min_class_images: int = 5  # classes with fewer audited images are not judged by per-class rates
-    evidence: int = 8  # evidence image ids kept per finding
-    sanity_max_spearman: float = 0.5  # a method whose maps keep this rank correlation after the
-    # classifier and the explained stage are randomised fails the sanity check (Adebayo et al. 2018)
-
-    def as_dict(self) -> dict[str, float]:
-        return asdict(self)
+__all__ = ["Thresholds", "compute_findings"]
+MAP_BASED = ("attention_off_object", "attention_fixed_location")  # kinds whose evidence is the class's maps
 
 
 def compute_findings(
@@ -43,13 +27,24 @@ def compute_findings(
     thresholds: Thresholds,
     multi_label: bool = False,
     layer: str | None = None,
+    *,
+    signals: pd.DataFrame | None = None,
+    occlusion: pd.DataFrame | None = None,
+    metrics: pd.DataFrame | None = None,
+    locations: tuple[list[LocationCandidate], dict[str, LocationProbe]] | None = None,
 ) -> pd.DataFrame:
     """Run every detector; rows sorted most severe first, in the findings schema.
 
     ``layer`` is the explained layer: attention is judged on its maps (not on the shallow
-    stages of a layer-by-layer run).
+    stages of a layer-by-layer run). ``signals`` (per-image embeddings, probabilities and
+    properties), ``occlusion`` and ``metrics`` feed the detectors that need them;
+    ``locations`` are the fixed-location candidates with their probe results (they need
+    the model, so the flow runs them). A detector whose input is missing is skipped.
+    Map-based findings on a class whose explanations fail a faithfulness check get
+    ``confidence`` "low" and the reason.
     """
     audited = predictions[predictions["error"].isna()]
+    signals = signals if signals is not None else pd.DataFrame()
     rows: list[dict] = []
     rows += class_imbalance(audited, classes, thresholds)
     if not multi_label:
@@ -58,6 +53,18 @@ def compute_findings(
     if layer is not None and not explanations.empty:
         explanations = explanations[explanations["layer"] == layer]
     rows += attention_off_object(audited, explanations, thresholds)
+    if locations is not None:
+        rows += attention_fixed_location(*locations, thresholds)
+    if not signals.empty:
+        rows += shortcut_property(audited, signals, classes, thresholds)
+        if not multi_label:
+            rows += likely_label_errors(audited, signals, classes, thresholds)
+        rows += near_duplicates(audited, signals, thresholds)
+    if "correct" in audited:
+        rows += slice_gap(audited, signals, thresholds)
+    unfaithful = unfaithful_explanations(occlusion, metrics, layer, classes, thresholds)
+    rows += unfaithful
+    _mark_low_confidence(rows, unfaithful)
     columns = table_schema("findings").names
     if not rows:
         return pd.DataFrame({name: pd.Series(dtype=object) for name in columns})
@@ -65,15 +72,27 @@ def compute_findings(
     for name in columns:
         if name not in frame:
             frame[name] = None
+    frame["confidence"] = frame["confidence"].fillna("normal")
     frame["_rank"] = frame["severity"].map(SEVERITY_ORDER)
     frame = frame.sort_values(["_rank", "value"], kind="stable").drop(columns="_rank")
     return frame[columns].reset_index(drop=True)
 
 
-def _severity(value: float, high: float, medium: float, larger_is_worse: bool = True) -> str:
-    if larger_is_worse:
-        return "high" if value >= high else "medium" if value >= medium else "low"
-    return "high" if value <= high else "medium" if value <= medium else "low"
+def _mark_low_confidence(rows: list[dict], unfaithful: list[dict]) -> None:
+    """Map-based findings on a class whose maps are unfaithful (or on every class, when the
+    method fails the sanity check) get confidence "low" and the reason in the message."""
+    reasons: dict[str | None, str] = {}
+    for row in unfaithful:
+        reasons[row["class_name"]] = row["reason"]
+    for row in rows:
+        if row["kind"] not in MAP_BASED:
+            continue
+        reason = reasons.get(row.get("class_name")) or reasons.get(None)
+        if reason:
+            row["confidence"] = "low"
+            row["message"] += f" Low confidence: {reason}."
+    for row in unfaithful:
+        row.pop("reason")
 
 
 def _true_class(audited: pd.DataFrame) -> pd.Series:
@@ -98,7 +117,7 @@ def class_imbalance(audited: pd.DataFrame, classes: list[str], t: Thresholds) ->
             rows.append(
                 dict(
                     kind="class_imbalance",
-                    severity=_severity(ratio, 0.1, 0.25, larger_is_worse=False),
+                    severity=severity(ratio, 0.1, 0.25, larger_is_worse=False),
                     class_name=name,
                     metric="share_vs_uniform",
                     value=float(ratio),
@@ -132,7 +151,7 @@ def confident_errors(audited: pd.DataFrame, t: Thresholds) -> list[dict]:
         rows.append(
             dict(
                 kind="confident_error",
-                severity=_severity(share, 0.10, 0.05),
+                severity=severity(share, 0.10, 0.05),
                 class_name=str(name),
                 metric="confident_error_share",
                 value=float(share),
@@ -164,7 +183,7 @@ def confused_pairs(audited: pd.DataFrame, t: Thresholds) -> list[dict]:
         rows.append(
             dict(
                 kind="confused_pair",
-                severity=_severity(share, 0.25, 0.15),
+                severity=severity(share, 0.25, 0.15),
                 class_name=str(true),
                 slice=f"predicted={pred}",
                 metric="confused_share",
@@ -208,7 +227,7 @@ def attention_off_object(audited: pd.DataFrame, explanations: pd.DataFrame, t: T
         rows.append(
             dict(
                 kind="attention_off_object",
-                severity=_severity(lift, 1.0, 1.25, larger_is_worse=False),
+                severity=severity(lift, 1.0, 1.25, larger_is_worse=False),
                 class_name=str(name),
                 slice=f"layer={layer}",
                 metric="energy_in_box_lift",
@@ -222,6 +241,84 @@ def attention_off_object(audited: pd.DataFrame, explanations: pd.DataFrame, t: T
                     "look at the evidence maps, and remove or balance that cue in the training data."
                 ),
                 evidence=outside["image_id"].head(t.evidence).tolist(),
+            )
+        )
+    return rows
+
+
+def judged_sanity_step(details: pd.Series) -> str | None:
+    """The cascade step the sanity check is judged on: classifier and explained stage
+    randomised (step 2), or the only step there is."""
+    steps = sorted(dict.fromkeys(details), key=lambda d: int(str(d).split(":", 1)[0]) if str(d)[:1].isdigit() else 0)
+    return steps[min(1, len(steps) - 1)] if steps else None
+
+
+def unfaithful_explanations(
+    occlusion: pd.DataFrame | None,
+    metrics: pd.DataFrame | None,
+    layer: str | None,
+    classes: list[str],
+    t: Thresholds,
+) -> list[dict]:
+    """Grad-CAM that fails the sanity check (every class), or disagrees with occlusion on a class.
+
+    Rows carry a ``reason`` (popped before storage) that marks the map-based findings they undermine.
+    """
+    rows = []
+    if metrics is not None and not metrics.empty:
+        sanity = metrics[(metrics["metric"] == "sanity_spearman") & (metrics["method"] == "gradcam")]
+        step = judged_sanity_step(sanity["detail"]) if not sanity.empty else None
+        if step is not None:
+            value = float(sanity.loc[sanity["detail"] == step, "value"].iloc[0])
+            if value >= t.sanity_max_spearman:
+                reason = (f"Grad-CAM fails the model-randomisation sanity check (rank correlation {value:.2f} with "
+                          f"the classifier and explained stage randomised, limit {t.sanity_max_spearman})")
+                rows.append(
+                    dict(
+                        kind="unfaithful_explanation",
+                        severity="high",
+                        class_name=None,
+                        slice=f"step={step}",
+                        metric="sanity_spearman",
+                        value=value,
+                        threshold=t.sanity_max_spearman,
+                        message=(
+                            f"{reason}: its maps barely change when the model's weights are replaced by random "
+                            "ones, so they show the image's edges more than what the model learnt. Findings that "
+                            "rest on the maps are marked low confidence; check the explained layer (--layer)."
+                        ),
+                        evidence=[],
+                        reason=reason,
+                    )
+                )
+    if occlusion is None or occlusion.empty or "gradcam_spearman" not in occlusion:
+        return rows
+    scored = occlusion[occlusion["is_label"] & occlusion["gradcam_spearman"].notna()]
+    for name, group in scored.groupby("target", sort=True):
+        if len(group) < t.min_class_images:
+            continue
+        median = float(group["gradcam_spearman"].median())
+        if median >= t.faithfulness_min_spearman:
+            continue
+        reason = (f"for '{name}' Grad-CAM and occlusion disagree (median rank correlation {median:.2f}, "
+                  f"below {t.faithfulness_min_spearman})")
+        rows.append(
+            dict(
+                kind="unfaithful_explanation",
+                severity=severity(median, 0.0, 0.1, larger_is_worse=False),
+                class_name=str(name),
+                slice=f"layer={layer}" if layer else None,
+                metric="gradcam_occlusion_spearman",
+                value=median,
+                threshold=t.faithfulness_min_spearman,
+                message=(
+                    f"On '{name}' images, Grad-CAM's map and the occlusion map (what muting each region costs "
+                    f"the class) rank the regions differently: median Spearman {median:.2f} over {len(group)} "
+                    "maps. Where they disagree, the Grad-CAM map is not a faithful account of what the model "
+                    "uses; trust the occlusion maps for this class, and treat map-based findings on it with care."
+                ),
+                evidence=group.sort_values("gradcam_spearman")["image_id"].head(t.evidence).tolist(),
+                reason=reason,
             )
         )
     return rows

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from tasks import cam, occlusion, storage
+from tasks import cam, occlusion, signals, storage
 from tasks.images import Decoded, Preprocess, boxes_to_input, decode_many, normalise, to_batch
 from tasks.models import LoadedModel
 
@@ -80,12 +80,10 @@ def audit_shard(
 
     A shard whose parts exist already (a restarted run) is not recomputed.
     """
-    if storage.part_exists("predictions", out_dir, run_id, shard) and (
-        storage.part_exists("explanations", out_dir, run_id, shard)
-    ):
+    if all(storage.part_exists(table, out_dir, run_id, shard) for table in ("predictions", "explanations", "signals")):
         return ShardResult(shard, len(rows), 0, reused=True)
     timings = {"decode": 0.0, "model": 0.0, "rows": 0.0}
-    predictions, explanations, occlusions = [], [], []
+    predictions, explanations, occlusions, signal_parts = [], [], [], []
     batches = [rows.iloc[i : i + settings.batch_size] for i in range(0, len(rows), settings.batch_size)]
 
     def load(batch: pd.DataFrame) -> list[Decoded | str]:
@@ -106,6 +104,11 @@ def audit_shard(
             predictions.append(_prediction_rows(batch, decoded, ok, result, settings))
             if result is not None:
                 explanations.append(_explanation_rows(batch.iloc[ok], result, settings))
+                signal_parts.append(
+                    signals.signal_rows(
+                        batch["image_id"].to_numpy()[ok], result.probs, result.embeddings, result.properties
+                    )
+                )
                 if result.occlusion is not None:
                     occlusions.append(_occlusion_rows(batch.iloc[ok], result, settings))
             timings["decode"] += t1 - t0  # time waiting for decoding, beyond what overlapped
@@ -119,6 +122,12 @@ def audit_shard(
         else storage.table_schema("explanations").empty_table().to_pandas()
     )
     storage.write_part(expl_df, "explanations", out_dir, run_id, shard)
+    signal_df = (
+        pd.concat(signal_parts, ignore_index=True)
+        if signal_parts
+        else storage.table_schema("signals").empty_table().to_pandas()
+    )
+    storage.write_part(signal_df, "signals", out_dir, run_id, shard)
     if occlusions:
         storage.write_part(pd.concat(occlusions, ignore_index=True), "occlusion", out_dir, run_id, shard)
     storage.write_part(pred_df, "predictions", out_dir, run_id, shard)  # written last: marks the shard done
@@ -142,6 +151,8 @@ class BatchResult:
     occlusion: np.ndarray | None = None  # (M, gh, gw) drops of the target's probability
     occlusion_scores: cam.MapScores | None = None
     faithfulness: np.ndarray | None = None  # (M,) Spearman(Grad-CAM pooled to the grid, occlusion)
+    embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (N, C)
+    properties: dict[str, np.ndarray] = field(default_factory=dict)  # image property -> (N,)
 
 
 def target_matrix(
@@ -170,7 +181,8 @@ def _run_batch(
 ) -> BatchResult:
     """One forward for predictions + activations; every requested map from shared gradients."""
     device = loaded.device
-    inputs = normalise(to_batch(decoded, device), settings.preprocess)
+    pixels = to_batch(decoded, device)
+    inputs = normalise(pixels, settings.preprocess)
     guided = tuple(m for m in settings.methods if m in cam.GUIDED_METHODS)
     forward = cam.hooked_forward(loaded.model, inputs, settings.layers, guided=bool(guided))
     scores = forward.scores.detach().float()
@@ -245,6 +257,8 @@ def _run_batch(
         occlusion=occluded,
         occlusion_scores=occlusion_scores,
         faithfulness=faithful,
+        embeddings=signals.pooled_embedding(forward.activations[settings.layer].detach()).float().cpu().numpy(),
+        properties={name: v.cpu().numpy() for name, v in signals.image_properties(pixels).items()},
     )
 
 

@@ -83,9 +83,27 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("threshold", pa.float64()),
             pa.field("message", pa.string(), nullable=False),
             pa.field("evidence", pa.list_(pa.string())),
+            pa.field("confidence", pa.string()),  # "low" when the maps it rests on failed a faithfulness check
         ]
     ),
 }
+
+SCHEMAS["signals"] = pa.schema(
+    [
+        # one row per readable image: the numbers the dataset detectors use (tasks/signals.py)
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("probabilities", pa.list_(pa.float32()), nullable=False),  # every class, in class order
+        pa.field("embedding", pa.list_(pa.float32()), nullable=False),  # explained layer, global-average-pooled
+        pa.field("mean_r", pa.float32()),  # model-input pixels in [0, 1]
+        pa.field("mean_g", pa.float32()),
+        pa.field("mean_b", pa.float32()),
+        pa.field("brightness", pa.float32()),  # mean luma (Rec. 601)
+        pa.field("contrast", pa.float32()),  # standard deviation of luma
+        pa.field("border_r", pa.float32()),  # mean colour of the outer 1/16 band of the image
+        pa.field("border_g", pa.float32()),
+        pa.field("border_b", pa.float32()),
+    ]
+)
 
 SCHEMAS["occlusion"] = pa.schema(
     [

@@ -51,13 +51,14 @@ MULTILABEL = [
 FINDINGS = [
     dict(kind="class_imbalance", severity="low", class_name=SCRIPT, slice=None, metric="share_vs_uniform",
          value=0.43, threshold=0.5, message=f"Class '{SCRIPT}' has 1 of 7 images, a rare class.",
-         evidence=["a4"]),
+         evidence=["a4"], confidence="normal"),
     dict(kind="confident_error", severity="high", class_name="circle", slice=None, metric="confident_error_share",
          value=0.33, threshold=0.02, message="1 of 3 'circle' images are misclassified with high confidence.",
-         evidence=["a1"]),
+         evidence=["a1"], confidence="normal"),
     dict(kind="confused_pair", severity="medium", class_name="square", slice="predicted=circle",
          metric="confused_share", value=0.33, threshold=0.1,
-         message="1 of 3 'square' images are predicted as 'circle'.", evidence=["a3", "a1"]),
+         message="1 of 3 'square' images are predicted as 'circle'.", evidence=["a3", "a1"],
+         confidence="low"),
 ]
 
 

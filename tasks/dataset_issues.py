@@ -1,0 +1,155 @@
+"""Dataset-quality detectors: ``likely_label_error`` and ``near_duplicate``.
+
+``likely_label_error`` is confident learning (Northcutt, Jiang and Chuang 2021) via
+cleanlab: with per-class thresholds t_j = mean p_j over the images labelled j, an image
+labelled i whose probability for another class j reaches t_j is counted in the confident
+joint C[i][j]; the images to prune are those off the diagonal, ranked by self-confidence
+p_i. It needs out-of-sample probabilities: audit a held-out split, not the training set.
+
+``near_duplicate`` compares penultimate-layer embeddings (``signals.embedding``) by
+cosine similarity; a pair that crosses the ``split`` attribute (train/test) is leakage.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tasks.thresholds import Thresholds, severity
+
+MAX_PAIRS = 100_000  # a collapsed embedding would pair everything; stop collecting beyond this
+BLOCK_ROWS = 2048
+
+
+def likely_label_errors(
+    audited: pd.DataFrame, signals: pd.DataFrame, classes: list[str], t: Thresholds
+) -> list[dict]:
+    """Per given class, the images whose label confident learning finds likely wrong."""
+    from cleanlab.filter import find_label_issues
+
+    frame = audited[audited["labels"].map(lambda ls: ls is not None and len(ls) == 1)]
+    frame = frame.assign(given=frame["labels"].map(lambda ls: ls[0]))
+    frame = frame[frame["given"].isin(classes)].merge(signals[["image_id", "probabilities"]], on="image_id")
+    if len(frame) < 2 * len(classes) or frame["given"].nunique() < 2:
+        return []
+    position = {name: i for i, name in enumerate(classes)}
+    labels = frame["given"].map(position).to_numpy()
+    probs = np.stack(frame["probabilities"].to_numpy()).astype(np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    flagged = frame.iloc[ranked].assign(suggested=[classes[i] for i in probs[ranked].argmax(axis=1)])
+    sizes = frame["given"].value_counts()
+    rows = []
+    for name, group in flagged.groupby("given", sort=True):
+        n = int(sizes[name])
+        share = len(group) / n
+        if n < t.min_class_images or share < t.label_error_share or len(group) < 2:
+            continue
+        suggested = group["suggested"].value_counts()
+        rows.append(
+            dict(
+                kind="likely_label_error",
+                severity=severity(share, 0.10, 0.05),
+                class_name=str(name),
+                slice=f"suggested={suggested.index[0]}",
+                metric="likely_label_error_share",
+                value=float(share),
+                threshold=t.label_error_share,
+                message=(
+                    f"{len(group)} of {n} images labelled '{name}' ({share:.1%}) look mislabelled: the model is "
+                    f"confident they are another class (mostly '{suggested.index[0]}', {suggested.iloc[0]} "
+                    "images), beyond the per-class thresholds of confident learning. Wrong labels bias both "
+                    "training and every accuracy figure: review these images (all are listed, least "
+                    "likely label first) and fix their labels before retraining or reporting accuracy."
+                ),
+                evidence=group["image_id"].tolist(),
+            )
+        )
+    return rows
+
+
+def similar_pairs(embeddings: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index pairs (i < j) whose cosine similarity is at least ``threshold``, and the similarities.
+
+    Blocked matrix products, so memory stays at BLOCK_ROWS x N similarities.
+    """
+    e = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
+    e = torch.nn.functional.normalize(e, dim=1)
+    firsts, seconds, sims = [], [], []
+    total = 0
+    for start in range(0, len(e), BLOCK_ROWS):
+        block = e[start : start + BLOCK_ROWS] @ e.T
+        rows = torch.arange(start, start + len(block)).unsqueeze(1)
+        block[torch.arange(len(e)).unsqueeze(0) <= rows] = -2.0  # keep j > i only
+        i, j = (block >= threshold).nonzero(as_tuple=True)
+        firsts.append((i + start).numpy())
+        seconds.append(j.numpy())
+        sims.append(block[i, j].numpy())
+        total += len(i)
+        if total >= MAX_PAIRS:
+            break
+    if not firsts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(sims)
+
+
+def _split_of(cell) -> str | None:
+    if cell is None:
+        return None
+    pairs = cell.items() if isinstance(cell, dict) else cell
+    return next((str(v) for k, v in pairs if k == "split"), None)
+
+
+def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[dict]:
+    """Near-duplicate image pairs; those across the ``split`` attribute are reported as leakage."""
+    frame = signals[["image_id", "embedding"]].merge(audited[["image_id", "labels", "attributes"]], on="image_id")
+    if len(frame) < 2:
+        return []
+    i, j, sims = similar_pairs(np.stack(frame["embedding"].to_numpy()), t.duplicate_similarity)
+    if len(i) == 0:
+        return []
+    splits = frame["attributes"].map(_split_of).to_numpy()
+    labels = frame["labels"].map(lambda ls: ",".join(ls) if ls is not None else "").to_numpy()
+    pairs = pd.DataFrame({"a": i, "b": j, "sim": sims}).sort_values("sim", ascending=False, kind="stable")
+    crossing = (splits[pairs["a"]] != splits[pairs["b"]]) & pd.notna(splits[pairs["a"]]) & pd.notna(splits[pairs["b"]])
+    ids = frame["image_id"].to_numpy()
+    rows = []
+    for leak, group in ((True, pairs[crossing]), (False, pairs[~crossing])):
+        if group.empty:
+            continue
+        images = len(set(group["a"]) | set(group["b"]))
+        share = images / len(frame)
+        disagree = int((labels[group["a"]] != labels[group["b"]]).sum())
+        evidence = list(dict.fromkeys(np.column_stack([ids[group["a"]], ids[group["b"]]]).ravel().tolist()))
+        where = (
+            "across splits (" + ", ".join(sorted({f"{splits[a]}/{splits[b]}" for a, b in zip(group["a"], group["b"])})) + ")"
+            if leak else "within the audited data"
+        )
+        why = (
+            "Images shared between splits leak: test accuracy overstates how the model does on new images. "
+            "Remove the duplicates from one split and re-evaluate."
+            if leak else
+            "Duplicates weigh some images more than others in training and in every accuracy figure; "
+            "keep one of each group."
+        )
+        rows.append(
+            dict(
+                kind="near_duplicate",
+                severity="high" if leak else severity(share, 0.10, 0.02),
+                class_name=None,
+                slice="leakage" if leak else "within split",
+                metric="near_duplicate_pairs",
+                value=float(len(group)),
+                threshold=1.0,
+                message=(
+                    f"{len(group)} pairs of images {where} are near-duplicates (cosine similarity of their "
+                    f"embeddings >= {t.duplicate_similarity}, highest {group['sim'].max():.4f}), {images} images "
+                    f"in all ({share:.1%})"
+                    + (f"; {disagree} pairs carry different labels, so at least one label of each is wrong" if disagree else "")
+                    + f". {why} Evidence lists the pairs side by side, most similar first."
+                ),
+                evidence=evidence,
+            )
+        )
+    return rows

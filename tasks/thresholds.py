@@ -1,0 +1,45 @@
+"""Thresholds of the finding detectors (documented in the README's "Finding kinds") and severity bands."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Documented, configurable thresholds; ``--threshold name=value`` overrides one."""
+
+    confident_error_confidence: float = 0.9  # a wrong prediction at least this confident is a confident error
+    confident_error_share: float = 0.02  # flag a class when this share of its images are confident errors
+    confused_pair_share: float = 0.10  # flag true->predicted pairs taking this share of the true class
+    confused_pair_min_count: int = 3  # ... and at least this many images
+    imbalance_ratio: float = 0.5  # flag a class whose share is below this fraction of the uniform share 1/K
+    off_object_lift: float = 1.5  # flag a class whose median energy-in-box is below lift x box-area fraction
+    min_class_images: int = 5  # classes with fewer audited images are not judged by per-class rates
+    evidence: int = 8  # evidence image ids kept per finding (label errors and duplicates keep all)
+    sanity_max_spearman: float = 0.5  # a method whose maps keep this rank correlation after the
+    # classifier and the explained stage are randomised fails the sanity check (Adebayo et al. 2018)
+    shortcut_balanced_accuracy: float = 0.75  # one image property tells a class from the rest this well
+    # (cross-validated one-feature classifier; chance = 0.5, the majority-class guess)
+    slice_margin: float = 0.05  # a slice's accuracy gap must exceed this with the interval below
+    slice_confidence: float = 0.95  # family-wise level of the gap intervals (Bonferroni over slices)
+    min_slice_images: int = 20  # smaller slices are not judged
+    label_error_share: float = 0.02  # flag a class when confident learning flags this share of its labels
+    duplicate_similarity: float = 0.985  # cosine similarity of embeddings at which two images are near-duplicates
+    faithfulness_min_spearman: float = 0.2  # a class whose median Grad-CAM/occlusion rank correlation is lower
+    fixed_location_share: float = 0.5  # share of a class's map peaks in one spot
+    fixed_location_patch_ratio: float = 0.5  # attended patches' spread vs. patches elsewhere (lower = same content)
+    fixed_location_drop: float = 0.2  # mean drop of the class's probability when that spot is muted
+    fixed_location_control: float = 2.0  # ... at least this many times the drop from muting elsewhere
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def severity(value: float, high: float, medium: float, larger_is_worse: bool = True) -> str:
+    """'high', 'medium' or 'low' by two cut points (inclusive)."""
+    if larger_is_worse:
+        return "high" if value >= high else "medium" if value >= medium else "low"
+    return "high" if value <= high else "medium" if value <= medium else "low"
