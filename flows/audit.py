@@ -294,7 +294,7 @@ def find(plan: RunPlan) -> int:
             if len(inputs) >= 2:
                 probes[candidate.class_name] = probe_location(
                     loaded.model, inputs, plan.classes.index(candidate.class_name),
-                    candidate.x, candidate.y, plan.multi_label,
+                    candidate.x, candidate.y, plan.multi_label, thresholds.fixed_location_patch_ratio,
                 )
     findings = compute_findings(
         predictions, explanations, plan.classes, thresholds, plan.multi_label, layer=plan.layers[-1],

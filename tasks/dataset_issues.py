@@ -6,8 +6,11 @@ labelled i whose probability for another class j reaches t_j is counted in the c
 joint C[i][j]; the images to prune are those off the diagonal, ranked by self-confidence
 p_i. It needs out-of-sample probabilities: audit a held-out split, not the training set.
 
-``near_duplicate`` compares penultimate-layer embeddings (``signals.embedding``) by
-cosine similarity; a pair that crosses the ``split`` attribute (train/test) is leakage.
+``near_duplicate`` compares 8x8 thumbnails of the model input (``signals.thumbnail``) by
+RMS difference, and reports the pairs' embedding similarity beside it; a pair that crosses
+the ``split`` attribute (train/test) is leakage. Thumbnails, not embeddings, decide: on
+the demo, the penultimate embeddings of distinct images come closer than those of an
+image and its JPEG re-encode, while thumbnails keep them ten times apart.
 """
 
 from __future__ import annotations
@@ -69,29 +72,28 @@ def likely_label_errors(
     return rows
 
 
-def similar_pairs(embeddings: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Index pairs (i < j) whose cosine similarity is at least ``threshold``, and the similarities.
+def close_pairs(vectors: np.ndarray, max_rms: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Index pairs (i < j) whose RMS difference is at most ``max_rms``, and the differences.
 
-    Blocked matrix products, so memory stays at BLOCK_ROWS x N similarities.
+    Blocked distance computations, so memory stays at BLOCK_ROWS x N distances.
     """
-    e = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
-    e = torch.nn.functional.normalize(e, dim=1)
-    firsts, seconds, sims = [], [], []
+    v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    firsts, seconds, distances = [], [], []
     total = 0
-    for start in range(0, len(e), BLOCK_ROWS):
-        block = e[start : start + BLOCK_ROWS] @ e.T
+    for start in range(0, len(v), BLOCK_ROWS):
+        block = torch.cdist(v[start : start + BLOCK_ROWS], v) / np.sqrt(v.shape[1])
         rows = torch.arange(start, start + len(block)).unsqueeze(1)
-        block[torch.arange(len(e)).unsqueeze(0) <= rows] = -2.0  # keep j > i only
-        i, j = (block >= threshold).nonzero(as_tuple=True)
+        block[torch.arange(len(v)).unsqueeze(0) <= rows] = float("inf")  # keep j > i only
+        i, j = (block <= max_rms).nonzero(as_tuple=True)
         firsts.append((i + start).numpy())
         seconds.append(j.numpy())
-        sims.append(block[i, j].numpy())
+        distances.append(block[i, j].numpy())
         total += len(i)
         if total >= MAX_PAIRS:
             break
     if not firsts:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(sims)
+    return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(distances)
 
 
 def _split_of(cell) -> str | None:
@@ -103,15 +105,21 @@ def _split_of(cell) -> str | None:
 
 def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[dict]:
     """Near-duplicate image pairs; those across the ``split`` attribute are reported as leakage."""
-    frame = signals[["image_id", "embedding"]].merge(audited[["image_id", "labels", "attributes"]], on="image_id")
+    frame = signals[["image_id", "embedding", "thumbnail"]].merge(
+        audited[["image_id", "labels", "attributes"]], on="image_id"
+    )
     if len(frame) < 2:
         return []
-    i, j, sims = similar_pairs(np.stack(frame["embedding"].to_numpy()), t.duplicate_similarity)
+    thumbnails = np.stack(frame["thumbnail"].to_numpy()).astype(np.float32) / 255.0
+    i, j, rms = close_pairs(thumbnails, t.duplicate_pixel_rms)
     if len(i) == 0:
         return []
+    embeddings = np.stack(frame["embedding"].to_numpy()).astype(np.float64)
+    embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    sims = (embeddings[i] * embeddings[j]).sum(axis=1)
     splits = frame["attributes"].map(_split_of).to_numpy()
     labels = frame["labels"].map(lambda ls: ",".join(ls) if ls is not None else "").to_numpy()
-    pairs = pd.DataFrame({"a": i, "b": j, "sim": sims}).sort_values("sim", ascending=False, kind="stable")
+    pairs = pd.DataFrame({"a": i, "b": j, "rms": rms, "sim": sims}).sort_values("rms", kind="stable")
     crossing = (splits[pairs["a"]] != splits[pairs["b"]]) & pd.notna(splits[pairs["a"]]) & pd.notna(splits[pairs["b"]])
     ids = frame["image_id"].to_numpy()
     rows = []
@@ -143,9 +151,9 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
                 value=float(len(group)),
                 threshold=1.0,
                 message=(
-                    f"{len(group)} pairs of images {where} are near-duplicates (cosine similarity of their "
-                    f"embeddings >= {t.duplicate_similarity}, highest {group['sim'].max():.4f}), {images} images "
-                    f"in all ({share:.1%})"
+                    f"{len(group)} pairs of images {where} are near-duplicates (their 8x8 thumbnails differ by "
+                    f"at most {t.duplicate_pixel_rms} RMS; median embedding cosine similarity "
+                    f"{np.median(group['sim']):.4f}), {images} images in all ({share:.1%})"
                     + (f"; {disagree} pairs carry different labels, so at least one label of each is wrong" if disagree else "")
                     + f". {why} Evidence lists the pairs side by side, most similar first."
                 ),

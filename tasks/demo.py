@@ -1,10 +1,14 @@
 """The demo: a shapes dataset with planted biases, a small CNN and its CPU trainer.
 
 The recipe (``data/demo.toml``) fixes everything, so the same recipe always gives the
-same image bytes. Two biases are planted for the audit to find: the ``mark_class`` images
+same image bytes. Biases are planted for the audit to find: the ``mark_class`` images
 mostly carry a small high-contrast mark at a fixed corner position, outside the shape's
-box, and the ``background_class`` images mostly sit on one background colour. The test
-split shares both biases, so held-out accuracy alone does not reveal them; Grad-CAM does.
+box; the ``background_class`` images mostly sit on one background colour. The test split
+shares both, so held-out accuracy alone does not reveal them. A share of the test images
+come from an "old" camera (blurred, low contrast, noisy: the ``camera`` attribute) that
+training never saw: a slice the model is weaker on.
+``centred_class`` (optional) draws that class's shapes at the image centre: a location
+prior that is not a shortcut, which the fixed-location detector must not flag.
 """
 
 from __future__ import annotations
@@ -27,18 +31,18 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
 from tasks.images import IMAGENET_MEAN, IMAGENET_STD
 
 DEFAULT_RECIPE: Path = Path(__file__).resolve().parents[1] / "data" / "demo.toml"
 
-MANIFEST_COLUMNS = ("path", "label", "x0", "y0", "x1", "y1", "background", "mark")
+MANIFEST_COLUMNS = ("path", "label", "x0", "y0", "x1", "y1", "background", "mark", "camera")
 SPLITS = ("train", "test")
 SHAPES = ("circle", "square", "triangle", "star")
 # Bump when the drawing code changes, so cached datasets and weights are rebuilt.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 _COMPLETE = ".complete"
 _CORNER_MARGIN = 3  # free pixels between the mark region and any shape
 _MIN_COLOUR_DISTANCE = 110.0  # shape colour vs background colour, Euclidean in RGB
@@ -61,6 +65,8 @@ class DemoRecipe:
     background_class: str
     background_colour: str
     background_probability: float
+    degraded_probability: float
+    centred_class: str
     epochs: int
     batch_size: int
     learning_rate: float
@@ -77,7 +83,9 @@ class DemoRecipe:
         for name, rgb in self.backgrounds.items():
             if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
                 raise ValueError(f"background {name!r} must be [R, G, B] in 0..255, got {list(rgb)}")
-        for field_name in ("mark_probability", "background_probability"):
+        if self.centred_class and self.centred_class not in self.classes:
+            raise ValueError(f"centred_class {self.centred_class!r} is not one of the classes (or \"\" for none)")
+        for field_name in ("mark_probability", "background_probability", "degraded_probability"):
             if not 0.0 <= getattr(self, field_name) <= 1.0:
                 raise ValueError(f"{field_name} must lie in [0, 1]")
         if self.image_size < 32:
@@ -173,10 +181,10 @@ def _write_split(recipe: DemoRecipe, root: Path, split_index: int, split: str) -
         folder.mkdir(parents=True)
         for i in range(count):
             rng = np.random.default_rng([recipe.seed, split_index, class_index, i])
-            pixels, box, background, marked = render_image(recipe, label, rng)
+            pixels, box, background, marked, degraded = render_image(recipe, label, rng, split)
             relative = f"images/{split}/{label}/{label}_{i:04d}.png"
             Image.fromarray(pixels).save(root / relative, format="PNG")
-            rows.append([relative, label, *box, background, "yes" if marked else "no"])
+            rows.append([relative, label, *box, background, "yes" if marked else "no", "old" if degraded else "new"])
     with (root / f"{split}.csv").open("w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(MANIFEST_COLUMNS)
@@ -184,10 +192,11 @@ def _write_split(recipe: DemoRecipe, root: Path, split_index: int, split: str) -
 
 
 def render_image(
-    recipe: DemoRecipe, label: str, rng: np.random.Generator
-) -> tuple[np.ndarray, tuple[int, int, int, int], str, bool]:
+    recipe: DemoRecipe, label: str, rng: np.random.Generator, split: str = "test"
+) -> tuple[np.ndarray, tuple[int, int, int, int], str, bool, bool]:
     """Draw one image of class ``label``: (H, W, 3) uint8 pixels, the shape's box
-    (x0, y0, x1, y1, end-exclusive), the background name and whether it carries the mark."""
+    (x0, y0, x1, y1, end-exclusive), the background name, whether it carries the mark and
+    whether it is degraded (the "old" camera, only in the test split)."""
     size = recipe.image_size
     names = sorted(recipe.backgrounds)
     if label == recipe.background_class:
@@ -203,7 +212,10 @@ def render_image(
     corner_x = recipe.mark_xy[0] + recipe.mark_size + _CORNER_MARGIN
     corner_y = recipe.mark_xy[1] + recipe.mark_size + _CORNER_MARGIN
     while True:
-        cx, cy = rng.uniform(radius + 1, size - radius - 1, size=2)
+        if label == recipe.centred_class:
+            cx, cy = size / 2 + rng.uniform(-0.03, 0.03, size=2) * size
+        else:
+            cx, cy = rng.uniform(radius + 1, size - radius - 1, size=2)
         if cx - radius >= corner_x or cy - radius >= corner_y:
             break
     mask_image = Image.new("L", (size, size), 0)
@@ -223,11 +235,17 @@ def render_image(
         if np.linalg.norm(colour - base) >= _MIN_COLOUR_DISTANCE:
             break
     pixels[mask] = colour
-    pixels += rng.normal(0.0, 6.0, size=pixels.shape)
+    degraded = bool(rng.random() < recipe.degraded_probability) and split == "test"
+    if degraded:  # the "old" camera: washed-out contrast, blur and sensor noise
+        pixels = pixels.mean(axis=(0, 1), keepdims=True) + 0.3 * (pixels - pixels.mean(axis=(0, 1), keepdims=True))
+        blurred = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(2))
+        pixels = np.asarray(blurred, dtype=np.float32) + rng.normal(0.0, 14.0, size=pixels.shape)
+    else:
+        pixels += rng.normal(0.0, 6.0, size=pixels.shape)
     out = np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
     if marked:
         paint_mark(out, recipe)
-    return out, (box[0], box[1], box[2], box[3]), background, marked
+    return out, (box[0], box[1], box[2], box[3]), background, marked, degraded
 
 
 def paint_mark(pixels: np.ndarray, recipe: DemoRecipe) -> None:

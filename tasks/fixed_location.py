@@ -6,14 +6,16 @@ and fails the second):
 1. **Peaks cluster.** Grad-CAM peaks of the class's own-label maps: the densest spot (the
    peak with most other peaks within ``RADIUS`` of the image side) holds at least
    ``fixed_location_share`` of them.
-2. **Same content.** Square patches cut at that spot from sample images of the class are
-   nearly identical while the images vary: the median pairwise RMS distance between the
-   attended patches, divided by the same for patches cut at reference spots elsewhere in
-   the same images, is at most ``fixed_location_patch_ratio``.
-3. **The model depends on it (occlusion).** Muting the patch (setting it to the dataset
-   mean, 0 after normalisation) drops the class's probability by at least
-   ``fixed_location_drop`` on average, and at least ``fixed_location_control`` times the
-   drop from muting the reference spots.
+2. **Same content.** Near the spot (within ``SEARCH_RADIUS``: a Grad-CAM peak can sit some
+   way from a small mark), the square patch whose content varies least across sample
+   images of the class: its median pairwise RMS distance across the images, divided by
+   the median of that spread over every patch of its size (1/16, 1/8 or 1/4 of the side),
+   is at most ``fixed_location_patch_ratio``. A mark is the same in every image while the
+   images vary; the middle of centred objects is not.
+3. **The model depends on it (occlusion).** Muting a square twice the patch's side
+   (setting it to the dataset mean, 0 after normalisation) drops the class's probability
+   by at least ``fixed_location_drop`` on average, and at least ``fixed_location_control``
+   times the drop from muting squares of that size at reference spots far from it.
 """
 
 from __future__ import annotations
@@ -47,7 +49,10 @@ class LocationCandidate:
 class LocationProbe:
     """What the content and occlusion probes measured for one candidate."""
 
-    patch_ratio: float  # attended-patch spread / reference-patch spread
+    x: float  # centre of the most constant patch near the peaks (fractions of the input)
+    y: float
+    side: float  # its side, a fraction of the input side
+    patch_ratio: float  # its spread across images / the median spread of patches of its size
     drop: float  # mean drop of the class's probability when the spot is muted
     control_drop: float  # the same, muting the reference spots
     flip_share: float  # of the probed images predicted as the class, the share no longer predicted
@@ -78,28 +83,63 @@ def location_candidates(audited: pd.DataFrame, explanations: pd.DataFrame, t: Th
     return found
 
 
-def _square(x: float, y: float, size: int) -> tuple[int, int, int]:
-    """Top-left corner and side, in pixels, of the patch centred at (x, y) (fractions), kept inside."""
-    side = max(2, int(round(2 * RADIUS * size)))
-    left = int(np.clip(round(x * size - side / 2), 0, size - side))
-    top = int(np.clip(round(y * size - side / 2), 0, size - side))
-    return left, top, side
+PATCH_FRACTIONS = (1 / 16, 1 / 8, 1 / 4)  # patch sides searched, as fractions of the input side
+SEARCH_RADIUS = 0.3  # of the side: Grad-CAM peaks sit this far from a small mark at most (receptive fields)
 
 
 def reference_spots(x: float, y: float, count: int = REFERENCE_SPOTS) -> list[tuple[float, float]]:
-    """Spots on a ring of grid positions at least two patch widths from (x, y)."""
+    """Grid spots far from (x, y), farthest first."""
     grid = [(gx, gy) for gy in (0.2, 0.5, 0.8) for gx in (0.2, 0.5, 0.8)]
-    far = [(gx, gy) for gx, gy in grid if np.hypot(gx - x, gy - y) >= 4 * RADIUS]
+    far = [(gx, gy) for gx, gy in grid if np.hypot(gx - x, gy - y) >= 2 * RADIUS]
     far.sort(key=lambda p: -np.hypot(p[0] - x, p[1] - y))
     return far[:count]
 
 
-def _median_pairwise_rms(patches: torch.Tensor) -> float:
-    """Median RMS distance over all pairs of (N, P) patch vectors."""
-    flat = patches.flatten(1).double()
-    d = torch.cdist(flat, flat) / np.sqrt(flat.shape[1])
-    upper = torch.triu_indices(len(flat), len(flat), offset=1)
-    return float(d[upper[0], upper[1]].median())
+def patch_spreads(inputs: torch.Tensor, side: int, stride: int) -> torch.Tensor:
+    """Median pairwise RMS distance, across images, of the patch at every position: (rows, cols)."""
+    n, c, size, _ = inputs.shape
+    patches = torch.nn.functional.unfold(inputs.double(), side, stride=stride)  # (N, C*side*side, L)
+    per_spot = patches.permute(2, 0, 1)  # (L, N, D)
+    d = torch.cdist(per_spot, per_spot) / np.sqrt(per_spot.shape[-1])
+    upper = torch.triu_indices(n, n, offset=1)
+    spreads = d[:, upper[0], upper[1]].median(dim=1).values
+    positions = (size - side) // stride + 1
+    return spreads.view(positions, positions)
+
+
+def most_constant_patch(
+    inputs: torch.Tensor, x: float, y: float, max_ratio: float = 0.5
+) -> tuple[float, float, int, float]:
+    """Test 2: near (x, y), the patch whose content varies least across the images, relative to
+    patches of its size anywhere in them. Of the sizes whose best patch is constant (ratio at
+    most ``max_ratio``) the largest is returned, so that muting covers the whole mark; with
+    none constant, the lowest ratio. Returns its centre (fractions), side (pixels) and ratio."""
+    size = inputs.shape[-1]
+    best_per_size = []
+    for fraction in PATCH_FRACTIONS:
+        side = max(2, round(size * fraction))
+        stride = max(1, side // 2)
+        spreads = patch_spreads(inputs, side, stride)
+        reference = float(spreads.median())
+        if reference <= 0:
+            continue
+        centres = (torch.arange(spreads.shape[0], dtype=torch.float64) * stride + side / 2) / size
+        near = (centres.view(1, -1) - x) ** 2 + (centres.view(-1, 1) - y) ** 2 <= SEARCH_RADIUS**2
+        ratio = torch.where(near, spreads / reference, torch.full_like(spreads, float("inf")))
+        row, col = divmod(int(ratio.argmin()), ratio.shape[1])
+        best_per_size.append((float(centres[col]), float(centres[row]), side, float(ratio[row, col])))
+    if not best_per_size:
+        return x, y, max(2, round(size * PATCH_FRACTIONS[1])), float("inf")
+    constant = [b for b in best_per_size if b[3] <= max_ratio]
+    return max(constant, key=lambda b: b[2]) if constant else min(best_per_size, key=lambda b: b[3])
+
+
+def _square(x: float, y: float, side: int, size: int) -> tuple[int, int, int]:
+    """Top-left corner and side, in pixels, of the square centred at (x, y) (fractions), kept inside."""
+    side = min(side, size)
+    left = int(np.clip(round(x * size - side / 2), 0, size - side))
+    top = int(np.clip(round(y * size - side / 2), 0, size - side))
+    return left, top, side
 
 
 @torch.no_grad()
@@ -110,19 +150,18 @@ def probe_location(
     x: float,
     y: float,
     multi_label: bool = False,
+    max_ratio: float = 0.5,
 ) -> LocationProbe:
-    """Tests 2 and 3 on (N, 3, S, S) normalised inputs of the class (N >= 2)."""
+    """Tests 2 and 3 on (N, 3, S, S) normalised inputs of the class (N >= 2), near the spot (x, y)."""
     if inputs.ndim != 4 or len(inputs) < 2:
         raise ValueError("probe_location needs a batch of at least two images")
     size = inputs.shape[-1]
-    spots = [(x, y), *reference_spots(x, y)]
-    squares = [_square(sx, sy, size) for sx, sy in spots]
-    patches = [inputs[:, :, top : top + side, left : left + side] for left, top, side in squares]
-    spreads = [_median_pairwise_rms(p) for p in patches]
-    reference = float(np.median(spreads[1:])) if len(spreads) > 1 else float("nan")
+    px, py, side, ratio = most_constant_patch(inputs, x, y, max_ratio)
+    spots = [(px, py), *reference_spots(px, py)]
+    squares = [_square(sx, sy, 2 * side, size) for sx, sy in spots]  # mute twice the patch: all of the mark
     muted = inputs.unsqueeze(0).repeat(len(spots), 1, 1, 1, 1)
-    for k, (left, top, side) in enumerate(squares):
-        muted[k, :, :, top : top + side, left : left + side] = 0.0
+    for k, (left, top, width) in enumerate(squares):
+        muted[k, :, :, top : top + width, left : left + width] = 0.0
     was_training = model.training
     model.eval()
     try:
@@ -139,7 +178,10 @@ def probe_location(
     flipped = after[0].argmax(dim=1) != class_index
     flip_share = float((predicted & flipped).sum() / predicted.sum()) if predicted.any() else 0.0
     return LocationProbe(
-        patch_ratio=spreads[0] / reference if reference > 0 else float("inf"),
+        x=px,
+        y=py,
+        side=side / size,
+        patch_ratio=ratio,
         drop=float(drops[0]),
         control_drop=float(drops[1:].mean()) if len(spots) > 1 else 0.0,
         flip_share=flip_share,
@@ -165,15 +207,15 @@ def attention_fixed_location(
                 kind="attention_fixed_location",
                 severity=severity(probe.drop, 0.4, 0.25),
                 class_name=c.class_name,
-                slice=f"spot=({c.x:.2f}, {c.y:.2f})",
+                slice=f"spot=({probe.x:.2f}, {probe.y:.2f})",
                 metric="probability_drop_when_muted",
                 value=probe.drop,
                 threshold=t.fixed_location_drop,
                 message=(
                     f"For '{c.class_name}', {c.share:.0%} of the Grad-CAM peaks ({c.images} images) fall in one "
-                    f"spot at x {c.x:.2f}, y {c.y:.2f} of the image, and what sits there is nearly the same in "
-                    f"every image (patch spread {probe.patch_ratio:.2f}x that of patches elsewhere). Muting that "
-                    f"spot drops the class's probability by {probe.drop:.2f} on average ({probe.control_drop:.2f} "
+                    f"spot (x {c.x:.2f}, y {c.y:.2f} of the image), and beside it, at x {probe.x:.2f}, "
+                    f"y {probe.y:.2f}, a patch {probe.side:.0%} of the image wide is nearly the same in every "
+                    f"image (spread {probe.patch_ratio:.2f}x that of patches elsewhere). Muting that patch drops the class's probability by {probe.drop:.2f} on average ({probe.control_drop:.2f} "
                     f"muting elsewhere) and changes {probe.flip_share:.0%} of the class's predictions "
                     f"({probe.images} images probed). The model recognises this class by a mark, tag or "
                     "watermark at a fixed place, not by the object: remove the mark from the training images "

@@ -106,7 +106,7 @@ def audit_shard(
                 explanations.append(_explanation_rows(batch.iloc[ok], result, settings))
                 signal_parts.append(
                     signals.signal_rows(
-                        batch["image_id"].to_numpy()[ok], result.probs, result.embeddings, result.properties
+                        batch["image_id"].to_numpy()[ok], result.probs, result.embeddings, result.properties, result.thumbnails
                     )
                 )
                 if result.occlusion is not None:
@@ -153,6 +153,7 @@ class BatchResult:
     faithfulness: np.ndarray | None = None  # (M,) Spearman(Grad-CAM pooled to the grid, occlusion)
     embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (N, C)
     properties: dict[str, np.ndarray] = field(default_factory=dict)  # image property -> (N,)
+    thumbnails: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # (N, 192)
 
 
 def target_matrix(
@@ -259,6 +260,7 @@ def _run_batch(
         faithfulness=faithful,
         embeddings=signals.pooled_embedding(forward.activations[settings.layer].detach()).float().cpu().numpy(),
         properties={name: v.cpu().numpy() for name, v in signals.image_properties(pixels).items()},
+        thumbnails=signals.thumbnails(pixels).cpu().numpy(),
     )
 
 

@@ -324,6 +324,7 @@ def finding_view(finding: pd.Series, evidence: list[pd.Series], painter: Painter
         "severity": finding["severity"],
         "class_name": class_name,
         "slice": slice_text,
+        "low_confidence": _string(finding.get("confidence")) == "low",
         "message": finding["message"],
         "measure": f"{finding['metric']} = {number(finding['value'])} (threshold {number(finding['threshold'])})",
         "examples": [evidence_example(row, class_name, painter, layer) for row in evidence],

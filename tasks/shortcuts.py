@@ -2,7 +2,7 @@
 
 ``shortcut_property``: can one simple image property (mean colour, brightness, contrast,
 border colour, size, aspect) tell a class from the rest? For each property and class, a
-one-feature classifier (the property cut into quantile bins; a bin predicts the class when
+one-feature classifier (the property cut into quantile bins of ~15 training images; a bin predicts the class when
 the class is more frequent in it than overall) is cross-validated, and scored by balanced
 accuracy, (TPR + TNR) / 2, whose chance level 0.5 is what the majority-class guess scores.
 It is run against the labels (the data has the shortcut) and against the predictions
@@ -25,7 +25,7 @@ from tasks.signals import PROPERTY_COLUMNS
 from tasks.thresholds import Thresholds, severity
 
 FOLDS = 5
-BINS = 10
+IMAGES_PER_BIN = 15  # quantile bins of about this many training images, between 5 and 32 bins
 PROPERTY_WORDS = {
     "mean_r": "mean red", "mean_g": "mean green", "mean_b": "mean blue", "brightness": "brightness",
     "contrast": "contrast", "border_r": "border red", "border_g": "border green", "border_b": "border blue",
@@ -45,7 +45,7 @@ def property_frame(audited: pd.DataFrame, signals: pd.DataFrame) -> pd.DataFrame
 
 
 def one_feature_balanced_accuracy(
-    x: np.ndarray, members: np.ndarray, folds: int = FOLDS, bins: int = BINS, seed: int = 0
+    x: np.ndarray, members: np.ndarray, folds: int = FOLDS, bins: int | None = None, seed: int = 0
 ) -> np.ndarray:
     """Cross-validated balanced accuracy of a one-feature binned classifier, per class.
 
@@ -60,6 +60,7 @@ def one_feature_balanced_accuracy(
     fold[order] = np.arange(n) % folds
     predicted = np.zeros((n, k), dtype=bool)
     y = members.astype(np.float64)
+    bins = bins or int(np.clip(n * (folds - 1) / folds // IMAGES_PER_BIN, 5, 32))
     for f in range(folds):
         train, test = fold != f, fold == f
         edges = np.unique(np.quantile(x[train], np.linspace(0, 1, bins + 1)[1:-1]))
@@ -207,6 +208,9 @@ def slice_gap(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> li
         counts = values.value_counts()
         if len(counts) < 2 or len(counts) > 50:
             continue
+        if len(counts) == 2 and len(values) == len(frame):  # both values give the same comparison:
+            accuracy = frame.groupby(column)["correct"].mean()  # keep the weaker side
+            counts = counts.loc[[accuracy.idxmin()]]
         for value, n_in in counts.items():
             if n_in >= t.min_slice_images and len(frame) - n_in >= t.min_slice_images:
                 candidates.append((column, value))

@@ -102,6 +102,7 @@ SCHEMAS["signals"] = pa.schema(
         pa.field("border_r", pa.float32()),  # mean colour of the outer 1/16 band of the image
         pa.field("border_g", pa.float32()),
         pa.field("border_b", pa.float32()),
+        pa.field("thumbnail", pa.list_(pa.uint8()), nullable=False),  # 8x8 RGB, channel-major
     ]
 )
 

@@ -27,7 +27,7 @@ class Thresholds:
     slice_confidence: float = 0.95  # family-wise level of the gap intervals (Bonferroni over slices)
     min_slice_images: int = 20  # smaller slices are not judged
     label_error_share: float = 0.02  # flag a class when confident learning flags this share of its labels
-    duplicate_similarity: float = 0.985  # cosine similarity of embeddings at which two images are near-duplicates
+    duplicate_pixel_rms: float = 0.02  # RMS difference of 8x8 thumbnails (pixels in [0, 1]) of near-duplicates
     faithfulness_min_spearman: float = 0.2  # a class whose median Grad-CAM/occlusion rank correlation is lower
     fixed_location_share: float = 0.5  # share of a class's map peaks in one spot
     fixed_location_patch_ratio: float = 0.5  # attended patches' spread vs. patches elsewhere (lower = same content)

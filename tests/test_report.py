@@ -181,6 +181,7 @@ def test_html_and_pdf_show_classes_findings_and_sections(rendered: tuple[Path, s
         assert needle in text
     for finding in FINDINGS:
         assert finding["message"] in text
+    assert text.count("confused pair (low confidence)") == 1 and text.count("LOW CONFIDENCE") == 1
     assert "page 2 of" in text
     assert not list(run_dir.glob(".*.tmp"))
 

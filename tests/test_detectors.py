@@ -1,0 +1,232 @@
+"""The dataset and attention detectors on generated tables: each fires on its planted signal,
+stays quiet on the same data without it, and its statistics match references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from tasks.dataset_issues import likely_label_errors, near_duplicates
+from tasks.findings import Thresholds, compute_findings
+from tasks.fixed_location import location_candidates, most_constant_patch, probe_location
+from tasks.shortcuts import difference_interval, one_feature_balanced_accuracy, shortcut_property, slice_gap
+from tasks.signals import PROPERTY_COLUMNS, image_properties, thumbnails
+
+CLASSES = ["cat", "dog", "fox"]
+
+
+def _audit(n_per_class: int = 60, seed: int = 0, attributes=None) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    labels = [c for c in CLASSES for _ in range(n_per_class)]
+    n = len(labels)
+    return pd.DataFrame(
+        {
+            "image_id": [f"i{k:04d}" for k in range(n)],
+            "uri": [f"/data/{k}.png" for k in range(n)],
+            "labels": [[c] for c in labels],
+            "predicted": [[c] for c in labels],
+            "confidence": rng.uniform(0.7, 1.0, n),
+            "correct": True,
+            "image_width": 64,
+            "image_height": 64,
+            "attributes": attributes if attributes is not None else [[("site", "a")]] * n,
+            "error": None,
+        }
+    )
+
+
+def _signals(audited: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    n = len(audited)
+    frame = pd.DataFrame({"image_id": audited["image_id"]})
+    for name in PROPERTY_COLUMNS:
+        frame[name] = rng.uniform(0.2, 0.8, n).astype(np.float32)
+    index = [CLASSES.index(ls[0]) for ls in audited["labels"]]
+    probs = np.full((n, len(CLASSES)), 0.02)
+    probs[np.arange(n), index] = 0.96
+    frame["probabilities"] = list(probs.astype(np.float32))
+    frame["embedding"] = list(rng.normal(size=(n, 16)).astype(np.float32))
+    frame["thumbnail"] = list(rng.integers(0, 256, size=(n, 192)).astype(np.uint8))
+    return frame
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def test_image_properties_and_thumbnails_match_numpy() -> None:
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, size=(3, 3, 32, 32), dtype=np.uint8)
+    props = image_properties(torch.from_numpy(pixels))
+    x = pixels.astype(np.float64) / 255
+    luma = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    np.testing.assert_allclose(props["mean_g"].numpy(), x[:, 1].mean(axis=(1, 2)), atol=1e-6)
+    np.testing.assert_allclose(props["brightness"].numpy(), luma.mean(axis=(1, 2)), atol=1e-6)
+    np.testing.assert_allclose(props["contrast"].numpy(), luma.reshape(3, -1).std(axis=1, ddof=1), atol=1e-5)
+    border = np.ones((32, 32), bool)
+    border[2:30, 2:30] = False
+    np.testing.assert_allclose(props["border_r"].numpy(), x[:, 0][:, border].mean(axis=1), atol=1e-6)
+    thumbs = thumbnails(torch.from_numpy(pixels)).numpy()
+    expected = pixels.astype(np.float64).reshape(3, 3, 8, 4, 8, 4).mean(axis=(3, 5)).round().reshape(3, -1)
+    np.testing.assert_allclose(thumbs, expected, atol=1)
+
+
+# ----------------------------------------------------------------------------- shortcut_property
+
+
+def test_one_feature_classifier_scores_separable_and_random_features() -> None:
+    rng = np.random.default_rng(0)
+    members = np.zeros((300, 3), bool)
+    members[np.arange(300), np.repeat([0, 1, 2], 100)] = True
+    separable = np.where(members[:, 0], 1.0, 0.0) + rng.normal(0, 0.05, 300)
+    scores = one_feature_balanced_accuracy(separable, members)
+    assert scores[0] > 0.95
+    noise = one_feature_balanced_accuracy(rng.normal(size=300), members)
+    assert np.all(np.abs(noise - 0.5) < 0.12)
+
+
+def test_shortcut_property_names_the_class_and_property() -> None:
+    audited = _audit()
+    signals = _signals(audited)
+    is_dog = audited["labels"].map(lambda ls: ls[0] == "dog").to_numpy()
+    signals.loc[is_dog, "border_b"] = np.random.default_rng(2).uniform(0.75, 0.95, is_dog.sum()).astype(np.float32)
+    signals.loc[~is_dog, "border_b"] = np.random.default_rng(3).uniform(0.1, 0.7, (~is_dog).sum()).astype(np.float32)
+    rows = shortcut_property(audited, signals, CLASSES, Thresholds())
+    assert [(r["class_name"], r["slice"]) for r in rows] == [("dog", "property=border_b")]
+    assert rows[0]["value"] > 0.9 and rows[0]["severity"] == "high"
+    assert set(rows[0]["evidence"]) <= set(audited.loc[is_dog, "image_id"])
+    assert shortcut_property(audited, _signals(audited, seed=5), CLASSES, Thresholds()) == []
+
+
+# ----------------------------------------------------------------------------- slice_gap
+
+
+def test_newcombe_interval_matches_the_paper() -> None:
+    # Newcombe (1998), Statistics in Medicine 17:873, Table II example (c): 56/70 - 48/80, method 10.
+    low, high = difference_interval(np.float64(48), np.float64(80), np.float64(56), np.float64(70), 1.959964)
+    assert low == pytest.approx(0.0524, abs=5e-4) and high == pytest.approx(0.3339, abs=5e-4)
+
+
+def test_slice_gap_flags_a_weak_site_and_not_a_neutral_one() -> None:
+    rng = np.random.default_rng(4)
+    site = rng.choice(["north", "south"], size=180, p=[0.7, 0.3])
+    audited = _audit(attributes=[[("site", s), ("batch", str(k % 2))] for k, s in enumerate(site)])
+    weak = (site == "south") & (rng.random(180) < 0.4)
+    audited["correct"] = ~weak
+    rows = slice_gap(audited, _signals(audited), Thresholds())
+    assert [r["slice"] for r in rows] == ["site=south"]
+    assert rows[0]["value"] == pytest.approx(1 - audited["correct"][site == "south"].mean(), abs=1e-9)
+    assert set(rows[0]["evidence"]) <= set(audited.loc[weak, "image_id"])
+    audited["correct"] = rng.random(180) > 0.1  # errors independent of every attribute
+    assert slice_gap(audited, _signals(audited), Thresholds()) == []
+
+
+# ----------------------------------------------------------------------------- likely_label_error
+
+
+def test_label_errors_recall_flipped_labels() -> None:
+    audited = _audit()
+    signals = _signals(audited)
+    flipped = audited.sample(18, random_state=0).index
+    for k in flipped:
+        given = audited.at[k, "labels"][0]
+        audited.at[k, "labels"] = [CLASSES[(CLASSES.index(given) + 1) % 3]]
+    rows = likely_label_errors(audited, signals, CLASSES, Thresholds())
+    listed = {i for r in rows for i in r["evidence"]}
+    assert listed == set(audited.loc[flipped, "image_id"])
+    assert all(r["slice"].startswith("suggested=") for r in rows)
+
+
+# ----------------------------------------------------------------------------- near_duplicate
+
+
+def test_near_duplicates_within_and_across_splits() -> None:
+    audited = _audit(n_per_class=20, attributes=[[("split", "test")]] * 60)
+    signals = _signals(audited)
+    rng = np.random.default_rng(6)
+    noisy = lambda t: np.clip(t.astype(int) + rng.integers(-2, 3, t.shape), 0, 255).astype(np.uint8)  # noqa: E731
+    signals.at[1, "thumbnail"] = noisy(signals.at[0, "thumbnail"])
+    signals.at[11, "thumbnail"] = noisy(signals.at[10, "thumbnail"])
+    audited.at[11, "attributes"] = [("split", "train")]
+    rows = {r["slice"]: r for r in near_duplicates(audited, signals, Thresholds())}
+    assert set(rows) == {"leakage", "within split"}
+    assert rows["leakage"]["evidence"] == ["i0010", "i0011"] and rows["leakage"]["severity"] == "high"
+    assert rows["within split"]["evidence"] == ["i0000", "i0001"]
+    assert near_duplicates(audited, _signals(audited), Thresholds()) == []
+
+
+# ----------------------------------------------------------------------------- unfaithful_explanation
+
+
+def test_unfaithful_class_marks_its_attention_findings_low_confidence() -> None:
+    audited = _audit(n_per_class=10)
+    explanations = pd.DataFrame({
+        "image_id": audited["image_id"], "method": "gradcam", "layer": "l4",
+        "target": [ls[0] for ls in audited["labels"]], "is_label": True,
+        "energy_in_box": 0.1, "box_area_fraction": 0.2, "pointing_hit": False,
+        "peak_x": np.nan, "peak_y": np.nan,
+    })
+    occlusion = pd.DataFrame({
+        "image_id": audited["image_id"], "target": [ls[0] for ls in audited["labels"]], "is_label": True,
+        "gradcam_spearman": [0.05 if ls[0] == "fox" else 0.7 for ls in audited["labels"]],
+    })
+    findings = compute_findings(audited, explanations, CLASSES, Thresholds(), layer="l4", occlusion=occlusion)
+    unfaithful = findings[findings["kind"] == "unfaithful_explanation"]
+    assert list(unfaithful["class_name"]) == ["fox"] and unfaithful["value"].iloc[0] == pytest.approx(0.05)
+    attention = findings[findings["kind"] == "attention_off_object"].set_index("class_name")
+    assert attention.loc["fox", "confidence"] == "low" and "Low confidence" in attention.loc["fox", "message"]
+    assert attention.loc["cat", "confidence"] == "normal"
+    sanity = pd.DataFrame({"metric": "sanity_spearman", "method": "gradcam", "detail": ["1:fc", "2:fc+l4"],
+                           "value": [0.9, 0.8]})
+    findings = compute_findings(audited, explanations, CLASSES, Thresholds(), layer="l4", metrics=sanity)
+    assert (findings.loc[findings["kind"] == "attention_off_object", "confidence"] == "low").all()
+    assert findings.loc[findings["kind"] == "unfaithful_explanation", "value"].tolist() == [0.8]
+
+
+# ----------------------------------------------------------------------------- attention_fixed_location
+
+
+class CornerReader(torch.nn.Module):
+    """Class 0's score is the mean of a 6x6 corner patch: a model that reads a mark."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        corner = 20 * x[:, :, 3:9, 3:9].mean(dim=(1, 2, 3))
+        return torch.stack([corner, torch.ones_like(corner)], dim=1)
+
+
+def _marked_images(n: int = 16, centred_blob: bool = False) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 3, 48, 48, generator=generator)
+    if centred_blob:  # the same place, but content (colour, size) varies
+        colours = torch.randn(n, 3, 1, 1, generator=generator) * 2
+        images[:, :, 18:30, 18:30] = colours + 0.3 * torch.randn(n, 3, 12, 12, generator=generator)
+    else:
+        images[:, :, 3:9, 3:9] = 2.0
+    return images
+
+
+def test_constant_mark_is_found_and_its_muting_is_decisive() -> None:
+    images = _marked_images()
+    x, y, side, ratio = most_constant_patch(images, 0.25, 0.25)
+    assert abs(x - 6 / 48) <= 3 / 48 and abs(y - 6 / 48) <= 3 / 48 and ratio < 0.1
+    probe = probe_location(CornerReader(), images, 0, 0.25, 0.25)
+    assert probe.drop > 0.4 and probe.control_drop < 0.05 and probe.flip_share == 1.0
+
+
+def test_centred_objects_are_not_constant_content() -> None:
+    _, _, _, ratio = most_constant_patch(_marked_images(centred_blob=True), 0.5, 0.5)
+    assert ratio > Thresholds().fixed_location_patch_ratio
+
+
+def test_location_candidates_need_clustered_peaks() -> None:
+    audited = _audit(n_per_class=20)
+    rng = np.random.default_rng(7)
+    targets = [ls[0] for ls in audited["labels"]]
+    peaks = np.where(np.array(targets)[:, None] == "cat", [0.1, 0.1] + rng.normal(0, 0.02, (60, 2)),
+                     rng.uniform(0, 1, (60, 2)))
+    explanations = pd.DataFrame({"image_id": audited["image_id"], "method": "gradcam", "target": targets,
+                                 "is_label": True, "peak_x": peaks[:, 0], "peak_y": peaks[:, 1]})
+    candidates = location_candidates(audited, explanations, Thresholds())
+    assert [c.class_name for c in candidates] == ["cat"]
+    assert abs(candidates[0].x - 0.1) < 0.03 and candidates[0].share >= 0.9

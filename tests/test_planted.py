@@ -1,0 +1,72 @@
+"""Detectors validated end to end: small models trained here on planted-bias data, audited by the flow.
+
+The same cases as ``benchmarks/findings.py`` (which runs them at demo size and writes the
+README's table), scaled down to keep the suite fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tasks import planted
+from tasks.demo import load_recipe
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def recipes():
+    biased = dataclasses.replace(load_recipe(), image_size=64, train_per_class=120, test_per_class=40, epochs=8)
+    return biased, planted.clean_recipe(biased)
+
+
+@pytest.fixture(scope="module")
+def cases(recipes, tmp_path_factory):
+    root = tmp_path_factory.mktemp("planted")
+    return {name: planted.prepare_case(recipe, root / "cache", log=lambda line: None)
+            for name, recipe in zip(("biased", "clean"), recipes)} | {"root": root}
+
+
+def test_planted_biases_are_named_with_class_and_numbers(recipes, cases) -> None:
+    biased, _ = recipes
+    data = cases["biased"]
+    _, findings = planted.audit_case(data.data_dir / "test.csv", data.weights, biased, cases["root"] / "out-biased")
+    for kind, class_name, prefix in planted.expected_planted(biased):
+        hit = planted.detected(findings, kind, class_name, prefix)
+        assert len(hit) == 1, (kind, class_name, findings[["kind", "class_name", "slice", "value"]])
+        assert hit["value"].iloc[0] >= hit["threshold"].iloc[0] or kind == "attention_off_object"
+        assert len(hit["evidence"].iloc[0]) > 0
+    mark = planted.detected(findings, "attention_fixed_location", biased.mark_class, None).iloc[0]
+    x, y = (float(v) for v in mark["slice"].removeprefix("spot=(").rstrip(")").split(", "))
+    centre = (biased.mark_xy[0] + biased.mark_size / 2) / biased.image_size
+    assert abs(x - centre) < 0.08 and abs(y - centre) < 0.08  # the patch found is the mark
+
+
+def test_clean_control_raises_no_bias_finding(recipes, cases) -> None:
+    _, clean = recipes
+    data = cases["clean"]
+    _, findings = planted.audit_case(data.data_dir / "test.csv", data.weights, clean, cases["root"] / "out-clean")
+    flags = planted.bias_flags(findings)
+    assert flags.empty, flags[["kind", "class_name", "slice", "value"]]
+    assert not (findings["kind"] == "attention_fixed_location").any()  # not even for the centred class
+
+
+def test_flipped_labels_and_copies_are_found(recipes, cases) -> None:
+    _, clean = recipes
+    data = cases["clean"]
+    noisy = planted.noisy_manifest(data.data_dir, cases["root"] / "noisy", flip_share=0.1, copies=5)
+    predictions, findings = planted.audit_case(noisy.path, data.weights, clean, cases["root"] / "out-noisy")
+    recall, false_listed = planted.recall_on(findings, "likely_label_error", predictions, noisy.flipped)
+    assert recall >= 0.8 and false_listed <= len(noisy.flipped) // 2
+    assert planted.pair_recall(findings, predictions, [p for p in noisy.pairs if p[2]]) == 1.0
+    assert planted.pair_recall(findings, predictions, [p for p in noisy.pairs if not p[2]]) == 1.0
+    leak = findings[(findings["kind"] == "near_duplicate") & (findings["slice"] == "leakage")]
+    assert leak["severity"].tolist() == ["high"] and leak["value"].iloc[0] == 5
