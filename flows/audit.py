@@ -301,8 +301,26 @@ def find(plan: RunPlan) -> int:
         signals=staged["signals"], occlusion=staged["occlusion"], metrics=staged["metrics"],
         locations=(candidates, probes),
     )
+    if probes:  # every probed candidate's numbers, flagged or not, for the record
+        storage.write_part(location_metrics(candidates, probes, plan.layers[-1]), "metrics", out_dir, plan.run_id,
+                           "locations")
     storage.write_part(findings, "findings", out_dir, plan.run_id, "00000")
     return len(findings)
+
+
+def location_metrics(candidates, probes, layer: str) -> pd.DataFrame:
+    """``metrics`` rows of the fixed-location probes: peak share, patch ratio, drops, flips."""
+    rows = []
+    for c in candidates:
+        probe = probes.get(c.class_name)
+        if probe is None:
+            continue
+        for metric, value in (("fixed_location_peak_share", c.share), ("fixed_location_patch_ratio", probe.patch_ratio),
+                              ("fixed_location_drop", probe.drop), ("fixed_location_control_drop", probe.control_drop),
+                              ("fixed_location_flip_share", probe.flip_share)):
+            rows.append(dict(metric=metric, method="gradcam", layer=layer, class_name=c.class_name,
+                             detail=f"spot=({probe.x:.2f}, {probe.y:.2f})", value=float(value), images=probe.images))
+    return pd.DataFrame(rows).astype({"images": "int32"})
 
 
 def load_inputs(plan: RunPlan, loaded: LoadedModel, uris: list[str]):

@@ -325,8 +325,10 @@ class MapScores:
     pointing_hit: torch.Tensor  # 1.0 / 0.0 / NaN
 
 
-def score_maps(maps: torch.Tensor, boxes: torch.Tensor, input_size: int) -> MapScores:
-    """Peak location, and with a box (input pixels, (M,4) x0,y0,x1,y1; NaN = none):
+def score_maps(maps: torch.Tensor, boxes: torch.Tensor, input_size: int, tolerance: float = 0.0) -> MapScores:
+    """Peak location, and with a box (input pixels, (M,4) x0,y0,x1,y1; NaN = none) grown by
+    ``tolerance`` pixels on each side (the pointing game's tolerance, Zhang et al. 2016: a
+    coarse map cannot place its mass finer than its cells):
 
     energy_in_box = sum of the upsampled map inside the box / its total sum
                     (a uniform map scores the box-area fraction; Score-CAM's energy pointing game)
@@ -339,6 +341,8 @@ def score_maps(maps: torch.Tensor, boxes: torch.Tensor, input_size: int) -> MapS
     coords = torch.arange(input_size, device=maps.device, dtype=maps.dtype) + 0.5
     has_box = ~torch.isnan(boxes).any(dim=1)
     safe = torch.nan_to_num(boxes, nan=0.0).to(maps.dtype)
+    safe = (safe + torch.tensor([-tolerance, -tolerance, tolerance, tolerance], device=safe.device, dtype=safe.dtype))
+    safe = safe.clamp(0, input_size)
     inside_x = (coords[None] >= safe[:, 0:1]) & (coords[None] < safe[:, 2:3])  # (M, W)
     inside_y = (coords[None] >= safe[:, 1:2]) & (coords[None] < safe[:, 3:4])  # (M, H)
     mask = inside_y[:, :, None] & inside_x[:, None, :]

@@ -40,7 +40,7 @@ def likely_label_errors(
     labels = frame["given"].map(position).to_numpy()
     probs = np.stack(frame["probabilities"].to_numpy()).astype(np.float64)
     probs = probs / probs.sum(axis=1, keepdims=True)
-    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence")
+    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)  # no fork
     flagged = frame.iloc[ranked].assign(suggested=[classes[i] for i in probs[ranked].argmax(axis=1)])
     sizes = frame["given"].value_counts()
     rows = []

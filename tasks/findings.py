@@ -227,7 +227,7 @@ def attention_off_object(audited: pd.DataFrame, explanations: pd.DataFrame, t: T
         rows.append(
             dict(
                 kind="attention_off_object",
-                severity=severity(lift, 1.0, 1.25, larger_is_worse=False),
+                severity=severity(lift, 0.5, 1.0, larger_is_worse=False),
                 class_name=str(name),
                 slice=f"layer={layer}",
                 metric="energy_in_box_lift",

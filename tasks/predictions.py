@@ -231,7 +231,8 @@ def _run_batch(
             forward.activations[settings.layer], weights, sample, target_cls
         )
     boxes = _input_boxes(rows, decoded, device)[sample]
-    map_scores = {key: cam.score_maps(m, boxes, settings.preprocess.crop) for key, m in maps.items()}
+    crop = settings.preprocess.crop
+    map_scores = {key: cam.score_maps(m, boxes, crop, box_tolerance(crop, m.shape[-2])) for key, m in maps.items()}
     occluded = occlusion_scores = faithful = None
     if "occlusion" in settings.methods:
         spec = settings.occlusion or occlusion.OcclusionSpec()
@@ -262,6 +263,12 @@ def _run_batch(
         properties={name: v.cpu().numpy() for name, v in signals.image_properties(pixels).items()},
         thumbnails=signals.thumbnails(pixels).cpu().numpy(),
     )
+
+
+def box_tolerance(input_size: int, map_height: int) -> float:
+    """Half a map cell, in input pixels: the box tolerance of a map's box scores (16 px for a
+    7x7 map at 224 px, close to the pointing game's 15 px)."""
+    return input_size / (2 * map_height)
 
 
 GUIDED_STORED_SIZE = 56  # guided maps are stored pooled to at most this many pixels a side

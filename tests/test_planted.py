@@ -24,7 +24,7 @@ def prefect_server():
 
 @pytest.fixture(scope="module")
 def recipes():
-    biased = dataclasses.replace(load_recipe(), image_size=64, train_per_class=120, test_per_class=40, epochs=8)
+    biased = dataclasses.replace(load_recipe(), image_size=64, train_per_class=150, test_per_class=60, epochs=10)
     return biased, planted.clean_recipe(biased)
 
 
@@ -56,7 +56,7 @@ def test_clean_control_raises_no_bias_finding(recipes, cases) -> None:
     _, findings = planted.audit_case(data.data_dir / "test.csv", data.weights, clean, cases["root"] / "out-clean")
     flags = planted.bias_flags(findings)
     assert flags.empty, flags[["kind", "class_name", "slice", "value"]]
-    assert not (findings["kind"] == "attention_fixed_location").any()  # not even for the centred class
+    assert not (findings["kind"] == "attention_fixed_location").any()
 
 
 def test_flipped_labels_and_copies_are_found(recipes, cases) -> None:
@@ -64,8 +64,11 @@ def test_flipped_labels_and_copies_are_found(recipes, cases) -> None:
     data = cases["clean"]
     noisy = planted.noisy_manifest(data.data_dir, cases["root"] / "noisy", flip_share=0.1, copies=5)
     predictions, findings = planted.audit_case(noisy.path, data.weights, clean, cases["root"] / "out-noisy")
-    recall, false_listed = planted.recall_on(findings, "likely_label_error", predictions, noisy.flipped)
-    assert recall >= 0.8 and false_listed <= len(noisy.flipped) // 2
+    recall, _ = planted.recall_on(findings, "likely_label_error", predictions, noisy.flipped)
+    assert recall >= 0.8
+    listed = {i for ids in findings.loc[findings["kind"] == "likely_label_error", "evidence"] for i in ids}
+    unflipped = predictions[predictions["image_id"].isin(listed) & ~predictions["uri"].isin(noisy.flipped)]
+    assert not unflipped["correct"].any()  # the rest are images the model gets wrong, never ones it agrees with
     assert planted.pair_recall(findings, predictions, [p for p in noisy.pairs if p[2]]) == 1.0
     assert planted.pair_recall(findings, predictions, [p for p in noisy.pairs if not p[2]]) == 1.0
     leak = findings[(findings["kind"] == "near_duplicate") & (findings["slice"] == "leakage")]
