@@ -19,9 +19,9 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from tasks import planted  # noqa: E402
-from tasks.demo import load_recipe  # noqa: E402
-from tasks.storage import read_table  # noqa: E402
+from tasks import planted
+from tasks.demo import load_recipe
+from tasks.storage import read_table
 
 
 def main() -> None:
@@ -81,8 +81,6 @@ def main() -> None:
                  f"probe: {probes(out / 'centred', centred.centred_class)}"))
     rows.append(("centred", "other flags (any severity)", str(len(findings)), describe(findings)))
 
-    noisy = planted.noisy_manifest(clean_data.data_dir, out / "noisy-data", flip_share=0.1, copies=10)
-    predictions, findings = planted.audit_case(noisy.path, clean_data.weights, clean, out / "noisy", methods)
     noisy = planted.noisy_manifest(clean_data.data_dir, out / "noisy-data", flip_share=0.1, copies=10)
     predictions, findings = planted.audit_case(noisy.path, clean_data.weights, clean, out / "noisy", methods)
     recall, false_listed = planted.recall_on(findings, "likely_label_error", predictions, noisy.flipped)

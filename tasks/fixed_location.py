@@ -97,7 +97,7 @@ def reference_spots(x: float, y: float, count: int = REFERENCE_SPOTS) -> list[tu
 
 def patch_spreads(inputs: torch.Tensor, side: int, stride: int) -> torch.Tensor:
     """Median pairwise RMS distance, across images, of the patch at every position: (rows, cols)."""
-    n, c, size, _ = inputs.shape
+    n, _, size, _ = inputs.shape
     patches = torch.nn.functional.unfold(inputs.double(), side, stride=stride)  # (N, C*side*side, L)
     per_spot = patches.permute(2, 0, 1)  # (L, N, D)
     d = torch.cdist(per_spot, per_spot) / np.sqrt(per_spot.shape[-1])
@@ -215,7 +215,8 @@ def attention_fixed_location(
                     f"For '{c.class_name}', {c.share:.0%} of the Grad-CAM peaks ({c.images} images) fall in one "
                     f"spot (x {c.x:.2f}, y {c.y:.2f} of the image), and beside it, at x {probe.x:.2f}, "
                     f"y {probe.y:.2f}, a patch {probe.side:.0%} of the image wide is nearly the same in every "
-                    f"image (spread {probe.patch_ratio:.2f}x that of patches elsewhere). Muting that patch drops the class's probability by {probe.drop:.2f} on average ({probe.control_drop:.2f} "
+                    f"image (spread {probe.patch_ratio:.2f}x that of patches elsewhere). Muting that patch drops "
+                    f"the class's probability by {probe.drop:.2f} on average ({probe.control_drop:.2f} "
                     f"muting elsewhere) and changes {probe.flip_share:.0%} of the class's predictions "
                     f"({probe.images} images probed). The model recognises this class by a mark, tag or "
                     "watermark at a fixed place, not by the object: remove the mark from the training images "

@@ -104,10 +104,9 @@ def audit_shard(
             predictions.append(_prediction_rows(batch, decoded, ok, result, settings))
             if result is not None:
                 explanations.append(_explanation_rows(batch.iloc[ok], result, settings))
+                ids = batch["image_id"].to_numpy()[ok]
                 signal_parts.append(
-                    signals.signal_rows(
-                        batch["image_id"].to_numpy()[ok], result.probs, result.embeddings, result.properties, result.thumbnails
-                    )
+                    signals.signal_rows(ids, result.probs, result.embeddings, result.properties, result.thumbnails)
                 )
                 if result.occlusion is not None:
                     occlusions.append(_occlusion_rows(batch.iloc[ok], result, settings))

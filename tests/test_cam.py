@@ -78,3 +78,17 @@ def test_box_scores() -> None:
     assert scores.pointing_hit[0].item() == 1.0
     no_box = cam.score_maps(maps, torch.full((2, 4), float("nan")), 16)
     assert torch.isnan(no_box.energy_in_box).all() and torch.isnan(no_box.pointing_hit).all()
+
+
+def test_box_tolerance_grows_the_box_for_coarse_maps() -> None:
+    maps = torch.zeros(1, 4, 4)
+    maps[0, 1, 2] = 1.0  # peak cell just right of the box (cells are 4 px at 16 px input)
+    box = torch.tensor([[0.0, 0.0, 8.0, 8.0]])
+    strict = cam.score_maps(maps, box, 16)
+    tolerant = cam.score_maps(maps, box, 16, tolerance=2.0)
+    assert strict.pointing_hit[0].item() == 0.0 and tolerant.pointing_hit[0].item() == 1.0
+    assert tolerant.box_area_fraction[0].item() == pytest.approx(10 * 10 / 256)
+    assert tolerant.energy_in_box[0].item() > strict.energy_in_box[0].item()
+    uniform = cam.score_maps(torch.ones(1, 4, 4), torch.tensor([[12.0, 12.0, 16.0, 16.0]]), 16, tolerance=2.0)
+    assert uniform.box_area_fraction[0].item() == pytest.approx(6 * 6 / 256)  # clamped at the image edge
+    assert uniform.energy_in_box[0].item() == pytest.approx(6 * 6 / 256, abs=1e-6)

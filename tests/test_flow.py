@@ -6,6 +6,7 @@ import json
 import re
 
 import pandas as pd
+import numpy as np
 import pytest
 from pypdf import PdfReader
 from typer.testing import CliRunner
@@ -65,8 +66,18 @@ def test_folder_audit_end_to_end(tmp_path, tiny_model_file) -> None:
     assert set(wrong) <= set(labelled["image_id"]), "wrong images also get the true-class map"
     assert (explanations["heatmap"].map(len) == explanations["height"] * explanations["width"]).all()
 
+    signals = read_table(out, "signals")
+    assert sorted(signals["image_id"]) == sorted(good["image_id"]), "one signal row per readable image"
+    probabilities = np.stack(signals["probabilities"])
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    top = good.set_index("image_id")["top_scores"].map(lambda s: s[0])
+    np.testing.assert_allclose(probabilities.max(axis=1), top.loc[signals["image_id"]].to_numpy(), atol=1e-6)
+    assert signals["embedding"].map(len).eq(16).all() and signals["thumbnail"].map(len).eq(192).all()
+    assert signals["brightness"].between(0, 1).all()
+
     findings = read_table(out, "findings")
     assert ((findings["kind"] == "class_imbalance") & (findings["class_name"] == "blue")).any()
+    assert findings["confidence"].isin(["normal", "low"]).all()
 
     run_id = predictions["run_id"].iloc[0]
     run_dir = out / "runs" / run_id
