@@ -53,7 +53,7 @@ def likely_label_errors(
         rows.append(
             dict(
                 kind="likely_label_error",
-                severity=severity(share, 0.10, 0.05),
+                severity=severity(share, 0.15, 0.05),
                 class_name=str(name),
                 slice=f"suggested={suggested.index[0]}",
                 metric="likely_label_error_share",
@@ -64,7 +64,8 @@ def likely_label_errors(
                     f"confident they are another class (mostly '{suggested.index[0]}', {suggested.iloc[0]} "
                     "images), beyond the per-class thresholds of confident learning. Wrong labels bias both "
                     "training and every accuracy figure: review these images (all are listed, least "
-                    "likely label first) and fix their labels before retraining or reporting accuracy."
+                    "likely label first) and fix their labels before retraining or reporting accuracy. Where "
+                    "a label is right, the model is confidently wrong instead (see confused pairs)."
                 ),
                 evidence=group["image_id"].tolist(),
             )

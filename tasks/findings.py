@@ -18,6 +18,10 @@ from tasks.thresholds import SEVERITY_ORDER, Thresholds, severity
 
 __all__ = ["Thresholds", "compute_findings"]
 MAP_BASED = ("attention_off_object", "attention_fixed_location")  # kinds whose evidence is the class's maps
+KIND_ORDER = (  # within a severity: what the model learnt wrong first, then its errors, then the data
+    "attention_fixed_location", "shortcut_property", "attention_off_object", "slice_gap", "unfaithful_explanation",
+    "confident_error", "confused_pair", "likely_label_error", "near_duplicate", "class_imbalance",
+)
 
 
 def compute_findings(
@@ -74,7 +78,8 @@ def compute_findings(
             frame[name] = None
     frame["confidence"] = frame["confidence"].fillna("normal")
     frame["_rank"] = frame["severity"].map(SEVERITY_ORDER)
-    frame = frame.sort_values(["_rank", "value"], kind="stable").drop(columns="_rank")
+    frame["_kind"] = frame["kind"].map({kind: i for i, kind in enumerate(KIND_ORDER)}).fillna(len(KIND_ORDER))
+    frame = frame.sort_values(["_rank", "_kind"], kind="stable").drop(columns=["_rank", "_kind"])
     return frame[columns].reset_index(drop=True)
 
 
