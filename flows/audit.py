@@ -27,6 +27,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from tasks import storage
+from tasks.calibration import reliability
 from tasks.findings import Thresholds, compute_findings
 from tasks.fixed_location import location_candidates, probe_location
 from tasks.images import Decoded, Preprocess, decode_many, normalise, to_batch
@@ -43,6 +44,7 @@ from tasks.sources import (
     write_index,
 )
 
+RUN_METRICS = ("images", "audited", "unreadable", "accuracy", "top5_accuracy", "ece")  # per-run trend rows
 METHODS = (
     "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "counterfactual", "cam",
     "guided_backprop", "guided_gradcam", "occlusion", "impressions",
@@ -485,13 +487,34 @@ def summary_metrics(predictions: pd.DataFrame, multi_label: bool) -> dict[str, f
         top5 = float(
             sum(labels[0] in top for labels, top in zip(judged["labels"], judged["top_classes"])) / len(judged)
         )
+    ece = None
+    if not multi_label and len(judged):
+        ece = reliability(judged["confidence"].to_numpy(float), judged["correct"].astype(bool).to_numpy()).ece
     return {
         "images": int(len(predictions)),
         "audited": int(len(audited)),
         "unreadable": int(predictions["error"].notna().sum()),
         "accuracy": accuracy,
         "top5_accuracy": top5,
+        "ece": ece,
     }
+
+
+def run_metric_rows(summary: dict, findings: pd.DataFrame, series: str) -> pd.DataFrame:
+    """The run's headline numbers as ``metrics`` rows (``detail`` = the series key, so that
+    nightly runs of one model on one source line up as a trend)."""
+    counts = findings["severity"].value_counts()
+    values = {name: summary[name] for name in RUN_METRICS if name in summary}
+    values |= {f"findings_{level}": int(counts.get(level, 0)) for level in ("high", "medium", "low")}
+    rows = [dict(metric=name, method=None, layer=None, class_name=None, detail=series,
+                 value=float("nan") if value is None else float(value), images=summary["audited"])
+            for name, value in values.items()]
+    return pd.DataFrame(rows).astype({"images": "int32"})
+
+
+def series_key(model_fingerprint: str, source: str) -> str:
+    """Which runs form one trend: the same model weights on the same data source."""
+    return json.dumps({"model": model_fingerprint, "source": source}, sort_keys=True)
 
 
 def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
@@ -551,6 +574,9 @@ def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
         if staged.is_dir():
             shutil.rmtree(run_dir / folder, ignore_errors=True)
             os.replace(staged, run_dir / folder)
+    findings = storage.read_staged("findings", out_dir, plan.run_id)
+    series = series_key(plan.model_fingerprint, request.source)
+    storage.write_part(run_metric_rows(record["metrics"], findings, series), "metrics", out_dir, plan.run_id, "run")
     tmp = run_dir / "run.json.tmp"
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, run_dir / "run.json")

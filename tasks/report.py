@@ -31,8 +31,10 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 from weasyprint import HTML, URLFetcher
 
+from tasks.calibration import reliability
 from tasks.images import Decoded, Preprocess, boxes_to_input, decode_many
 from tasks.predictions import label_matrix
+from tasks.shortcuts import wilson_interval
 from tasks.storage import read_table
 
 DEFAULT_TEMPLATES: Path = Path(__file__).resolve().parents[1] / "templates"
@@ -183,6 +185,9 @@ def report_context(
         "impressions": impressions_view(impressions, class_examples, by_id, painter, peaks),
         "faithfulness": faithfulness_view(occlusion, read_table(out_dir, "metrics", run_id)),
         "unreadable": unreadable_rows(predictions),
+        "calibration": None if multilabel else reliability_figure(predictions, painter),
+        "slices": slice_rows(predictions),
+        "trends": trends_view(out_dir, run_id, painter),
         "appendix": appendix(record),
     }
     return context, painter
@@ -272,12 +277,16 @@ def headline_metrics(predictions: pd.DataFrame, classes: list[str], multilabel: 
     top5 = None
     if not multilabel and len(judged):
         top5 = np.mean([_ids(labels)[0] in _ids(top) for labels, top in zip(judged["labels"], judged["top_classes"])])
+    ece = None
+    if not multilabel and len(judged):
+        ece = reliability(judged["confidence"].to_numpy(float), judged["correct"].astype(bool).to_numpy()).ece
     return [
         ("Images", f"{len(predictions):,}"),
         ("Audited", f"{len(audited):,}"),
         ("Unreadable", f"{len(predictions) - len(audited):,}"),
         ("Exact-match accuracy" if multilabel else "Accuracy", percent(accuracy)),
         ("Top-5 accuracy", percent(top5)),
+        ("Calibration error (ECE)", percent(ece)),
         ("Classes", f"{len(classes):,}"),
     ]
 
@@ -783,6 +792,139 @@ def confusion_figure(predictions: pd.DataFrame, classes: list[str], painter: Pai
         note = f"Showing the {MAX_MATRIX_CLASSES} of {len(classes)} classes involved in the most errors."
     src = painter.save("confusion-matrix.png", lambda tmp: draw_confusion(counts, tmp))
     return {"src": src, "note": note}
+
+
+def reliability_figure(predictions: pd.DataFrame, painter: Painter) -> dict[str, Any] | None:
+    """Reliability diagram (accuracy against confidence per bin) and the ECE, multi-class runs."""
+    judged = judged_rows(predictions)
+    if judged.empty:
+        return None
+    result = reliability(judged["confidence"].to_numpy(float), judged["correct"].astype(bool).to_numpy())
+    src = painter.save("reliability.png", lambda tmp: draw_reliability(result, tmp))
+    filled = result.counts > 0
+    over = float((result.counts * np.where(filled, result.confidence - result.accuracy, 0)).sum() / result.counts.sum())
+    return {"src": src, "ece": percent(result.ece), "bins": len(result.counts),
+            "direction": "over-confident" if over > 0 else "under-confident"}
+
+
+def draw_reliability(result, path: Path) -> None:
+    """Bars of accuracy per confidence bin against the diagonal, with the bins' image counts."""
+    figure = Figure(figsize=(4.2, 3.4), dpi=100)
+    axes = figure.add_subplot()
+    width = result.edges[1] - result.edges[0]
+    filled = result.counts > 0
+    axes.bar(result.edges[:-1][filled], result.accuracy[filled], width=width, align="edge",
+             color="#4a78b5", edgecolor="white", label="accuracy")
+    axes.bar(result.edges[:-1][filled], (result.confidence - result.accuracy)[filled], width=width, align="edge",
+             bottom=result.accuracy[filled], color="#e69500", alpha=0.45, edgecolor="white", label="gap to confidence")
+    axes.plot([0, 1], [0, 1], color="#1f2a36", linewidth=0.8, linestyle="--", label="calibrated")
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("top-1 confidence", fontsize=8)
+    axes.set_ylabel("accuracy", fontsize=8)
+    axes.tick_params(labelsize=7)
+    axes.legend(fontsize=7, loc="upper left", frameon=False)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=64).save(path, format="PNG", optimize=True)
+
+
+MAX_SLICE_VALUES = 20  # attributes with more distinct values are identifiers, not slices
+
+
+def slice_rows(predictions: pd.DataFrame) -> list[dict[str, Any]]:
+    """Per manifest attribute value: images, accuracy with its 95% Wilson interval, mean confidence."""
+    judged = judged_rows(predictions)
+    if judged.empty:
+        return []
+    attributes = pd.DataFrame([dict(_pairs(cell)) for cell in judged["attributes"]], index=judged.index)
+    correct = judged["correct"].astype(bool)
+    rows = []
+    for name in sorted(attributes.columns):
+        values = attributes[name].dropna().astype(str)
+        if not 2 <= values.nunique() <= MAX_SLICE_VALUES:
+            continue
+        for value, index in values.groupby(values).groups.items():
+            n = len(index)
+            k = int(correct.loc[index].sum())
+            low, high = wilson_interval(np.float64(k), np.float64(n), 1.959964)
+            rows.append({
+                "attribute": name, "value": value, "images": n, "accuracy": percent(k / n),
+                "interval": f"{low:.0%}-{high:.0%}", "confidence": score(judged.loc[index, "confidence"].mean()),
+            })
+    return rows
+
+
+def trends_view(out_dir: Path, run_id: str, painter: Painter, limit: int = 12) -> dict[str, Any] | None:
+    """This run against the earlier runs of the same model on the same source (the ``metrics``
+    table's per-run rows); None before the second run."""
+    metrics = read_table(out_dir, "metrics")
+    mine = metrics[(metrics["run_id"] == run_id) & (metrics["metric"] == "accuracy")]
+    if mine.empty:
+        return None
+    series = mine["detail"].iloc[0]
+    rows = metrics[(metrics["detail"] == series) & metrics["metric"].isin(TREND_METRICS)]
+    table = rows.pivot_table(index="run_id", columns="metric", values="value", aggfunc="first", dropna=False)
+    table = table.sort_index().loc[:run_id].tail(limit)
+    if len(table) < 2:
+        return None
+    src = painter.save("trends.png", lambda tmp: draw_trends(table, tmp))
+    previous, current = table.iloc[-2], table.iloc[-1]
+
+    def change(name: str, scale: float = 100.0, unit: str = " pp") -> str:
+        delta = current.get(name, np.nan) - previous.get(name, np.nan)
+        return "n/a" if pd.isna(delta) else f"{delta * scale:+.{1 if unit else 0}f}{unit}"
+
+    return {
+        "src": src,
+        "previous": table.index[-2],
+        "changes": [("Accuracy", change("accuracy")), ("Top-5 accuracy", change("top5_accuracy")),
+                    ("ECE", change("ece")), ("High findings", change("findings_high", 1.0, "")),
+                    ("All findings", "n/a" if pd.isna(current.get("findings_high")) else
+                     f"{_findings_total(current) - _findings_total(previous):+.0f}")],
+        "rows": [
+            {"run_id": rid, "accuracy": percent(row.get("accuracy")), "ece": percent(row.get("ece")),
+             "findings": " / ".join(str(int(row.get(f"findings_{s}", 0) or 0)) for s in SEVERITIES),
+             "current": rid == run_id}
+            for rid, row in table.iloc[::-1].iterrows()
+        ],
+    }
+
+
+TREND_METRICS = ("accuracy", "top5_accuracy", "ece", "findings_high", "findings_medium", "findings_low")
+
+
+def _findings_total(row: pd.Series) -> float:
+    return float(sum(row.get(f"findings_{s}", 0) or 0 for s in SEVERITIES))
+
+
+def draw_trends(table: pd.DataFrame, path: Path) -> None:
+    """Accuracy and ECE per run (left), findings per severity (right)."""
+    figure = Figure(figsize=(7.2, 2.6), dpi=100)
+    left, right = figure.subplots(1, 2)
+    x = np.arange(len(table))
+    labels = [rid[1:14] if rid.startswith("r") else rid[:13] for rid in table.index]
+    for name, colour in (("accuracy", "#4a78b5"), ("top5_accuracy", "#9bb7da"), ("ece", "#e69500")):
+        if name in table:
+            left.plot(x, table[name].to_numpy(float), marker="o", markersize=3, color=colour, label=name.replace("_", " "))
+    left.set_ylim(0, 1)
+    bottom = np.zeros(len(table))
+    for level, colour in (("high", "#c62828"), ("medium", "#e69500"), ("low", "#7b8794")):
+        values = table.get(f"findings_{level}", pd.Series(0, index=table.index)).fillna(0).to_numpy(float)
+        right.bar(x, values, bottom=bottom, color=colour, label=level)
+        bottom += values
+    for axes, title in ((left, "accuracy and calibration error"), (right, "findings per run")):
+        axes.set_xticks(x, labels, rotation=45, ha="right", fontsize=6)
+        axes.tick_params(labelsize=7)
+        axes.set_title(title, fontsize=8)
+        axes.legend(fontsize=6, frameon=False)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    with Image.open(buffer) as image:
+        image.convert("RGB").quantize(colors=64).save(path, format="PNG", optimize=True)
 
 
 def draw_confusion(counts: pd.DataFrame, path: Path) -> None:

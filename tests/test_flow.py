@@ -113,6 +113,36 @@ def test_manifest_with_boxes_scores_energy(tmp_path, tiny_model_file) -> None:
     assert predictions["attributes"].map(dict).map(lambda a: a["background"]).isin(["dark", "light"]).all()
 
 
+def test_second_run_of_a_series_shows_trends_and_changes(tmp_path, tiny_model_file) -> None:
+    manifest = make_shapes(tmp_path / "data", {"red": 5, "green": 5, "blue": 5})
+    model, weights = tiny_model_file
+    out = tmp_path / "out"
+    args = ["run", str(manifest), "--out", str(out), "--model", f"{model}:build", "--weights", str(weights),
+            "--crop", "48", "--resize", "48", "--no-pdf", "--no-sanity-check", "-q"]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    frame = pd.read_csv(manifest)
+    frame.loc[frame.index[:3], "label"] = "blue"  # the data changed between the runs: accuracy moves
+    frame.to_csv(manifest, index=False)
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    metrics = read_table(out, "metrics")
+    accuracy = metrics[metrics["metric"] == "accuracy"].sort_values("run_id")
+    assert len(accuracy) == 2 and accuracy["detail"].nunique() == 1, "one series: same model, same source"
+    predictions = read_table(out, "predictions")
+    for run_id, value in zip(accuracy["run_id"], accuracy["value"]):
+        judged = predictions[(predictions["run_id"] == run_id) & predictions["correct"].notna()]
+        assert value == pytest.approx(judged["correct"].astype(bool).mean())
+    run_ids = sorted(predictions["run_id"].unique())
+    first_html = (out / "runs" / run_ids[0] / "report.html").read_text()
+    second_html = (out / "runs" / run_ids[1] / "report.html").read_text()
+    assert "trends appear from the second run" in first_html
+    assert "Since the previous run" in second_html and "images/trends.png" in second_html
+    assert (out / "runs" / run_ids[1] / "images" / "trends.png").is_file()
+    delta = (accuracy["value"].iloc[1] - accuracy["value"].iloc[0]) * 100
+    assert f"Accuracy {delta:+.1f} pp" in second_html
+
+
 def test_multilabel_audit(tmp_path, tiny_model_file) -> None:
     make_shapes(tmp_path, {"red": 3, "green": 3})
     pd.DataFrame({

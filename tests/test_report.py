@@ -17,7 +17,8 @@ from tasks.storage import commit_run, read_table, write_part
 
 SCRIPT = "<script>alert(1)</script>"
 CLASSES = ["circle", "square", SCRIPT]
-SECTIONS = ["Findings", "Per-class results", "Confusion matrix", "Failure gallery", "Unreadable images", "Appendix"]
+SECTIONS = ["Findings", "Per-class results", "Confusion matrix", "Calibration", "Slices", "Failure gallery",
+            "Trends across runs", "Unreadable images", "Appendix"]
 
 
 @dataclass(frozen=True)
@@ -210,8 +211,9 @@ def test_figures_only_for_shown_images(rendered: tuple[Path, str]) -> None:
     images = out_dir / "runs" / run_id / "images"
     names = {p.name for p in images.glob("*.png")}
     shown = {"a1", "a3", "a4"}  # the evidence and the wrong predictions
-    assert len(names) <= 3 * len(shown) + 1  # thumbnail + two maps each, plus the confusion matrix
-    assert "confusion-matrix.png" in names and "stale.png" not in names
+    charts = {"confusion-matrix.png", "reliability.png"}  # (trends.png from the second run of a series)
+    assert len(names - charts) <= 3 * len(shown)  # thumbnail + two maps each
+    assert charts <= names and "stale.png" not in names
     for hidden in ("a0", "a2", "a5", "a6", "broken"):
         assert not any(name.startswith(digest(hidden)) for name in names)
     assert (images / "confusion-matrix.png").stat().st_size < 60_000
@@ -276,3 +278,31 @@ def test_impression_note_names_a_fixed_position_only_when_real_images_peak_there
     note = impression_note(corner, scattered)
     assert "0% of the 4 real images" in note and "fixed-position" not in note
     assert impression_note(SimpleNamespace(**{**vars(corner), "off_centre": False}), peaks) is None
+
+
+def _browser() -> str | None:
+    import shutil
+
+    return next((path for name in ("chromium", "chromium-browser", "google-chrome")
+                 if (path := shutil.which(name))), None)
+
+
+@pytest.mark.skipif(_browser() is None, reason="no headless Chromium installed (apt-get install chromium)")
+def test_html_opens_in_headless_chromium_with_every_image(rendered: tuple[Path, str], tmp_path: Path) -> None:
+    import re
+    import subprocess
+
+    out_dir, run_id = rendered
+    html_path = out_dir / "runs" / run_id / "report.html"
+    sources = re.findall(r'<img[^>]+src="([^"]+)"', html_path.read_text())
+    assert sources and all((html_path.parent / src).is_file() for src in sources), "every image is a local file"
+    assert not any(src.startswith(("http:", "https:", "//")) for src in sources), "works offline"
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [_browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1100,1600",
+         f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", html_path.as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    with Image.open(shot) as image:
+        colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+    assert colours is not None and len(colours) > 50, "the page rendered, not a blank screenshot"
