@@ -192,7 +192,10 @@ def prepare_run(request: AuditRequest) -> RunPlan:
     if bad_targets:
         raise ValueError(f"--targets {bad_targets}: use predicted, true and/or top<k> (e.g. top3)")
     layer = loaded.layers[-1]
-    layers = [s for s in stage_layers(loaded.layer_shapes, loaded.model) if s != layer] if request.layer_by_layer else []
+    layers = []
+    if request.layer_by_layer:  # one stage per resolution: the explained layer stands for its own
+        shapes = loaded.layer_shapes
+        layers = [s for s in stage_layers(shapes, loaded.model) if s != layer and shapes[s] != shapes.get(layer)]
     layers.append(layer)
     if "cam" in request.methods:
         check_cam_applies(loaded, layer, preprocess.crop)

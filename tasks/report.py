@@ -900,12 +900,19 @@ def _findings_total(row: pd.Series) -> float:
     return float(sum(row.get(f"findings_{s}", 0) or 0 for s in SEVERITIES))
 
 
+def _run_label(run_id: str) -> str:
+    """'r20261123-070555-3e59a1' -> '11-23 07:05:55' (other run ids as they are, shortened)."""
+    if len(run_id) >= 16 and run_id[0] == "r" and run_id[1:9].isdigit() and run_id[10:16].isdigit():
+        return f"{run_id[5:7]}-{run_id[7:9]} {run_id[10:12]}:{run_id[12:14]}:{run_id[14:16]}"
+    return run_id[:16]
+
+
 def draw_trends(table: pd.DataFrame, path: Path) -> None:
     """Accuracy and ECE per run (left), findings per severity (right)."""
     figure = Figure(figsize=(7.2, 2.6), dpi=100)
     left, right = figure.subplots(1, 2)
     x = np.arange(len(table))
-    labels = [rid[1:14] if rid.startswith("r") else rid[:13] for rid in table.index]
+    labels = [_run_label(rid) for rid in table.index]
     for name, colour in (("accuracy", "#4a78b5"), ("top5_accuracy", "#9bb7da"), ("ece", "#e69500")):
         if name in table:
             left.plot(x, table[name].to_numpy(float), marker="o", markersize=3, color=colour, label=name.replace("_", " "))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-import pandas as pd
 import numpy as np
+import pandas as pd
 import pytest
 from pypdf import PdfReader
 from typer.testing import CliRunner
@@ -289,3 +289,13 @@ def test_class_impressions_in_the_audit(tmp_path, tiny_model_file) -> None:
     assert record["parameters"]["impressions"]["iterations"] == 15 and "class_impressions" in record["timings"]
     text = _pdf_text(run_dir / "report.pdf")
     assert "Class impressions" in text and "Not computed in this run (choose --methods gradcam,impressions)" not in text
+
+
+def test_layer_by_layer_keeps_one_stage_per_resolution(tmp_path) -> None:
+    from flows.audit import AuditRequest, prepare_run
+
+    manifest = make_shapes(tmp_path / "data", {"red": 2, "green": 2, "blue": 2, "gray": 2}, size=96)
+    plan = prepare_run(AuditRequest(source=str(manifest), out_dir=str(tmp_path / "out"), model="tasks.demo:build_model",
+                                    layer="features.stage3", layer_by_layer=True, crop=96, resize=96))
+    # the `features` container outputs stage3's 12x12 map again: it must not appear as a stage of its own
+    assert plan.layers == ["features.stem", "features.stage1", "features.stage2", "features.stage3"]
