@@ -128,9 +128,14 @@ def noisy_manifest(
 
 
 def audit_case(
-    source: Path, weights: Path, recipe: DemoRecipe, out_dir: Path, methods: tuple[str, ...] = ("gradcam",)
+    source: Path,
+    weights: Path,
+    recipe: DemoRecipe,
+    out_dir: Path,
+    methods: tuple[str, ...] = ("gradcam",),
+    pdf: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Audit ``source`` with the demo model through the flow (HTML report, no PDF);
+    """Audit ``source`` with the demo model through the flow (HTML report, PDF if asked);
     returns the run's predictions and findings."""
     from flows.audit import AuditRequest, audit
     from tasks.storage import read_table
@@ -141,7 +146,7 @@ def audit_case(
     request = AuditRequest(
         source=str(source), out_dir=str(out_dir), model="tasks.demo:build_model", weights=str(weights),
         classes_file=str(classes_file), resize=recipe.image_size, crop=recipe.image_size,
-        layer="features.stage3", methods=list(methods), pdf=False, batch_size=64, sanity_images=8,
+        layer="features.stage3", methods=list(methods), pdf=pdf, batch_size=64, sanity_images=8,
     )
     run_id = audit(request)
     return read_table(out_dir, "predictions", run_id), read_table(out_dir, "findings", run_id)

@@ -280,12 +280,19 @@ def headline_metrics(predictions: pd.DataFrame, classes: list[str], multilabel: 
     ece = None
     if not multilabel and len(judged):
         ece = reliability(judged["confidence"].to_numpy(float), judged["correct"].astype(bool).to_numpy()).ece
+    spread = "n/a"
+    if not multilabel and len(judged):
+        per_class = judged.groupby(judged["labels"].map(lambda v: _ids(v)[0]))["correct"].agg(
+            lambda c: c.astype(bool).mean()
+        )
+        spread = f"{percent(per_class.min())} to {percent(per_class.max())}"
     return [
         ("Images", f"{len(predictions):,}"),
         ("Audited", f"{len(audited):,}"),
         ("Unreadable", f"{len(predictions) - len(audited):,}"),
         ("Exact-match accuracy" if multilabel else "Accuracy", percent(accuracy)),
         ("Top-5 accuracy", percent(top5)),
+        ("Per-class accuracy", spread),
         ("Calibration error (ECE)", percent(ece)),
         ("Classes", f"{len(classes):,}"),
     ]

@@ -38,7 +38,8 @@ def cases(recipes, tmp_path_factory):
 def test_planted_biases_are_named_with_class_and_numbers(recipes, cases) -> None:
     biased, _ = recipes
     data = cases["biased"]
-    _, findings = planted.audit_case(data.data_dir / "test.csv", data.weights, biased, cases["root"] / "out-biased")
+    predictions, findings = planted.audit_case(data.data_dir / "test.csv", data.weights, biased,
+                                               cases["root"] / "out-biased", pdf=True)
     for kind, class_name, prefix in planted.expected_planted(biased):
         hit = planted.detected(findings, kind, class_name, prefix)
         assert len(hit) == 1, (kind, class_name, findings[["kind", "class_name", "slice", "value"]])
@@ -48,6 +49,7 @@ def test_planted_biases_are_named_with_class_and_numbers(recipes, cases) -> None
     x, y = (float(v) for v in mark["slice"].removeprefix("spot=(").rstrip(")").split(", "))
     centre = (biased.mark_xy[0] + biased.mark_size / 2) / biased.image_size
     assert abs(x - centre) < 0.08 and abs(y - centre) < 0.08  # the patch found is the mark
+    check_pdf(cases["root"] / "out-biased" / "runs" / predictions["run_id"].iloc[0] / "report.pdf", biased, findings)
 
 
 def test_clean_control_raises_no_bias_finding(recipes, cases) -> None:
@@ -73,3 +75,29 @@ def test_flipped_labels_and_copies_are_found(recipes, cases) -> None:
     assert planted.pair_recall(findings, predictions, [p for p in noisy.pairs if not p[2]]) == 1.0
     leak = findings[(findings["kind"] == "near_duplicate") & (findings["slice"] == "leakage")]
     assert leak["severity"].tolist() == ["high"] and leak["value"].iloc[0] == 5
+
+
+SECTIONS = ("Findings", "Per-class results", "Confusion matrix", "Calibration", "Slices", "Failure gallery",
+            "Explanation methods", "Trends across runs", "Appendix")
+
+
+def check_pdf(path, recipe, findings) -> None:
+    """The report of a planted run: every section, class and finding message in its text, a
+    sensible page count, and pages that convert to images (pdftoppm, where installed)."""
+    import re
+    import shutil
+    import subprocess
+
+    from pypdf import PdfReader
+
+    reader = PdfReader(path)
+    text = re.sub(r"\s+", " ", " ".join(page.extract_text() or "" for page in reader.pages))
+    assert 8 <= len(reader.pages) <= 40
+    for needle in (*SECTIONS, *recipe.classes):
+        assert needle in text, needle
+    for message in findings["message"]:
+        assert re.sub(r"\s+", " ", message)[:50] in text
+    if shutil.which("pdftoppm"):
+        subprocess.run(["pdftoppm", "-png", "-r", "20", "-f", "1", "-l", "3", str(path), str(path.parent / "page")],
+                       check=True, timeout=120)
+        assert len(list(path.parent.glob("page-*.png"))) == 3
