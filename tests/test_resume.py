@@ -1,0 +1,97 @@
+"""A run killed with SIGKILL and started again reuses its finished shards and ends with the
+same tables as an uninterrupted run; two runs at once on one output folder stay apart."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import make_shapes
+from tasks.storage import read_table, staging_dir
+
+TABLES = ("predictions", "explanations", "signals", "occlusion", "findings")
+
+
+def _command(manifest: Path, model: Path, weights: Path, out: Path, run_id: str) -> list[str]:
+    return [sys.executable, "-m", "flows.cli", "run", str(manifest), "--out", str(out), "--model", f"{model}:build",
+            "--weights", str(weights), "--crop", "48", "--resize", "48", "--shard-size", "8", "--batch-size", "4",
+            "--methods", "gradcam,occlusion", "--occlusion-grid", "12", "--no-pdf", "--no-sanity-check",
+            "--run-id", run_id, "-q"]
+
+
+def _env() -> dict[str, str]:
+    root = Path(__file__).resolve().parents[1]
+    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+
+
+def _tables(out: Path, run_id: str) -> dict[str, pd.DataFrame]:
+    frames = {}
+    for table in TABLES:
+        frame = read_table(out, table, run_id).drop(columns="run_id")
+        keys = [c for c in ("image_id", "target", "method", "layer", "kind", "class_name", "slice") if c in frame]
+        frames[table] = frame.sort_values(keys, kind="stable").reset_index(drop=True) if len(frame) else frame
+    return frames
+
+
+@pytest.fixture()
+def dataset(tmp_path, tiny_model_file):
+    manifest = make_shapes(tmp_path / "data", {"red": 24, "green": 24, "blue": 24})
+    return manifest, *tiny_model_file
+
+
+def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, dataset) -> None:
+    manifest, model, weights = dataset
+    killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
+    run_id = "rkilled"
+    process = subprocess.Popen(_command(manifest, model, weights, killed_out, run_id), env=_env(),
+                               start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = staging_dir(killed_out, "predictions", run_id)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(parts.glob("part-*.parquet"))) < 2 and process.poll() is None:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    finished = sorted(p.name for p in parts.glob("part-*.parquet"))
+    assert 2 <= len(finished) < 9, f"the kill must land mid-run (shards done: {finished})"
+    assert read_table(killed_out, "predictions").empty, "nothing of a killed run is visible to readers"
+    stamps = {p.name: p.stat().st_mtime_ns for p in parts.glob("part-*.parquet")}
+
+    resumed = subprocess.run(_command(manifest, model, weights, killed_out, run_id), env=_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    committed = killed_out / "tables" / "predictions" / f"run_id={run_id}"
+    assert all((committed / name).stat().st_mtime_ns == stamp for name, stamp in stamps.items()), \
+        "finished shards are reused, not recomputed"
+    uninterrupted = subprocess.run(_command(manifest, model, weights, clean_out, run_id), env=_env(),
+                                   capture_output=True, text=True, timeout=300)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+
+    got, want = _tables(killed_out, run_id), _tables(clean_out, run_id)
+    assert len(got["predictions"]) == 72 and got["predictions"]["image_id"].is_unique
+    for table in TABLES:
+        pd.testing.assert_frame_equal(got[table], want[table], check_exact=False, rtol=1e-5, obj=table)
+    assert not list(killed_out.rglob("*.tmp")) and not list((killed_out / "tables").rglob("_tmp-*"))
+
+
+def test_two_runs_at_once_on_one_output_folder(tmp_path, dataset) -> None:
+    manifest, model, weights = dataset
+    out = tmp_path / "shared"
+    runs = [subprocess.Popen(_command(manifest, model, weights, out, run_id), env=_env(), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for run_id in ("rfirst", "rsecond")]
+    for process in runs:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-2000:]
+    predictions = read_table(out, "predictions")
+    assert predictions.groupby("run_id").size().to_dict() == {"rfirst": 72, "rsecond": 72}
+    first, second = _tables(out, "rfirst"), _tables(out, "rsecond")
+    for table in TABLES:
+        pd.testing.assert_frame_equal(first[table], second[table], check_exact=False, rtol=1e-5, obj=table)
+    assert all((out / "runs" / run_id / "report.html").is_file() for run_id in ("rfirst", "rsecond"))
