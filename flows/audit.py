@@ -5,7 +5,6 @@ values, never models or tensors (Prefect hashes task arguments); the model is lo
 once per process by :func:`tasks.models.load_model`'s cache.
 """
 
-from __future__ import annotations
 
 import hashlib
 import json

@@ -194,8 +194,13 @@ def run(
     ] = True,
     sanity_images: Annotated[int, typer.Option(help="Images used by the sanity check.")] = 16,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    cron: Annotated[
+        Optional[str], typer.Option(help="Serve on this cron schedule instead of running once (see `serve`).")
+    ] = None,
+    timezone: Annotated[str, typer.Option(help="Time zone of --cron, e.g. Europe/Paris.")] = "UTC",
+    deployment: Annotated[str, typer.Option(help="Name of the served deployment.")] = "nightly",
 ) -> None:
-    """Audit a model on a data source once."""
+    """Audit a model on a data source once (or, with --cron, on a schedule)."""
     from flows.audit import AuditRequest
 
     try:
@@ -217,7 +222,73 @@ def run(
         fail(_validation_message(exc))
     except ModelError as exc:
         fail(str(exc))
+    if cron is not None:
+        serve_request(request, cron, timezone, deployment)
+        return
     _print_result(execute(request, quiet))
+
+
+def serve_request(request: "AuditRequest", cron: str, timezone: str, name: str) -> None:  # noqa: F821
+    """Check the request once (a bad source or model fails now, not at 2 a.m.), then serve it."""
+    from flows.audit import prepare_run
+    from flows.schedule import check_schedule, serve_audit
+
+    try:
+        check_schedule(cron, timezone)
+        plan = prepare_run(request.model_copy(update={"run_id": f"check-{os.getpid()}-{time.time_ns()}"}))
+    except USER_ERRORS as exc:
+        fail(str(exc))
+    import shutil
+
+    shutil.rmtree(plan.folder, ignore_errors=True)
+    typer.echo(f"serving the audit of {request.source} as deployment visaudit-audit/{name} on '{cron}' "
+               f"({timezone}); Ctrl-C stops", err=True)
+    serve_audit(request, cron, timezone, name)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    cron: Annotated[str, typer.Option(help="Cron schedule (default: every night at 02:00).")] = "0 2 * * *",
+    timezone: Annotated[str, typer.Option(help="Time zone of the schedule, e.g. Europe/Paris.")] = "UTC",
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "nightly",
+    config: Annotated[
+        Optional[Path], typer.Option(help="TOML file with the audit's parameters (the run options' names).")
+    ] = None,
+) -> None:
+    """Serve the audit on a schedule (nightly by default). Audit options as for `run`
+    (SOURCE --out ... --arch ...), or from --config FILE.toml."""
+    if config is not None:
+        if ctx.args:
+            fail(f"give the audit's parameters either in {config} or as options, not both (got {' '.join(ctx.args)})")
+        serve_request(request_from_config(config), cron, timezone, name)
+        return
+    if not ctx.args:
+        fail("serve needs the audit to run: SOURCE and the run options (see `visaudit run --help`), or --config FILE")
+    command = typer.main.get_command(app)
+    code = command.main(["run", *ctx.args, "--cron", cron, "--timezone", timezone, "--deployment", name],
+                        prog_name="visaudit", standalone_mode=False)
+    if isinstance(code, int) and code:
+        raise typer.Exit(code)
+
+
+def request_from_config(path: Path) -> "AuditRequest":  # noqa: F821
+    """An AuditRequest from a TOML file whose keys are AuditRequest fields (e.g. source, out_dir, arch)."""
+    import tomllib
+
+    from flows.audit import AuditRequest
+
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        fail(f"{path}: {exc}")
+    unknown = sorted(set(raw) - set(AuditRequest.model_fields))
+    if unknown:
+        fail(f"{path}: unknown keys {unknown}; known: {', '.join(sorted(AuditRequest.model_fields))}")
+    try:
+        return AuditRequest(**raw)
+    except ValidationError as exc:
+        fail(f"{path}: {_validation_message(exc)}")
 
 
 @app.command()
