@@ -29,8 +29,8 @@ import torch
 from tasks.thresholds import Thresholds, severity
 
 RADIUS = 0.125  # of the image side: peaks this close share a spot; the patch is twice this wide
-SAMPLE_IMAGES = 24  # images per candidate class that are probed
-REFERENCE_SPOTS = 6
+SAMPLE_IMAGES = 16  # images per candidate class that are probed
+REFERENCE_SPOTS = 4
 
 
 @dataclass(frozen=True)

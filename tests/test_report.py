@@ -209,7 +209,7 @@ def test_user_strings_are_escaped(rendered: tuple[Path, str]) -> None:
 def test_figures_only_for_shown_images(rendered: tuple[Path, str]) -> None:
     out_dir, run_id = rendered
     images = out_dir / "runs" / run_id / "images"
-    names = {p.name for p in images.glob("*.png")}
+    names = {p.name for p in images.glob("*.*")}
     shown = {"a1", "a3", "a4"}  # the evidence and the wrong predictions
     charts = {"confusion-matrix.png", "reliability.png"}  # (trends.png from the second run of a series)
     assert len(names - charts) <= 3 * len(shown)  # thumbnail + two maps each
