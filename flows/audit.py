@@ -75,6 +75,7 @@ class AuditRequest(BaseModel):
     template_dir: str | None = None
     pdf: bool = True
     trust_checkpoint: bool = False
+    allow_outside_paths: bool = False  # manifest paths may climb out of the manifest's folder (../)
     decode_workers: int = Field(4, ge=1, le=64)
     occlusion_grid: int = Field(7, ge=1, le=64)
     occlusion_window: int | None = Field(None, ge=1)
@@ -169,7 +170,7 @@ def prepare_run(request: AuditRequest) -> RunPlan:
     bad = [k for k in request.thresholds if k not in known]
     if bad:
         raise ValueError(f"unknown threshold(s) {bad}; available: {', '.join(sorted(known))}")
-    index = build_index(request.source)
+    index = build_index(request.source, allow_outside=request.allow_outside_paths)
     loaded = load_model(request.model_spec(), request.device, request.crop or 224)
     preprocess = default_preprocess(loaded, request.resize, request.crop)
     if request.classes_file:

@@ -194,6 +194,9 @@ def run(
     ] = True,
     sanity_images: Annotated[int, typer.Option(help="Images used by the sanity check.")] = 16,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    allow_outside_paths: Annotated[
+        bool, typer.Option(help="Let a manifest's relative paths leave its folder (../); only for manifests you trust.")
+    ] = False,
     cron: Annotated[
         Optional[str], typer.Option(help="Serve on this cron schedule instead of running once (see `serve`).")
     ] = None,
@@ -216,6 +219,7 @@ def run(
             impression_iterations=impression_iterations, impression_tv_weight=impression_tv_weight,
             impression_seed=impression_seed,
             template_dir=str(templates) if templates else None, pdf=pdf, trust_checkpoint=trust_checkpoint,
+            allow_outside_paths=allow_outside_paths,
         )
         request.model_spec()
     except ValidationError as exc:

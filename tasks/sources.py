@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,16 @@ def is_url(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
-def build_index(source: str | Path) -> pd.DataFrame:
-    """Index a data source: a class-per-folder directory or a ``.csv``/``.parquet`` manifest."""
+def build_index(source: str | Path, allow_outside: bool = False) -> pd.DataFrame:
+    """Index a data source: a class-per-folder directory or a ``.csv``/``.parquet`` manifest.
+
+    ``allow_outside``: let a manifest's relative paths climb out of its folder (``../``).
+    """
     source_str = str(source)
     if is_url(source_str):
         if Path(source_str.split("?")[0]).suffix.lower() not in MANIFEST_SUFFIXES:
             raise DataSourceError(f"{source_str}: a remote data source must be a .csv or .parquet manifest")
-        return index_manifest(source_str)
+        return index_manifest(source_str, allow_outside)
     path = Path(source_str.removeprefix("file://")).expanduser()
     if not path.exists():
         raise DataSourceError(
@@ -57,7 +61,7 @@ def build_index(source: str | Path) -> pd.DataFrame:
     if path.is_dir():
         return index_folder(path)
     if path.suffix.lower() in MANIFEST_SUFFIXES:
-        return index_manifest(str(path))
+        return index_manifest(str(path), allow_outside)
     raise DataSourceError(
         f"{path}: not a folder nor a manifest; pass a class-per-folder directory or a .csv/.parquet manifest"
     )
@@ -95,10 +99,12 @@ def read_manifest(uri: str) -> pd.DataFrame:
         raise DataSourceError(f"{uri}: cannot read the manifest ({exc})") from exc
 
 
-def index_manifest(uri: str) -> pd.DataFrame:
+def index_manifest(uri: str, allow_outside: bool = False) -> pd.DataFrame:
     """Index a manifest with ``path``, ``label`` and optional ``x0,y0,x1,y1`` and attributes.
 
-    Relative paths resolve against the manifest's folder; ``label`` may hold several
+    Relative paths resolve against the manifest's folder and must stay inside it unless
+    ``allow_outside`` (a manifest from elsewhere must not read arbitrary files through
+    ``../``); absolute paths and URLs are taken as written. ``label`` may hold several
     labels separated by ``;`` (or be a list in Parquet) for multi-label data.
     """
     table = read_manifest(uri)
@@ -118,7 +124,13 @@ def index_manifest(uri: str) -> pd.DataFrame:
     base = uri.rsplit("/", 1)[0] if is_url(uri) else str(Path(uri).resolve().parent)
     attribute_columns = [c for c in table.columns if c not in ("path", "label", *BOX_COLUMNS)]
     rows = []
-    for record in table.to_dict("records"):
+    for number, record in enumerate(table.to_dict("records"), start=2 if uri.lower().endswith(".csv") else 0):
+        if not allow_outside and _climbs_out(str(record["path"]), base):
+            where = f"line {number}" if uri.lower().endswith(".csv") else f"row {number}"
+            raise DataSourceError(
+                f"{uri}: {where}: path {record['path']!r} points outside the manifest's folder {base}; move the "
+                "images under it or write absolute paths, or pass --allow-outside-paths if you trust this manifest"
+            )
         box = [_to_float(record[c]) for c in BOX_COLUMNS] if present_box else None
         attributes = {c: _to_str(record[c]) for c in attribute_columns}
         rows.append(_row(_resolve(str(record["path"]), base), _parse_labels(record["label"]), box, attributes))
@@ -168,6 +180,16 @@ def read_bytes(uri: str) -> bytes:
 
 def _open_bytes(uri: str) -> io.BytesIO:
     return io.BytesIO(read_bytes(uri))
+
+
+def _climbs_out(path: str, base: str) -> bool:
+    """Whether a relative manifest path leaves the manifest's folder (judged on the text, ``..``)."""
+    if is_url(path) or (not is_url(base) and Path(path).is_absolute()):
+        return False
+    if is_url(base):
+        return ".." in path.replace("\\", "/").split("/")
+    joined = os.path.normpath(os.path.join(base, path))
+    return joined != base and not joined.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def _resolve(path: str, base: str) -> str:
