@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -168,14 +169,55 @@ def read_index(path: Path, start: int = 0, stop: int | None = None) -> pd.DataFr
     return frame
 
 
+REMOTE_TIMEOUT_S = 30.0  # per attempt, for http(s) reads
+REMOTE_ATTEMPTS = 3  # a timeout or connection error is retried with backoff; a 404 is not
+
+
 def read_bytes(uri: str) -> bytes:
     """The raw bytes of an image, local or remote (fsspec, e.g. http, s3)."""
     if is_url(uri):
-        import fsspec
-
-        with fsspec.open(uri, "rb") as handle:
-            return handle.read()
+        return _read_remote(uri)
     return Path(uri).read_bytes()
+
+
+def _read_remote(uri: str) -> bytes:
+    """Read a URL with a bounded timeout and bounded retries; the last error names the URL.
+
+    http(s) goes through urllib (fsspec's http layer reports a timeout as a missing file);
+    other protocols (s3, gcs, ...) through fsspec.
+    """
+    last: Exception | None = None
+    for attempt in range(REMOTE_ATTEMPTS):
+        try:
+            if uri.startswith(("http://", "https://")):
+                return _read_http(uri)
+            import fsspec
+
+            with fsspec.open(uri, "rb") as handle:
+                return handle.read()
+        except (FileNotFoundError, PermissionError):
+            raise  # 404, 403: asking again will not help
+        except Exception as exc:  # timeouts, resets, 5xx: each library raises its own type
+            last = exc
+            if attempt + 1 < REMOTE_ATTEMPTS:
+                time.sleep(0.5 * 2**attempt)
+    raise OSError(f"{uri}: unreachable after {REMOTE_ATTEMPTS} attempts ({type(last).__name__}: {last})")
+
+
+def _read_http(uri: str) -> bytes:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(uri, headers={"User-Agent": "visaudit"})
+    try:
+        with urllib.request.urlopen(request, timeout=REMOTE_TIMEOUT_S) as answer:  # noqa: S310 (the user's URL)
+            return answer.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 410):
+            raise FileNotFoundError(f"{uri}: HTTP {exc.code} {exc.reason}") from None
+        if exc.code < 500 and exc.code != 429:
+            raise PermissionError(f"{uri}: HTTP {exc.code} {exc.reason}") from None  # not retried
+        raise
 
 
 def _open_bytes(uri: str) -> io.BytesIO:

@@ -353,3 +353,55 @@ def test_disk_full_mid_run_is_a_clear_error_and_earlier_runs_survive(tmp_path, t
         pd.testing.assert_frame_equal(read_table(out, table), frame, obj=table)
     assert not [p for p in (out / "tables").rglob("*.tmp") if not p.parent.name.startswith("_tmp-")], \
         "no stray temp file where readers look"
+
+
+def test_urls_that_404_or_hang_are_recorded_after_bounded_retries(tmp_path, tiny_model_file, monkeypatch) -> None:
+    import functools
+    import http.server
+    import threading
+    import time
+
+    import tasks.sources
+
+    make_shapes(tmp_path, {"red": 2, "green": 2, "blue": 2})
+    frame = pd.read_csv(tmp_path / "manifest.csv")
+    frame.loc[len(frame)] = {"path": "red/missing.png", "label": "red", "background": "dark"}
+    frame.loc[len(frame)] = {"path": "slow/hang.png", "label": "red", "background": "dark"}
+    frame.to_csv(tmp_path / "manifest.csv", index=False)
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "hang.png").write_bytes((tmp_path / "red" / "000.png").read_bytes())
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the stdlib's name)
+            if self.path.startswith("/slow/"):
+                time.sleep(3)
+            return super().do_GET()
+
+        do_HEAD = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(tasks.sources, "REMOTE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(tasks.sources, "REMOTE_ATTEMPTS", 2)
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        started = time.monotonic()
+        with pytest.raises(OSError, match="unreachable after 2 attempts"):
+            tasks.sources.read_bytes(f"{base}/slow/hang.png")
+        assert time.monotonic() - started < 2.9, "bounded: never waits for the server's 3 s"
+        with pytest.raises(FileNotFoundError):
+            tasks.sources.read_bytes(f"{base}/red/missing.png")
+        model, weights = tiny_model_file
+        out = tmp_path / "out"
+        result = runner.invoke(app, ["run", f"{base}/manifest.csv", "--out", str(out), "--model", f"{model}:build",
+                                     "--weights", str(weights), "--crop", "48", "--resize", "48", "--no-pdf", "-q"])
+    finally:
+        server.shutdown()
+    assert result.exit_code == 0, result.output
+    predictions = read_table(out, "predictions")
+    errors = predictions.set_index(predictions["uri"].map(lambda u: u.rsplit("/", 1)[1]))["error"]
+    assert "FileNotFoundError" in errors["missing.png"] and "unreachable" in errors["hang.png"]
+    assert errors.drop(["missing.png", "hang.png"]).isna().all()
