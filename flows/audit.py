@@ -27,6 +27,7 @@ from pydantic import BaseModel, Field
 
 from tasks import storage
 from tasks.calibration import reliability
+from tasks.cam import GRADIENT_METHODS, GUIDED_METHODS
 from tasks.findings import Thresholds, compute_findings
 from tasks.fixed_location import location_candidates, probe_location
 from tasks.images import Decoded, Preprocess, decode_many, normalise, to_batch
@@ -197,6 +198,8 @@ def prepare_run(request: AuditRequest) -> RunPlan:
         shapes = loaded.layer_shapes
         layers = [s for s in stage_layers(shapes, loaded.model) if s != layer and shapes[s] != shapes.get(layer)]
     layers.append(layer)
+    if any(m in GRADIENT_METHODS or m in GUIDED_METHODS for m in request.methods) or len(layers) > 1:
+        check_gradients_reach(loaded, layers, preprocess.crop)
     if "cam" in request.methods:
         check_cam_applies(loaded, layer, preprocess.crop)
     if "occlusion" in request.methods:
@@ -243,6 +246,30 @@ def prepare_run(request: AuditRequest) -> RunPlan:
     tmp.write_text(json.dumps(asdict(plan), indent=2))
     os.replace(tmp, folder / "plan.json")
     return plan
+
+
+def check_gradients_reach(loaded: LoadedModel, layers: list[str], size: int) -> None:
+    """Gradient methods need the class scores to depend, through autograd, on each explained
+    layer; a model that detaches its backbone (or runs it under no_grad) is refused early."""
+    from tasks.cam import hooked_forward
+
+    generator = torch.Generator().manual_seed(0)
+    probe_input = torch.randn(1, 3, size, size, generator=generator).to(loaded.device)
+    forward = hooked_forward(loaded.model, probe_input, layers)
+    acts = [forward.activations[name] for name in layers]
+    blocked = [name for name, a in zip(layers, acts) if not a.requires_grad]
+    if forward.scores.requires_grad and not blocked:
+        grads = torch.autograd.grad(forward.scores.sum(), acts, allow_unused=True)
+        blocked = [name for name, g in zip(layers, grads) if g is None]
+    elif not blocked:
+        blocked = list(layers)
+    if blocked:
+        raise ModelError(
+            f"--layer {blocked[-1]!r}: the class scores do not depend on this layer through autograd (the model "
+            "detaches its output or runs it under torch.no_grad), so gradient methods cannot explain it; "
+            "remove the .detach()/no_grad from the model's forward, choose a later layer with --layer, "
+            "or use --methods occlusion"
+        )
 
 
 def check_cam_applies(loaded: LoadedModel, layer: str, size: int) -> None:

@@ -251,12 +251,27 @@ def build(num_classes=3):
 
 def broken(num_classes=3):
     raise RuntimeError("factory exploded")
+
+
+class Detached(nn.Module):
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, num_classes))
+
+    def forward(self, x):
+        return self.head(self.features(x).detach())  # a frozen backbone, detached by hand
+
+
+def detached(num_classes=3):
+    return Detached(num_classes)
 '''
 
 
 @pytest.mark.parametrize(("factory", "extra", "expected"), [
     ("build", [], "class scores of shape (batch, classes); it returned (1, 4, 48, 48)"),
     ("broken", [], "factory exploded"),
+    ("detached", [], "do not depend on this layer through autograd"),
     ("build", ["--device", "cuda:7"], "cuda"),
     ("build", ["--batch-size", "-3"], "--batch-size"),
     ("build", ["--occlusion-window", "0", "--methods", "occlusion"], "--occlusion-window"),
