@@ -77,6 +77,9 @@ class AuditRequest(BaseModel):
     pdf: bool = True
     trust_checkpoint: bool = False
     allow_outside_paths: bool = False  # manifest paths may climb out of the manifest's folder (../)
+    runner: str = Field("threads", pattern="^(threads|dask)$")  # where the shard tasks run
+    dask_address: str | None = None  # an existing Dask scheduler (default: a LocalCluster)
+    dask_workers: int = Field(2, ge=1, le=1024)  # LocalCluster worker processes (one per GPU on CUDA)
     decode_workers: int = Field(4, ge=1, le=64)
     occlusion_grid: int = Field(7, ge=1, le=64)
     occlusion_window: int | None = Field(None, ge=1)
@@ -297,9 +300,23 @@ def run_shard(plan_folder: str, shard: str, start: int, stop: int) -> ShardResul
     """Audit one shard of the planned run (the model comes from the per-process cache)."""
     plan = load_plan(Path(plan_folder))
     request = AuditRequest(**plan.request)
-    loaded = load_model(request.model_spec(), request.device, request.crop or 224)
+    loaded = load_model(request.model_spec(), worker_device(request.device), request.crop or 224)
     rows = read_index(Path(plan_folder) / "index.parquet", start, stop)
     return audit_shard(rows, loaded, plan.shard_settings(), Path(plan.out_dir), plan.run_id, shard)
+
+
+def worker_device(device: str) -> str:
+    """On a Dask worker of a multi-GPU LocalCluster, the worker's own GPU (worker i -> cuda:i
+    modulo the GPUs); elsewhere the device as asked."""
+    if device not in ("auto", "cuda") or torch.cuda.device_count() < 2:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return device
+    return f"cuda:{int(name) % torch.cuda.device_count()}" if str(name).isdigit() else device
 
 
 def find(plan: RunPlan) -> int:
@@ -685,4 +702,43 @@ def audit(request: AuditRequest) -> str:
     return plan.run_id
 
 
-__all__ = ["AuditRequest", "DataSourceError", "ModelError", "RunPlan", "audit", "prepare_run"]
+def task_runner_for(request: AuditRequest):
+    """The task runner a request asks for: one thread (the default: one device, no contention),
+    or Dask: an existing scheduler, else a LocalCluster of worker processes, one per GPU when
+    there are GPUs (dask-cuda's LocalCUDACluster where installed)."""
+    if request.runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=1)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ValueError("--runner dask needs prefect-dask: pip install 'visaudit[dask]'") from None
+
+    if request.dask_address:
+        return DaskTaskRunner(address=request.dask_address)
+    gpus = torch.cuda.device_count() if request.device in ("auto", "cuda") else 0
+    if gpus:
+        try:
+            import dask_cuda  # noqa: F401
+
+            return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster")
+        except ImportError:
+            pass
+    workers = gpus or request.dask_workers
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+
+
+def run_audit(request: AuditRequest) -> str:
+    """Run the audit flow on the request's task runner; returns the run id. Dask's process
+    workers need a real Prefect API: PREFECT_API_URL's, or a local server for the run."""
+    if request.runner == "threads":
+        return audit(request)
+    import logging
+
+    from flows.server import shared_api
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster start/stop chatter
+    with shared_api():
+        return audit.with_options(task_runner=task_runner_for(request))(request)
+
+
+__all__ = ["AuditRequest", "DataSourceError", "ModelError", "RunPlan", "audit", "prepare_run", "run_audit"]

@@ -60,7 +60,7 @@ def parse_thresholds(items: list[str]) -> dict[str, float]:
 
 def execute(request: "AuditRequest", quiet: bool = False) -> Path:  # noqa: F821
     """Validate and plan (clean errors), then run the flow with a progress bar; returns the run folder."""
-    from flows.audit import audit, prepare_run
+    from flows.audit import prepare_run, run_audit
 
     try:
         plan = prepare_run(request)
@@ -77,7 +77,7 @@ def execute(request: "AuditRequest", quiet: bool = False) -> Path:  # noqa: F821
     if watcher:
         watcher.start()
     try:
-        audit(request)
+        run_audit(request)
     except USER_ERRORS as exc:
         fail(f"{exc} (finished shards are kept: rerun with --run-id {plan.run_id} to resume)")
     except Exception as exc:
@@ -197,6 +197,9 @@ def run(
     allow_outside_paths: Annotated[
         bool, typer.Option(help="Let a manifest's relative paths leave its folder (../); only for manifests you trust.")
     ] = False,
+    runner: Annotated[str, typer.Option(help="Where shard tasks run: threads (one device) or dask.")] = "threads",
+    dask_address: Annotated[Optional[str], typer.Option(help="An existing Dask scheduler (tcp://host:8786).")] = None,
+    dask_workers: Annotated[int, typer.Option(help="LocalCluster worker processes (default 2; one per GPU).")] = 2,
     cron: Annotated[
         Optional[str], typer.Option(help="Serve on this cron schedule instead of running once (see `serve`).")
     ] = None,
@@ -219,7 +222,7 @@ def run(
             impression_iterations=impression_iterations, impression_tv_weight=impression_tv_weight,
             impression_seed=impression_seed,
             template_dir=str(templates) if templates else None, pdf=pdf, trust_checkpoint=trust_checkpoint,
-            allow_outside_paths=allow_outside_paths,
+            allow_outside_paths=allow_outside_paths, runner=runner, dask_address=dask_address, dask_workers=dask_workers,
         )
         request.model_spec()
     except ValidationError as exc:

@@ -10,19 +10,10 @@ accumulate; the deployment's concurrency limit of 1 keeps two nights from runnin
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
-
 from flows.audit import AuditRequest, audit
+from flows.server import prefect_server
 
 DEFAULT_CRON = "0 2 * * *"  # 02:00 every night
-SERVER_START_TIMEOUT = 90.0
 
 
 def check_schedule(cron: str, timezone: str):
@@ -39,48 +30,6 @@ def check_schedule(cron: str, timezone: str):
         return Cron(cron, timezone=timezone)
     except Exception as exc:  # pydantic/croniter/zoneinfo each raise their own type
         raise ValueError(f"--cron {cron!r} --timezone {timezone!r}: {exc}".splitlines()[0]) from None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def prefect_server() -> Iterator[str]:
-    """The API URL of a real Prefect server: PREFECT_API_URL's, or a local one started here
-    (``prefect server start`` on a free port) and stopped on exit."""
-    if os.environ.get("PREFECT_API_URL"):
-        yield os.environ["PREFECT_API_URL"]
-        return
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the local Prefect server did not start on port {port}; set PREFECT_API_URL "
-                                   "to a running server instead")
-            time.sleep(0.5)
-        yield url
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
 
 
 def serve_audit(request: AuditRequest, cron: str = DEFAULT_CRON, timezone: str = "UTC",

@@ -37,7 +37,7 @@ def test_served_schedule_runs_an_audit_into_the_tables(tmp_path, tiny_model_file
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.schedule import prefect_server
+    from flows.server import prefect_server
 
     manifest = make_shapes(tmp_path / "data", {"red": 4, "green": 4, "blue": 4})
     model, weights = tiny_model_file

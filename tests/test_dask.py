@@ -1,0 +1,49 @@
+"""`--runner dask`: the shards on a LocalCluster of two worker processes (with a real local
+Prefect server, as process workers need) give the same tables as the default runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import make_shapes
+from tasks.storage import read_table
+
+pytest.importorskip("prefect_dask")
+
+
+def _tables(out: Path) -> dict[str, pd.DataFrame]:
+    frames = {}
+    for table in ("predictions", "explanations", "signals", "findings"):
+        frame = read_table(out, table).drop(columns="run_id")
+        keys = [c for c in ("image_id", "target", "method", "layer", "kind", "class_name", "slice") if c in frame]
+        frames[table] = frame.sort_values(keys, kind="stable").reset_index(drop=True)
+    return frames
+
+
+def test_dask_local_cluster_gives_the_same_tables(tmp_path, tiny_model_file) -> None:
+    manifest = make_shapes(tmp_path / "data", {"red": 6, "green": 6, "blue": 6})
+    model, weights = tiny_model_file
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    env.pop("PREFECT_API_URL", None)
+    outputs = {}
+    for runner in ("threads", "dask"):
+        out = tmp_path / runner
+        result = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", str(manifest), "--out", str(out), "--model", f"{model}:build",
+             "--weights", str(weights), "--crop", "48", "--resize", "48", "--shard-size", "4", "--no-pdf",
+             "--no-sanity-check", "--runner", runner, "--dask-workers", "2", "-q"],
+            env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs[runner] = _tables(out)
+    assert len(outputs["dask"]["predictions"]) == 18
+    for table, frame in outputs["threads"].items():
+        pd.testing.assert_frame_equal(outputs["dask"][table], frame, check_exact=False, rtol=1e-5, obj=table)
