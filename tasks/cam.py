@@ -236,14 +236,14 @@ def explain(
     cam_methods = [m for m in methods if m in GRADIENT_METHODS]
     if "guided_gradcam" in methods and "gradcam" not in cam_methods:
         cam_methods.append("gradcam")  # needed for the product, dropped from the result below
-    maps = {
-        (method, name): a.new_zeros((sample.numel(), *a.shape[2:]))
+    maps = {  # float32 whatever the activations' dtype (bf16 under autocast): maps are compared, summed, ranked
+        (method, name): a.new_zeros((sample.numel(), *a.shape[2:]), dtype=torch.float32)
         for method in cam_methods
         for name, a in zip(layers, acts)
     }
     if guided:
         x = forward.inputs
-        maps[("guided_backprop", INPUT_LAYER)] = x.new_zeros((sample.numel(), *x.shape[1:]))
+        maps[("guided_backprop", INPUT_LAYER)] = x.new_zeros((sample.numel(), *x.shape[1:]), dtype=torch.float32)
     rounds = target_rounds(sample)
     n_rounds = int(rounds.max().item()) + 1 if rounds.numel() else 0
     for r in range(n_rounds):
@@ -254,7 +254,7 @@ def explain(
         if cam_methods:
             grads = torch.autograd.grad(objective, acts, retain_graph=bool(guided) or not last)
             for name, a, g in zip(layers, acts, grads):
-                a_rows, g_rows = a[rows].detach(), g[rows]
+                a_rows, g_rows = a[rows].detach().float(), g[rows].float()
                 for method in cam_methods:
                     maps[(method, name)][pick] = F.relu(GRADIENT_METHODS[method](a_rows, g_rows))
         if guided:
@@ -304,7 +304,7 @@ def linear_head(model: nn.Module, forward: HookedForward, layer: str) -> torch.T
 def class_activation_maps(acts: torch.Tensor, weights: torch.Tensor, sample: torch.Tensor,
                           target: torch.Tensor) -> torch.Tensor:
     """CAM (Zhou et al. 2016): L = ReLU(sum_k w_k^c A_k) with the linear head's weights; no gradients."""
-    return F.relu(torch.einsum("mc,mchw->mhw", weights[target], acts.detach()[sample]))
+    return F.relu(torch.einsum("mc,mchw->mhw", weights[target].float(), acts.detach()[sample].float()))
 
 
 def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:

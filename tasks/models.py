@@ -92,6 +92,8 @@ def load_model(spec: ModelSpec, device_name: str = "auto", input_size: int = 224
     if state is not None:
         _load_state(model, state, spec)
     model.eval().to(device)
+    if device.type == "cuda":  # NHWC: the layout tensor cores want for convolutions
+        model.to(memory_format=torch.channels_last)
     size = preprocess.crop if preprocess is not None else input_size
     layer_shapes, num_classes = probe(model, device, size)
     if spec.layer is not None:

@@ -39,6 +39,7 @@ class ShardSettings:
     targets: tuple[str, ...] = ("predicted", "true")  # and/or "top<k>"
     target_classes: tuple[str, ...] = ()  # named classes explained for every image
     occlusion: occlusion.OcclusionSpec | None = None  # muting windows, when "occlusion" is a method
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; "fp32": fp32 everywhere
 
     @property
     def layers(self) -> list[str]:
@@ -184,7 +185,11 @@ def _run_batch(
     pixels = to_batch(decoded, device)
     inputs = normalise(pixels, settings.preprocess)
     guided = tuple(m for m in settings.methods if m in cam.GUIDED_METHODS)
-    forward = cam.hooked_forward(loaded.model, inputs, settings.layers, guided=bool(guided))
+    fast = device.type == "cuda" and settings.precision == "auto"
+    if device.type == "cuda":
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+        forward = cam.hooked_forward(loaded.model, inputs, settings.layers, guided=bool(guided))
     scores = forward.scores.detach().float()
     labels = torch.from_numpy(label_matrix(rows["labels"].tolist(), settings.classes)).to(device)
     has_label = labels.any(dim=1)
