@@ -90,6 +90,26 @@ def main() -> None:
     model_only = time_model(loaded, settings)
     print(json.dumps({"model_only_images_per_s": model_only}), flush=True)
     print(json.dumps({"bf16_vs_fp32_gradcam": agreement(loaded, settings, index["uri"].iloc[:64].tolist())}), flush=True)
+    print(json.dumps({"decode": decode_rates(index["uri"].tolist(), settings.preprocess, loaded.device)}), flush=True)
+
+
+def decode_rates(uris: list[str], pre: Preprocess, device: torch.device) -> dict[str, float]:
+    """Images/s of PIL (16 threads) and GPU decoding, and how far apart their pixels are."""
+    from tasks.images import decode_many
+
+    rates = {}
+    for name, where in (("pil_16_threads", None), ("gpu", device)):
+        decode_many(uris[:256], pre, 16, where)
+        t0 = time.perf_counter()
+        results = [decode_many(uris[i : i + 512], pre, 16, where) for i in range(0, len(uris), 512)]
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        rates[name] = round(len(uris) / (time.perf_counter() - t0))
+    cpu = np.stack([d.pixels for d in decode_many(uris[:64], pre, 16, None)]).astype(np.float64)
+    gpu = [d.pixels for d in decode_many(uris[:64], pre, 16, device)]
+    gpu = np.stack([p.permute(1, 2, 0).cpu().numpy() if isinstance(p, torch.Tensor) else p for p in gpu])
+    rates["mean_abs_pixel_difference"] = round(float(np.abs(cpu - gpu).mean()), 2)
+    del results
+    return rates
 
 
 def agreement(loaded, settings: ShardSettings, uris: list[str]) -> dict[str, float]:

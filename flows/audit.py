@@ -79,6 +79,7 @@ class AuditRequest(BaseModel):
     allow_outside_paths: bool = False  # manifest paths may climb out of the manifest's folder (../)
     runner: str = Field("threads", pattern="^(threads|dask)$")  # where the shard tasks run
     precision: str = Field("auto", pattern="^(auto|fp32)$")  # auto: bf16 autocast on CUDA, fp32 on the CPU
+    gpu_decode: bool = True  # on CUDA, JPEG files are decoded on the GPU (nvJPEG)
     dask_address: str | None = None  # an existing Dask scheduler (default: a LocalCluster)
     dask_workers: int = Field(2, ge=1, le=1024)  # LocalCluster worker processes (one per GPU on CUDA)
     decode_workers: int = Field(4, ge=1, le=64)
@@ -146,6 +147,7 @@ class RunPlan:
             target_classes=tuple(request.target_classes),
             occlusion=request.occlusion_spec() if "occlusion" in request.methods else None,
             precision=request.precision,
+            gpu_decode=request.gpu_decode,
         )
 
 

@@ -201,6 +201,9 @@ def run(
     precision: Annotated[
         str, typer.Option(help="auto: bf16 autocast on CUDA (maps in float32), fp32 on the CPU; or fp32.")
     ] = "auto",
+    gpu_decode: Annotated[
+        bool, typer.Option("--gpu-decode/--no-gpu-decode", help="On CUDA, decode JPEG files on the GPU (nvJPEG).")
+    ] = True,
     dask_address: Annotated[Optional[str], typer.Option(help="An existing Dask scheduler (tcp://host:8786).")] = None,
     dask_workers: Annotated[int, typer.Option(help="LocalCluster worker processes (default 2; one per GPU).")] = 2,
     cron: Annotated[
@@ -226,7 +229,7 @@ def run(
             impression_seed=impression_seed,
             template_dir=str(templates) if templates else None, pdf=pdf, trust_checkpoint=trust_checkpoint,
             allow_outside_paths=allow_outside_paths, runner=runner, dask_address=dask_address, dask_workers=dask_workers,
-            precision=precision,
+            precision=precision, gpu_decode=gpu_decode,
         )
         request.model_spec()
     except ValidationError as exc:

@@ -43,7 +43,7 @@ class Preprocess:
 class Decoded:
     """One decoded image: the model-input pixels and how original pixels map onto them."""
 
-    pixels: np.ndarray  # (crop, crop, 3) uint8
+    pixels: np.ndarray  # (crop, crop, 3) uint8; or, decoded on a GPU, a (3, crop, crop) uint8 tensor there
     height: int  # original size
     width: int
     scale: float  # input = original * scale - offset
@@ -81,8 +81,16 @@ def decode(uri: str, pre: Preprocess) -> Decoded:
     return Decoded(np.asarray(crop, dtype=np.uint8), height, width, scale, left, top)
 
 
-def decode_many(uris: list[str], pre: Preprocess, workers: int = 4) -> list[Decoded | str]:
-    """Decode images in parallel; an unreadable image yields its error message instead."""
+def decode_many(
+    uris: list[str], pre: Preprocess, workers: int = 4, device: torch.device | None = None
+) -> list[Decoded | str]:
+    """Decode images in parallel; an unreadable image yields its error message instead.
+
+    On a CUDA ``device`` JPEG files are decoded, resized and cropped on the GPU (nvJPEG via
+    ``torchvision.io.decode_jpeg``, batched; their ``pixels`` are then (3, crop, crop) uint8
+    tensors on the device): PIL on the CPU tops out near 1,300 images/s on 16 cores. Other
+    formats, and any JPEG the GPU decoder refuses, go through PIL.
+    """
 
     def safe(uri: str) -> Decoded | str:
         try:
@@ -90,12 +98,66 @@ def decode_many(uris: list[str], pre: Preprocess, workers: int = 4) -> list[Deco
         except Exception as exc:  # any decoder failure is recorded, never fatal
             return f"{type(exc).__name__}: {exc}"
 
+    if device is None or device.type != "cuda":
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            return list(pool.map(safe, uris))
+
+    def fetch(uri: str) -> bytes | str:
+        try:
+            return read_bytes(uri)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(safe, uris))
+        datas = list(pool.map(fetch, uris))
+    out: list[Decoded | str | None] = [d if isinstance(d, str) else None for d in datas]
+    jpegs = [i for i, d in enumerate(datas) if isinstance(d, bytes) and d[:3] == b"\xff\xd8\xff"]
+    decoded = _decode_jpegs_on_gpu([datas[i] for i in jpegs], pre, device) if jpegs else []  # type: ignore[misc]
+    for i, result in zip(jpegs, decoded):
+        out[i] = result
+    rest = [i for i, d in enumerate(out) if d is None]
+    if rest:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for i, result in zip(rest, pool.map(safe, [uris[i] for i in rest])):
+                out[i] = result
+    return out  # type: ignore[return-value]
+
+
+def _decode_jpegs_on_gpu(datas: list[bytes], pre: Preprocess, device: torch.device) -> list[Decoded | None]:
+    """Batched nvJPEG decode, then per image the same resize/crop as :func:`fit` on the GPU;
+    None where the GPU cannot decode (the caller falls back to PIL)."""
+    import torch.nn.functional as F
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    try:
+        images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    except Exception:
+        return [None] * len(datas)
+    out: list[Decoded | None] = []
+    for image in images:
+        _, height, width = image.shape
+        scale = pre.resize / min(width, height)
+        new_w, new_h = max(pre.resize, round(width * scale)), max(pre.resize, round(height * scale))
+        resized = image
+        if (new_w, new_h) != (width, height):
+            resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
+                                    align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
+        left = int(round((new_w - pre.crop) / 2.0))
+        top = int(round((new_h - pre.crop) / 2.0))
+        crop = resized[:, top : top + pre.crop, left : left + pre.crop]
+        out.append(Decoded(crop, height, width, scale, left, top))  # type: ignore[arg-type]
+    return out
 
 
 def to_batch(images: list[Decoded], device: torch.device) -> torch.Tensor:
     """Stack decoded images into a (N, 3, H, W) uint8 tensor on ``device``."""
+    if any(isinstance(d.pixels, torch.Tensor) for d in images):  # decoded on the GPU (some maybe by PIL)
+        return torch.stack([
+            d.pixels if isinstance(d.pixels, torch.Tensor)
+            else torch.from_numpy(np.ascontiguousarray(d.pixels)).permute(2, 0, 1).to(device)
+            for d in images
+        ]).to(device)
     array = np.stack([d.pixels for d in images])
     tensor = torch.from_numpy(array).permute(0, 3, 1, 2)
     if device.type == "cuda":

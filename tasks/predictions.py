@@ -40,6 +40,7 @@ class ShardSettings:
     target_classes: tuple[str, ...] = ()  # named classes explained for every image
     occlusion: occlusion.OcclusionSpec | None = None  # muting windows, when "occlusion" is a method
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; "fp32": fp32 everywhere
+    gpu_decode: bool = True  # on CUDA, decode JPEG files with nvJPEG (PIL for everything else)
 
     @property
     def layers(self) -> list[str]:
@@ -88,7 +89,8 @@ def audit_shard(
     batches = [rows.iloc[i : i + settings.batch_size] for i in range(0, len(rows), settings.batch_size)]
 
     def load(batch: pd.DataFrame) -> list[Decoded | str]:
-        return decode_many(batch["uri"].tolist(), settings.preprocess, settings.decode_workers)
+        device = loaded.device if settings.gpu_decode else None
+        return decode_many(batch["uri"].tolist(), settings.preprocess, settings.decode_workers, device)
 
     # Decode the next batch while the model works on the current one.
     with ThreadPoolExecutor(max_workers=1) as prefetch:
