@@ -155,7 +155,7 @@ def to_batch(images: list[Decoded], device: torch.device) -> torch.Tensor:
     if any(isinstance(d.pixels, torch.Tensor) for d in images):  # decoded on the GPU (some maybe by PIL)
         return torch.stack([
             d.pixels if isinstance(d.pixels, torch.Tensor)
-            else torch.from_numpy(np.ascontiguousarray(d.pixels)).permute(2, 0, 1).to(device)
+            else torch.from_numpy(np.array(d.pixels)).permute(2, 0, 1).to(device)
             for d in images
         ]).to(device)
     array = np.stack([d.pixels for d in images])

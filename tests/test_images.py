@@ -1,0 +1,43 @@
+"""Decoding: the GPU path (nvJPEG, exercised here through torchvision's CPU decoder of the
+same API) places images exactly as the PIL path does."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import sample_photos
+from tasks.images import Preprocess, _decode_jpegs_on_gpu, decode, to_batch
+
+
+@pytest.mark.parametrize("size", [(300, 200), (200, 400), (256, 256), (90, 60)])
+def test_device_decode_matches_pil_geometry_and_pixels(tmp_path, size) -> None:
+    photo = sample_photos()[1].resize(size)  # a real photo (chelsea the cat) at several aspect ratios
+    path = tmp_path / "photo.jpg"
+    photo.save(path, format="JPEG", quality=92)
+    pre = Preprocess(resize=128, crop=112)
+    reference = decode(str(path), pre)
+    (device_decoded,) = _decode_jpegs_on_gpu([path.read_bytes()], pre, torch.device("cpu"))
+    assert device_decoded is not None
+    assert (device_decoded.height, device_decoded.width) == (reference.height, reference.width)
+    assert (device_decoded.scale, device_decoded.left, device_decoded.top) == (
+        reference.scale, reference.left, reference.top)
+    pixels = device_decoded.pixels.permute(1, 2, 0).numpy().astype(np.float64)
+    assert pixels.shape == reference.pixels.shape
+    assert np.abs(pixels - reference.pixels).mean() < 4.0  # resampling filters differ slightly
+
+
+def test_to_batch_mixes_device_and_pil_decoded_images(tmp_path) -> None:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="JPEG")
+    pre = Preprocess(resize=32, crop=32)
+    (on_device,) = _decode_jpegs_on_gpu([buffer.getvalue()], pre, torch.device("cpu"))
+    path = tmp_path / "x.png"
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(path)
+    batch = to_batch([on_device, decode(str(path), pre)], torch.device("cpu"))
+    assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.uint8
+    assert batch[0, 0].float().mean() > 150 and batch[1, 1].float().mean() > 150
