@@ -127,12 +127,13 @@ def _decode_jpegs_on_gpu(datas: list[bytes], pre: Preprocess, device: torch.devi
     """Batched nvJPEG decode, then per image the same resize/crop as :func:`fit` on the GPU;
     None where the GPU cannot decode (the caller falls back to PIL)."""
     import torch.nn.functional as F
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
     try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
         images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    except Exception:
+    except Exception:  # no nvJPEG, a file it refuses, or torchvision without decoders: PIL takes over
         return [None] * len(datas)
     out: list[Decoded | None] = []
     for image in images:
