@@ -121,10 +121,11 @@ def agreement(loaded, settings: ShardSettings, uris: list[str]) -> dict[str, flo
     decoded = [d for d in decode_many(uris, settings.preprocess, 8) if isinstance(d, Decoded)]
     x = normalise(to_batch(decoded, loaded.device), settings.preprocess)
     maps = {}
+    with torch.no_grad():
+        target = loaded.model(x).argmax(dim=1)  # the fp32 prediction, explained in both precisions
     for name, use_bf16 in (("fp32", False), ("bf16", True)):
         with torch.autocast(loaded.device.type, dtype=torch.bfloat16, enabled=use_bf16):
             forward = cam.hooked_forward(loaded.model, x, [settings.layer])
-        target = forward.scores.float().argmax(dim=1) if name == "fp32" else target
         maps[name] = cam.explain(forward, torch.arange(len(x), device=x.device), target, ("gradcam",))[
             ("gradcam", settings.layer)].flatten(1).double()
     a, b = maps["fp32"], maps["bf16"]

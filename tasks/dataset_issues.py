@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tasks.sources import attribute_pairs
 from tasks.thresholds import Thresholds, severity
 
 MAX_PAIRS = 100_000  # a collapsed embedding would pair everything; stop collecting beyond this
@@ -98,10 +99,7 @@ def close_pairs(vectors: np.ndarray, max_rms: float) -> tuple[np.ndarray, np.nda
 
 
 def _split_of(cell) -> str | None:
-    if cell is None:
-        return None
-    pairs = cell.items() if isinstance(cell, dict) else cell
-    return next((str(v) for k, v in pairs if k == "split"), None)
+    return next((str(v) for k, v in attribute_pairs(cell) if k == "split"), None)
 
 
 def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[dict]:

@@ -35,6 +35,7 @@ from tasks.calibration import reliability
 from tasks.images import Decoded, Preprocess, boxes_to_input, decode_many
 from tasks.predictions import label_matrix
 from tasks.shortcuts import wilson_interval
+from tasks.sources import attribute_pairs
 from tasks.storage import read_table
 
 DEFAULT_TEMPLATES: Path = Path(__file__).resolve().parents[1] / "templates"
@@ -600,20 +601,13 @@ def make_example(
         predicted=_ids(row["predicted"]),
         confidence=_number(row["confidence"]),
         top=top,
-        attributes=[(str(k), str(v)) for k, v in _pairs(row["attributes"])],
+        attributes=[(str(k), str(v)) for k, v in attribute_pairs(row["attributes"])],
         thumbs=thumbs,
     )
 
 
 def _values(cell: Any) -> list[Any]:
     return [] if cell is None or (isinstance(cell, float) and math.isnan(cell)) else list(cell)
-
-
-def _pairs(cell: Any) -> Iterable[tuple[Any, Any]]:
-    """A map cell (list of (key, value) tuples, or a dict) as pairs."""
-    if isinstance(cell, Mapping):
-        return cell.items()
-    return [tuple(pair) for pair in _values(cell)]
 
 
 def file_name(uri: str) -> str:
@@ -856,7 +850,7 @@ def slice_rows(predictions: pd.DataFrame) -> list[dict[str, Any]]:
     judged = judged_rows(predictions)
     if judged.empty:
         return []
-    attributes = pd.DataFrame([dict(_pairs(cell)) for cell in judged["attributes"]], index=judged.index)
+    attributes = pd.DataFrame([dict(attribute_pairs(cell)) for cell in judged["attributes"]], index=judged.index)
     correct = judged["correct"].astype(bool)
     rows = []
     for name in sorted(attributes.columns):

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.signals import PROPERTY_COLUMNS
+from tasks.sources import attribute_pairs
 from tasks.thresholds import Thresholds, severity
 
 FOLDS = 5
@@ -176,7 +177,7 @@ def slice_table(audited: pd.DataFrame, signals: pd.DataFrame) -> pd.DataFrame:
     frame = judged[["image_id", "correct", "confidence"]].copy()
     frame["correct"] = frame["correct"].astype(bool)
     attributes = pd.DataFrame(
-        [dict(_pairs(cell)) for cell in judged["attributes"]], index=judged.index, dtype=object
+        [dict(attribute_pairs(cell)) for cell in judged["attributes"]], index=judged.index, dtype=object
     ) if "attributes" in judged else pd.DataFrame(index=judged.index)
     frame = pd.concat([frame, attributes.add_prefix("attr:")], axis=1)
     if not signals.empty:
@@ -187,14 +188,6 @@ def slice_table(audited: pd.DataFrame, signals: pd.DataFrame) -> pd.DataFrame:
             ).astype(str)
         frame = frame.merge(derived[["image_id", "derived:brightness", "derived:contrast"]], on="image_id", how="left")
     return frame
-
-
-def _pairs(cell) -> list[tuple[str, str]]:
-    if cell is None:
-        return []
-    if isinstance(cell, dict):
-        return list(cell.items())
-    return [tuple(pair) for pair in cell]
 
 
 def slice_gap(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[dict]:

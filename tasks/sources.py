@@ -138,6 +138,16 @@ def index_manifest(uri: str, allow_outside: bool = False) -> pd.DataFrame:
     return _finish(pd.DataFrame(rows, columns=INDEX_COLUMNS), uri)
 
 
+def attribute_pairs(cell: Any) -> list[tuple[Any, Any]]:
+    """An ``attributes`` cell as (key, value) pairs: Parquet gives a list of tuples, a fresh
+    index a dict; a missing cell gives none."""
+    if cell is None or (isinstance(cell, float) and cell != cell):
+        return []
+    if isinstance(cell, dict):
+        return list(cell.items())
+    return [tuple(pair) for pair in cell]
+
+
 def class_names_from_index(index: pd.DataFrame) -> list[str]:
     """Sorted distinct labels of the index: the default class order (folders sort the same way)."""
     return sorted({label for labels in index["labels"] for label in labels})

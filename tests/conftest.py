@@ -93,3 +93,16 @@ def tiny_model_file(tmp_path):
     weights = tmp_path / "tiny.pt"
     torch.save(namespace["build"](3).state_dict(), weights)
     return path, weights
+
+
+def sorted_tables(out, tables, run_id=None) -> dict:
+    """Tables of a run (or every run) without ``run_id``, rows in a stable order: for comparing
+    two runs' outputs with ``pd.testing.assert_frame_equal``."""
+    from tasks.storage import read_table
+
+    frames = {}
+    for table in tables:
+        frame = read_table(out, table, run_id).drop(columns="run_id")
+        keys = [c for c in ("image_id", "target", "method", "layer", "kind", "class_name", "slice") if c in frame]
+        frames[table] = frame.sort_values(keys, kind="stable").reset_index(drop=True) if len(frame) else frame
+    return frames

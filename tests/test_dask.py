@@ -11,19 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import make_shapes
-from tasks.storage import read_table
+from conftest import make_shapes, sorted_tables
 
 pytest.importorskip("prefect_dask")
-
-
-def _tables(out: Path) -> dict[str, pd.DataFrame]:
-    frames = {}
-    for table in ("predictions", "explanations", "signals", "findings"):
-        frame = read_table(out, table).drop(columns="run_id")
-        keys = [c for c in ("image_id", "target", "method", "layer", "kind", "class_name", "slice") if c in frame]
-        frames[table] = frame.sort_values(keys, kind="stable").reset_index(drop=True)
-    return frames
 
 
 def test_dask_local_cluster_gives_the_same_tables(tmp_path, tiny_model_file) -> None:
@@ -43,7 +33,7 @@ def test_dask_local_cluster_gives_the_same_tables(tmp_path, tiny_model_file) -> 
             env=env, capture_output=True, text=True, timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
-        outputs[runner] = _tables(out)
+        outputs[runner] = sorted_tables(out, ("predictions", "explanations", "signals", "findings"))
     assert len(outputs["dask"]["predictions"]) == 18
     for table, frame in outputs["threads"].items():
         pd.testing.assert_frame_equal(outputs["dask"][table], frame, check_exact=False, rtol=1e-5, obj=table)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import make_shapes
+from conftest import make_shapes, sorted_tables
 from tasks.storage import read_table, staging_dir
 
 TABLES = ("predictions", "explanations", "signals", "occlusion", "findings")
@@ -30,15 +30,6 @@ def _env() -> dict[str, str]:
     root = Path(__file__).resolve().parents[1]
     return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
-
-
-def _tables(out: Path, run_id: str) -> dict[str, pd.DataFrame]:
-    frames = {}
-    for table in TABLES:
-        frame = read_table(out, table, run_id).drop(columns="run_id")
-        keys = [c for c in ("image_id", "target", "method", "layer", "kind", "class_name", "slice") if c in frame]
-        frames[table] = frame.sort_values(keys, kind="stable").reset_index(drop=True) if len(frame) else frame
-    return frames
 
 
 @pytest.fixture()
@@ -74,7 +65,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, dataset) -> No
                                    capture_output=True, text=True, timeout=300)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
 
-    got, want = _tables(killed_out, run_id), _tables(clean_out, run_id)
+    got, want = sorted_tables(killed_out, TABLES, run_id), sorted_tables(clean_out, TABLES, run_id)
     assert len(got["predictions"]) == 72 and got["predictions"]["image_id"].is_unique
     for table in TABLES:
         pd.testing.assert_frame_equal(got[table], want[table], check_exact=False, rtol=1e-5, obj=table)
@@ -91,7 +82,7 @@ def test_two_runs_at_once_on_one_output_folder(tmp_path, dataset) -> None:
         assert process.returncode == 0, stderr[-2000:]
     predictions = read_table(out, "predictions")
     assert predictions.groupby("run_id").size().to_dict() == {"rfirst": 72, "rsecond": 72}
-    first, second = _tables(out, "rfirst"), _tables(out, "rsecond")
+    first, second = sorted_tables(out, TABLES, "rfirst"), sorted_tables(out, TABLES, "rsecond")
     for table in TABLES:
         pd.testing.assert_frame_equal(first[table], second[table], check_exact=False, rtol=1e-5, obj=table)
     assert all((out / "runs" / run_id / "report.html").is_file() for run_id in ("rfirst", "rsecond"))
