@@ -26,8 +26,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
 from tasks import storage
-from tasks.calibration import reliability
-from tasks.cam import GRADIENT_METHODS, GUIDED_METHODS
+from tasks.calibration import reliability_of
+from tasks.cam import GRADIENT_METHODS, GUIDED_METHODS, hooked_forward, linear_head
 from tasks.findings import Thresholds, compute_findings
 from tasks.fixed_location import location_candidates, probe_location
 from tasks.images import Decoded, Preprocess, decode_many, normalise, to_batch
@@ -258,8 +258,6 @@ def prepare_run(request: AuditRequest) -> RunPlan:
 def check_gradients_reach(loaded: LoadedModel, layers: list[str], size: int) -> None:
     """Gradient methods need the class scores to depend, through autograd, on each explained
     layer; a model that detaches its backbone (or runs it under no_grad) is refused early."""
-    from tasks.cam import hooked_forward
-
     generator = torch.Generator().manual_seed(0)
     probe_input = torch.randn(1, 3, size, size, generator=generator).to(loaded.device)
     forward = hooked_forward(loaded.model, probe_input, layers)
@@ -281,10 +279,6 @@ def check_gradients_reach(loaded: LoadedModel, layers: list[str], size: int) -> 
 
 def check_cam_applies(loaded: LoadedModel, layer: str, size: int) -> None:
     """CAM needs a global-average-pool + linear head on the explained layer; say so early if not."""
-    import torch
-
-    from tasks.cam import hooked_forward, linear_head
-
     generator = torch.Generator().manual_seed(0)
     probe_input = torch.randn(2, 3, size, size, generator=generator).to(loaded.device)
     if linear_head(loaded.model, hooked_forward(loaded.model, probe_input, [layer]), layer) is None:
@@ -401,7 +395,6 @@ def sample_inputs(plan: RunPlan, loaded: LoadedModel, count: int):
 
 def sanity(plan: RunPlan) -> int:
     """Model-randomisation sanity check of the run's methods; staged as ``metrics`` rows."""
-    from tasks.cam import GRADIENT_METHODS, GUIDED_METHODS
     from tasks.sanity import sanity_check
 
     request = AuditRequest(**plan.request)
@@ -432,8 +425,6 @@ def sanity(plan: RunPlan) -> int:
 def rise(plan: RunPlan) -> int:
     """RISE deletion and insertion AUC of Grad-CAM and occlusion for the predicted class, on
     the first ``rise_images`` readable images; staged as ``metrics`` rows (mean per method)."""
-    import torch
-
     from tasks import cam, occlusion
 
     request = AuditRequest(**plan.request)
@@ -540,7 +531,7 @@ def summary_metrics(predictions: pd.DataFrame, multi_label: bool) -> dict[str, f
         )
     ece = None
     if not multi_label and len(judged):
-        ece = reliability(judged["confidence"].to_numpy(float), judged["correct"].astype(bool).to_numpy()).ece
+        ece = reliability_of(judged).ece
     return {
         "images": int(len(predictions)),
         "audited": int(len(audited)),
@@ -571,7 +562,6 @@ def series_key(model_fingerprint: str, source: str) -> str:
 def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
     """Make the run visible: write run.json, move staged tables into place, drop the plan."""
     import prefect
-    import torch
     import torchvision
 
     out_dir = Path(plan.out_dir)

@@ -48,3 +48,8 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = DEFAULT
     gaps = np.where(counts > 0, np.abs(accuracy - mean_confidence), 0.0)
     ece = float((counts * gaps).sum() / total) if total else float("nan")
     return Reliability(edges, counts, accuracy, mean_confidence, ece)
+
+
+def reliability_of(judged) -> Reliability:
+    """:func:`reliability` of a ``predictions`` frame's judged rows (top-1 confidence, correct)."""
+    return reliability(judged["confidence"].to_numpy(float), judged["correct"].astype(bool).to_numpy())

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 from weasyprint import HTML, URLFetcher
 
-from tasks.calibration import reliability
+from tasks.calibration import reliability_of
 from tasks.images import Decoded, Preprocess, boxes_to_input, decode_many
 from tasks.predictions import label_matrix
 from tasks.shortcuts import wilson_interval
@@ -280,7 +280,7 @@ def headline_metrics(predictions: pd.DataFrame, classes: list[str], multilabel: 
         top5 = np.mean([_ids(labels)[0] in _ids(top) for labels, top in zip(judged["labels"], judged["top_classes"])])
     ece = None
     if not multilabel and len(judged):
-        ece = reliability(judged["confidence"].to_numpy(float), judged["correct"].astype(bool).to_numpy()).ece
+        ece = reliability_of(judged).ece
     spread = "n/a"
     if not multilabel and len(judged):
         per_class = judged.groupby(judged["labels"].map(lambda v: _ids(v)[0]))["correct"].agg(
@@ -810,7 +810,7 @@ def reliability_figure(predictions: pd.DataFrame, painter: Painter) -> dict[str,
     judged = judged_rows(predictions)
     if judged.empty:
         return None
-    result = reliability(judged["confidence"].to_numpy(float), judged["correct"].astype(bool).to_numpy())
+    result = reliability_of(judged)
     src = painter.save("reliability.png", lambda tmp: draw_reliability(result, tmp))
     filled = result.counts > 0
     over = float((result.counts * np.where(filled, result.confidence - result.accuracy, 0)).sum() / result.counts.sum())
