@@ -24,7 +24,7 @@ def prefect_server():
 
 @pytest.fixture(scope="module")
 def recipes():
-    biased = dataclasses.replace(load_recipe(), image_size=64, train_per_class=150, test_per_class=60, epochs=10)
+    biased = dataclasses.replace(load_recipe(), image_size=64, train_per_class=150, test_per_class=60, epochs=14)
     return biased, planted.clean_recipe(biased)
 
 
