@@ -164,6 +164,26 @@ def test_records(impressions) -> None:
     assert '"tv_weight": 10.0' in rows[0]["parameters"]
 
 
+def test_log_odds_objective_beats_a_competitor_that_the_logit_drags_along() -> None:
+    """A model whose class-1 score is twice class 0's: ascending y_0 raises y_1 faster and
+    leaves class 0 improbable; its log-odds, y_0 - y_1, is ascended by the opposite image."""
+    model = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[3.0, 0.0, 0.0], [6.0, 0.0, 0.0]]))
+    settings = replace(SETTINGS, iterations=60)
+    by_logit = class_impressions(model, [0], replace(settings, objective="logit"), MEAN, STD)
+    by_log_odds = class_impressions(model, [0], settings, MEAN, STD)
+    assert settings.objective == "log_odds"
+    assert by_logit.probability.item() < 0.05 and by_logit.logits[0, 0] > by_log_odds.logits[0, 0]
+    assert by_log_odds.probability.item() > 0.95
+    red = by_log_odds.images[0, 0].float().mean() / 255
+    assert red < 0.25  # the red channel, the only input, was driven down from mid-grey
+    # multi-label: a sigmoid's log-odds is the logit itself, so both objectives agree
+    same = [class_impressions(model, [0], replace(settings, objective=o), MEAN, STD, multi_label=True)
+            for o in ("logit", "log_odds")]
+    assert torch.equal(same[0].images, same[1].images)
+
+
 def test_one_by_one_runs_also_reach_their_class(shapes_model: nn.Module, impressions) -> None:
     """Batched and one-by-one runs differ (transforms are random per image) but both succeed."""
     for c in SHAPES:
@@ -308,6 +328,7 @@ def test_model_left_unchanged_after_errors() -> None:
         (dict(init_std=-0.1), "init_std"),
         (dict(seed=1.5), "seed"),
         (dict(parameterisation="wavelet"), "parameterisation"),
+        (dict(objective="softmax"), "objective"),
     ],
 )
 def test_bad_settings_raise(changes: dict, message: str) -> None:
