@@ -70,6 +70,7 @@ class DemoRecipe:
     epochs: int
     batch_size: int
     learning_rate: float
+    adversarial_epsilon: float
 
     def __post_init__(self) -> None:
         unknown = [name for name in self.classes if name not in SHAPES]
@@ -95,6 +96,8 @@ class DemoRecipe:
             raise ValueError("the mark must be at least 4 pixels and lie inside the image's top-left third")
         if min(self.train_per_class, self.test_per_class, self.epochs, self.batch_size) < 1 or self.learning_rate <= 0:
             raise ValueError("per-class counts, epochs, batch_size and learning_rate must be positive")
+        if not 0 <= self.adversarial_epsilon <= 32:
+            raise ValueError(f"adversarial_epsilon is in pixel levels (0..255 scale), 0..32; got {self.adversarial_epsilon}")
 
 
 def load_recipe(path: Path | None = None) -> DemoRecipe:
@@ -341,9 +344,25 @@ def load_split(data_dir: Path, split: str, classes: tuple[str, ...]) -> tuple[to
 
 def to_input(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float in [0, 1] normalised with ImageNet mean/std."""
+    return normalise(images.float() / 255.0)
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] -> model input (ImageNet mean/std)."""
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
+    return (pixels - mean) / std
+
+
+def fgsm_adversarial(model: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, epsilon: float,
+                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """FGSM with a random start (see ``train_model``): the batch moved by at most ``epsilon``
+    per pixel (in [0, 1] units) to raise the loss; the parameters' gradients are not touched."""
+    delta = ((torch.rand_like(pixels) * 2 - 1) * epsilon).requires_grad_(True)
+    loss = loss_fn(model(normalise((pixels + delta).clamp(0, 1))), labels)
+    (grad,) = torch.autograd.grad(loss, delta)
+    delta = (delta.detach() + 1.25 * epsilon * grad.sign()).clamp(-epsilon, epsilon)
+    return (pixels + delta).clamp(0, 1)
 
 
 @torch.inference_mode()
@@ -359,6 +378,14 @@ def train_model(
     """Train build_model(len(recipe.classes)) on data_dir/train.csv and save its state_dict.
 
     No flips or crops: the corner mark must stay where it is for the bias to be learnt.
+    With ``recipe.adversarial_epsilon`` > 0 each batch is replaced by its FGSM adversarial
+    (random start; Wong, Rice & Kolter 2020)::
+
+        delta_0 ~ U[-eps, eps],  delta = clip( delta_0 + 1.25 eps sign( grad_delta L(x + delta_0) ), -eps, eps )
+
+    a lightly robust model: the gradients of robust models are perceptually aligned (Santurkar
+    et al. 2019), so its class impressions show shapes, colours and the planted mark instead
+    of the textures a plain CNN's give; it costs one more forward+backward per batch.
     If weights_path exists and its JSON sidecar holds the recipe fingerprint, training is
     skipped and the stored metrics are returned. Returns (and stores in the sidecar)
     train_accuracy, test_accuracy, epochs and seconds.
@@ -390,7 +417,10 @@ def train_model(
         total_loss, correct = 0.0, 0
         for start in range(0, len(order), recipe.batch_size):
             batch = order[start : start + recipe.batch_size]
-            logits = model(to_input(train_x[batch]))
+            pixels = train_x[batch].float() / 255.0
+            if recipe.adversarial_epsilon:
+                pixels = fgsm_adversarial(model, pixels, train_y[batch], recipe.adversarial_epsilon / 255.0, loss_fn)
+            logits = model(normalise(pixels))
             loss = loss_fn(logits, train_y[batch])
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
