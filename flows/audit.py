@@ -17,6 +17,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
@@ -95,6 +96,25 @@ class AuditRequest(BaseModel):
     impression_iterations: int = Field(200, ge=1, le=100_000)
     impression_tv_weight: float = Field(10.0, ge=0, le=1e6)
     impression_seed: int = 0
+    impression_options: dict[str, Any] = Field(default_factory=dict)  # other ImpressionSettings fields
+
+    def impression_settings(self, image_size: int) -> "ImpressionSettings":  # noqa: F821
+        """The impressions' settings at the model's input size; a bad option is a ValueError."""
+        from tasks.impressions import ImpressionSettings, settings_for_input
+
+        dedicated = {"iterations": "--impression-iterations", "tv_weight": "--impression-tv-weight",
+                     "seed": "--impression-seed", "image_size": "--crop (the model's input size)"}
+        if clash := [name for name in self.impression_options if name in dedicated]:
+            raise ValueError(f"impression option(s) {clash} have their own setting: "
+                             f"{', '.join(dedicated[name] for name in clash)}")
+        known = set(ImpressionSettings.__dataclass_fields__) - set(dedicated)
+        if unknown := sorted(set(self.impression_options) - known):
+            raise ValueError(f"unknown impression option(s) {unknown}; available: {', '.join(sorted(known))}")
+        options = dict(self.impression_options)
+        if "scale" in options and isinstance(options["scale"], list):
+            options["scale"] = tuple(options["scale"])
+        return settings_for_input(image_size, iterations=self.impression_iterations,
+                                  tv_weight=self.impression_tv_weight, seed=self.impression_seed, **options)
 
     def occlusion_spec(self) -> OcclusionSpec:
         if self.occlusion_window is not None:
@@ -213,6 +233,7 @@ def prepare_run(request: AuditRequest) -> RunPlan:
         request.occlusion_spec().geometry(preprocess.crop)  # a window that does not fit fails here
     if "impressions" in request.methods:
         choose_classes(classes, request.impression_classes, request.impression_max_classes)  # unknown names fail here
+        request.impression_settings(preprocess.crop)  # and bad options here
     if {"guided_backprop", "guided_gradcam"} & set(request.methods):
         import torch
 
@@ -459,7 +480,7 @@ def rise(plan: RunPlan) -> int:
 def impressions(plan: RunPlan) -> int:
     """Class impressions (one batch over the chosen classes) with their Grad-CAM; PNGs beside
     the plan, rows staged as ``impressions``. Returns how many."""
-    from tasks.impressions import class_impressions, impression_cam, impression_table, save_pngs, settings_for_input
+    from tasks.impressions import class_impressions, impression_cam, impression_table, save_pngs
 
     request = AuditRequest(**plan.request)
     if "impressions" not in request.methods:
@@ -471,10 +492,7 @@ def impressions(plan: RunPlan) -> int:
     pre = settings.preprocess
     loaded = load_model(request.model_spec(), request.device, request.crop or 224)
     result = class_impressions(
-        loaded.model, classes,
-        settings_for_input(pre.crop, iterations=request.impression_iterations,
-                           tv_weight=request.impression_tv_weight, seed=request.impression_seed),
-        pre.mean, pre.std, loaded.device, multi_label=plan.multi_label,
+        loaded.model, classes, request.impression_settings(pre.crop), pre.mean, pre.std, loaded.device, multi_label=plan.multi_label,
     )
     located = impression_cam(loaded.model, result.images, classes, settings.layer, pre.mean, pre.std)
     paths = save_pngs(result, plan.classes, plan.folder / IMPRESSIONS_DIR)
@@ -596,8 +614,7 @@ def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
             "shard_size": request.shard_size,
             "thresholds": Thresholds(**request.thresholds).as_dict(),
             **({"impressions": {"classes": request.impression_classes or f"up to {request.impression_max_classes}",
-                                "iterations": request.impression_iterations,
-                                "tv_weight": request.impression_tv_weight, "seed": request.impression_seed}}
+                                **request.impression_settings(plan.preprocess["crop"]).as_dict()}}
                if "impressions" in request.methods else {}),
         },
         "versions": {

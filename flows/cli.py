@@ -6,6 +6,7 @@ never a traceback.
 
 from __future__ import annotations
 
+import json
 import os
 
 # Prefect reads its settings at import time: quiet by default, no analytics, patient start.
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from pydantic import ValidationError
@@ -55,6 +56,21 @@ def parse_thresholds(items: list[str]) -> dict[str, float]:
             out[name.strip()] = float(value)
         except ValueError:
             fail(f"--threshold {item!r}: {value!r} is not a number")
+    return out
+
+
+def parse_impression_options(items: list[str]) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs; VALUE is read as JSON (numbers, lists such as ``[0.8, 1.2]``),
+    else kept as text (``objective=logit``)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            fail(f"--impression-option {item!r}: expected NAME=VALUE, e.g. --impression-option lr=0.1")
+        try:
+            out[name.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name.strip()] = value.strip()
     return out
 
 
@@ -189,6 +205,9 @@ def run(
     impression_iterations: Annotated[int, typer.Option(help="Impressions: gradient-ascent steps.")] = 200,
     impression_tv_weight: Annotated[float, typer.Option(help="Impressions: Total Variation weight (0 = off).")] = 10.0,
     impression_seed: Annotated[int, typer.Option(help="Impressions: random seed (same seed, same images).")] = 0,
+    impression_option: Annotated[
+        list[str], typer.Option(help="Impressions: any other parameter, NAME=VALUE (repeatable; see README).")
+    ] = [],  # noqa: B006 - typer needs a literal default
     sanity_check: Annotated[
         bool, typer.Option("--sanity-check/--no-sanity-check", help="Model-randomisation check of the methods.")
     ] = True,
@@ -226,7 +245,7 @@ def run(
             occlusion_stride=occlusion_stride, occlusion_baseline=occlusion_baseline, sanity_check=sanity_check, sanity_images=sanity_images,
             rise_images=rise_images, impression_classes=impression_class, impression_max_classes=impression_max_classes,
             impression_iterations=impression_iterations, impression_tv_weight=impression_tv_weight,
-            impression_seed=impression_seed,
+            impression_seed=impression_seed, impression_options=parse_impression_options(impression_option),
             template_dir=str(templates) if templates else None, pdf=pdf, trust_checkpoint=trust_checkpoint,
             allow_outside_paths=allow_outside_paths, runner=runner, dask_address=dask_address, dask_workers=dask_workers,
             precision=precision, gpu_decode=gpu_decode,

@@ -206,6 +206,14 @@ def test_every_method_layer_by_layer_and_named_targets(tmp_path, tiny_model_file
           "--impression-class", "purple"], "impression class(es) ['purple'] are not among the model's classes"),
         (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--impression-iterations", "0"],
          "--impression-iterations"),
+        (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--methods", "impressions",
+          "--impression-option", "step=0.1"], "unknown impression option(s) ['step']; available: crop_fraction"),
+        (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--methods", "impressions",
+          "--impression-option", "objective=softmax"], "objective must be one of"),
+        (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--methods", "impressions",
+          "--impression-option", "seed=3"], "have their own setting: --impression-seed"),
+        (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--impression-option", "lr"],
+         "expected NAME=VALUE"),
     ],
 )
 def test_bad_input_gives_one_line_errors(tmp_path, tiny_model_file, args, expected) -> None:
@@ -269,7 +277,8 @@ def test_class_impressions_in_the_audit(tmp_path, tiny_model_file) -> None:
     result = runner.invoke(app, ["run", str(manifest), "--out", str(out), "--model", f"{model}:build",
                                  "--weights", str(weights), "--crop", "48", "--resize", "48", "-q",
                                  "--methods", "gradcam,impressions", "--impression-iterations", "15",
-                                 "--impression-max-classes", "2", "--no-sanity-check"])
+                                 "--impression-max-classes", "2", "--no-sanity-check",
+                                 "--impression-option", "scale=[1, 1.2]", "--impression-option", "objective=logit"])
     assert result.exit_code == 0, result.output
     impressions = read_table(out, "impressions")
     assert set(SCHEMAS["impressions"].names) | {"run_id"} == set(impressions.columns)
@@ -287,6 +296,8 @@ def test_class_impressions_in_the_audit(tmp_path, tiny_model_file) -> None:
     assert all(path in html for path in impressions["image_path"])
     record = json.loads((run_dir / "run.json").read_text())
     assert record["parameters"]["impressions"]["iterations"] == 15 and "class_impressions" in record["timings"]
+    assert record["parameters"]["impressions"]["scale"] == [1, 1.2]
+    assert json.loads(impressions["parameters"].iloc[0])["objective"] == "logit"
     text = _pdf_text(run_dir / "report.pdf")
     assert "Class impressions" in text and "Not computed in this run (choose --methods gradcam,impressions)" not in text
 
