@@ -27,7 +27,8 @@ the model's normalisation, and T_t,k a fresh random transformation at iteration 
 image k: a per-channel RGB shift, then ONE affine resampling (``F.affine_grid`` +
 ``F.grid_sample`` for the whole batch) that composes the random crop (a square of side f S,
 f in [crop_fraction, 1], resized to S), the rotation, the scale and the jitter
-(translation); what falls outside the image is the model's mean colour. The sum over k of
+(translation); what falls outside the image is the model's mean colour. T_0 is the identity,
+so that the first step's forward also scores the starting noise (no extra forward). The sum over k of
 J_k is maximised with Adam, either on a Fourier parameterisation (the default)::
 
     x_k = sigmoid( irfft2( s(f) * theta_k ) ),   s(f) = 1 / max(|f|, 1/S)
@@ -409,10 +410,13 @@ def class_impressions(
     image = _Parameterised(start.to(device), settings.parameterisation)
     optimiser = torch.optim.Adam([image.parameter], lr=settings.lr)
     with eval_mode(model), frozen_parameters(model), torch.enable_grad():
-        start_logits = _scores(model, start.to(device), mean_t, std_t, classes)
         for t in range(settings.iterations):
             x = image.pixels()
-            scores = model(transform(x, draws[t], settings, mean_t, std_t))
+            if t == 0:  # the first step sees the starting noise untransformed: its forward scores the start
+                scores = _checked(model((x - mean_t) / std_t), k, classes)
+                start_logits = scores.detach().float()
+            else:
+                scores = model(transform(x, draws[t], settings, mean_t, std_t))
             own = scores[rows, target]
             objective = _class_objective(scores, rows, target, settings.objective, multi_label)
             if settings.tv_weight:
@@ -462,11 +466,16 @@ def _scores(model: nn.Module, pixels: torch.Tensor, mean: torch.Tensor, std: tor
     """The model's scores of untransformed pixel images, without a graph; checks the class indices."""
     with torch.no_grad():
         scores = model((pixels - mean) / std)
-    if scores.dim() != 2 or scores.shape[0] != pixels.shape[0]:
+    return _checked(scores, pixels.shape[0], classes).float()
+
+
+def _checked(scores: torch.Tensor, n: int, classes: list[int]) -> torch.Tensor:
+    """``scores`` if they are (n, C) with every requested class index below C."""
+    if scores.dim() != 2 or scores.shape[0] != n:
         raise ValueError(f"the model must return (N, classes) scores, got shape {tuple(scores.shape)}")
     if max(classes) >= scores.shape[1]:
         raise ValueError(f"class index {max(classes)} out of range: the model has {scores.shape[1]} classes")
-    return scores.float()
+    return scores
 
 
 @dataclass

@@ -93,3 +93,24 @@ def test_bad_recipe_is_rejected(tmp_path) -> None:
     (tmp_path / "bad.toml").write_text(text)
     with pytest.raises(ValueError, match="mark_class"):
         demo.load_recipe(tmp_path / "bad.toml")
+
+
+def test_fgsm_adversarial_stays_within_epsilon_and_raises_the_loss() -> None:
+    torch.manual_seed(0)
+    model = demo.build_model(4).eval()
+    pixels = torch.rand(6, 3, 48, 48)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    epsilon = 4 / 255
+    moved = demo.fgsm_adversarial(model, pixels, labels, epsilon, loss_fn)
+    assert (moved - pixels).abs().max() <= epsilon + 1e-6 and moved.min() >= 0 and moved.max() <= 1
+    with torch.no_grad():
+        assert loss_fn(model(demo.normalise(moved)), labels) > loss_fn(model(demo.normalise(pixels)), labels)
+    assert all(p.grad is None for p in model.parameters()), "the attack must not touch the parameters' gradients"
+
+
+def test_adversarial_epsilon_is_checked(tmp_path) -> None:
+    text = demo.DEFAULT_RECIPE.read_text().replace("adversarial_epsilon = 4", "adversarial_epsilon = 64")
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(ValueError, match="adversarial_epsilon"):
+        demo.load_recipe(tmp_path / "bad.toml")
