@@ -558,7 +558,9 @@ def impressions_view(impressions: pd.DataFrame, examples: Mapping[str, list[str]
             "note": impression_note(row, peaks),
         })
     first = impressions.iloc[0]
-    return {"rows": rows, "iterations": int(first["iterations"]), "seed": int(first["seed"]), "layer": first["layer"]}
+    objective = json.loads(first["parameters"]).get("objective", "logit")  # runs before the option ascended the logit
+    return {"rows": rows, "iterations": int(first["iterations"]), "seed": int(first["seed"]), "layer": first["layer"],
+            "objective": objective}
 
 
 # --- gallery ------------------------------------------------------------------------------

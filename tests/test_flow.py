@@ -294,6 +294,7 @@ def test_class_impressions_in_the_audit(tmp_path, tiny_model_file) -> None:
             assert image.size == (48, 48)
     html = (run_dir / "report.html").read_text()
     assert all(path in html for path in impressions["image_path"])
+    assert "gradient ascent on the class's logit" in " ".join(html.split())  # the objective chosen
     record = json.loads((run_dir / "run.json").read_text())
     assert record["parameters"]["impressions"]["iterations"] == 15 and "class_impressions" in record["timings"]
     assert record["parameters"]["impressions"]["scale"] == [1, 1.2]
