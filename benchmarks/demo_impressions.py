@@ -10,6 +10,8 @@ class impressions of both with the audit's defaults; and measures in every impre
               the impression's grey levels with that pattern that reach ``--ncc`` (0.8),
               at least a mark apart
   best_ncc    the highest normalised cross-correlation anywhere
+  black_white share of pixels that are black (every channel < 60) within 2 pixels of a white one
+              (every channel > 200): the mark's colours side by side, at any scale
   background  share of pixels within 60 (RGB distance, 0..255) of the planted background colour
 
 A visible planted bias: the mark class's impression holds copies of the mark and the others
@@ -58,7 +60,10 @@ def measure(images: torch.Tensor, recipe: demo.DemoRecipe, threshold: float) -> 
         ncc = normalised_cross_correlation(image.float().mean(0) / 255, pattern)
         peaks = (ncc == F.max_pool2d(ncc[None, None], recipe.mark_size, 1, recipe.mark_size // 2)[0, 0,
                  : ncc.shape[0], : ncc.shape[1]]) & (ncc >= threshold)
-        rows.append(dict(marks=int(peaks.sum()), best_ncc=float(ncc.max()),
+        white = (image.amin(0) > 200).float()[None, None]
+        near_white = F.max_pool2d(white, 5, 1, 2)[0, 0] > 0
+        black_white = float(((image.amax(0) < 60) & near_white).float().mean())
+        rows.append(dict(marks=int(peaks.sum()), best_ncc=float(ncc.max()), black_white=black_white,
                          background=float(((image.float() - colour).norm(dim=0) < 60).float().mean())))
     return rows
 
@@ -71,8 +76,8 @@ def main() -> None:
     args = parser.parse_args()
     recipe = demo.load_recipe()
     print(f"| training | held-out accuracy | class | probability | marks (NCC >= {args.ncc}) | best NCC "
-          f"| {recipe.background_colour} share |")
-    print("|---|---|---|---|---|---|---|")
+          f"| black next to white | {recipe.background_colour} share |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, trained in (("adversarial", recipe), ("plain", dataclasses.replace(recipe, adversarial_epsilon=0.0))):
         folder = args.cache / demo.recipe_fingerprint(trained)
         data_dir = demo.generate_dataset(trained, folder / "data")
@@ -85,7 +90,7 @@ def main() -> None:
         label = f"{name} (epsilon {trained.adversarial_epsilon:g}/255)" if trained.adversarial_epsilon else name
         for c, row in zip(classes, measure(result.images, trained, args.ncc)):
             print(f"| {label} | {metrics['test_accuracy']:.3f} | {trained.classes[c]} | {float(result.probability[c]):.3f} "
-                  f"| {row['marks']} | {row['best_ncc']:.2f} | {row['background']:.2f} |")
+                  f"| {row['marks']} | {row['best_ncc']:.2f} | {row['black_white']:.4f} | {row['background']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -385,7 +385,7 @@ def train_model(
 
     with epsilon ramped up linearly from 0 over the first half of the steps (a constant 4/255
     from the start left the model at 0.66-0.80 held-out accuracy, confusing squares and stars;
-    ramped: 0.92, against 0.85 for plain training). A lightly robust model: the gradients of
+    ramped: 0.92, against 0.87 for plain training). A lightly robust model: the gradients of
     robust models are perceptually aligned (Santurkar et al. 2019), so its class impressions
     show discs, squares, wedges and spikes where a plain CNN's are textures. It costs one more
     forward+backward per batch.
