@@ -2,8 +2,8 @@
 
 Same model, image size, settings and device for all contenders (seconds per iteration):
   batched     ``tasks.impressions.class_impressions`` on K classes at once, n iterations;
-              the whole call divided by n (so it includes the start and final evaluation
-              forwards, the draws and the uint8 conversion)
+              the whole call divided by n (so it includes the final evaluation forward,
+              the draws and the uint8 conversion; the start is scored by the first step)
   marginal    (call with 2n iterations - call with n) / n: the cost of one more iteration
   one-by-one  K calls with one class each, n iterations, summed, divided by n
   limit       one plain forward + backward of a batch of K w.r.t. the input (parameters
