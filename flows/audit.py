@@ -492,7 +492,8 @@ def impressions(plan: RunPlan) -> int:
     pre = settings.preprocess
     loaded = load_model(request.model_spec(), request.device, request.crop or 224)
     result = class_impressions(
-        loaded.model, classes, request.impression_settings(pre.crop), pre.mean, pre.std, loaded.device, multi_label=plan.multi_label,
+        loaded.model, classes, request.impression_settings(pre.crop), pre.mean, pre.std, loaded.device,
+        multi_label=plan.multi_label,
     )
     located = impression_cam(loaded.model, result.images, classes, settings.layer, pre.mean, pre.std)
     paths = save_pngs(result, plan.classes, plan.folder / IMPRESSIONS_DIR)
