@@ -110,11 +110,9 @@ class AuditRequest(BaseModel):
         known = set(ImpressionSettings.__dataclass_fields__) - set(dedicated)
         if unknown := sorted(set(self.impression_options) - known):
             raise ValueError(f"unknown impression option(s) {unknown}; available: {', '.join(sorted(known))}")
-        options = dict(self.impression_options)
-        if "scale" in options and isinstance(options["scale"], list):
-            options["scale"] = tuple(options["scale"])
         return settings_for_input(image_size, iterations=self.impression_iterations,
-                                  tv_weight=self.impression_tv_weight, seed=self.impression_seed, **options)
+                                  tv_weight=self.impression_tv_weight, seed=self.impression_seed,
+                                  **self.impression_options)
 
     def occlusion_spec(self) -> OcclusionSpec:
         if self.occlusion_window is not None:

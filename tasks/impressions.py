@@ -150,6 +150,8 @@ class ImpressionSettings:
             raise ValueError(f"tv_beta must be at least 1, got {self.tv_beta!r}")
         if self.rotation > 180:
             raise ValueError(f"rotation is in degrees each way and at most 180, got {self.rotation!r}")
+        if isinstance(self.scale, list):  # from JSON or TOML: a (low, high) pair
+            object.__setattr__(self, "scale", tuple(self.scale))
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"scale must be a range (low, high) with 0 < low <= high, got {self.scale!r}")
         if not 0 < self.crop_fraction <= 1:
