@@ -32,6 +32,13 @@ def _env() -> dict[str, str]:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
 
 
+def _failure_summary(stderr: str) -> str:
+    """The lines that say why a run failed (its Prefect server's too), then the end of its stderr."""
+    telling = [line for line in stderr.splitlines()
+               if any(word in line for word in ("Error", "error:", "locked", "Killed", "server", "Traceback"))]
+    return "\n".join(telling[-40:]) + "\n--- end of stderr ---\n" + stderr[-3000:]
+
+
 @pytest.fixture()
 def dataset(tmp_path, tiny_model_file):
     manifest = make_shapes(tmp_path / "data", {"red": 24, "green": 24, "blue": 24})
@@ -75,11 +82,15 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(tmp_path, dataset) -> No
 def test_two_runs_at_once_on_one_output_folder(tmp_path, dataset) -> None:
     manifest, model, weights = dataset
     out = tmp_path / "shared"
-    runs = [subprocess.Popen(_command(manifest, model, weights, out, run_id), env=_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True) for run_id in ("rfirst", "rsecond")]
-    for process in runs:
-        _, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, stderr[-2000:]
+    logs = {run_id: tmp_path / f"{run_id}.log" for run_id in ("rfirst", "rsecond")}
+    runs = {}
+    for run_id, log in logs.items():
+        with log.open("w") as stderr:  # files, not pipes: a pipe nobody drains can stall a run
+            runs[run_id] = subprocess.Popen(_command(manifest, model, weights, out, run_id), env=_env(),
+                                            stdout=subprocess.DEVNULL, stderr=stderr)
+    for run_id, process in runs.items():
+        process.wait(timeout=300)
+        assert process.returncode == 0, _failure_summary(logs[run_id].read_text())
     predictions = read_table(out, "predictions")
     assert predictions.groupby("run_id").size().to_dict() == {"rfirst": 72, "rsecond": 72}
     first, second = sorted_tables(out, TABLES, "rfirst"), sorted_tables(out, TABLES, "rsecond")
