@@ -476,9 +476,9 @@ def rise(plan: RunPlan) -> int:
 
 
 def impressions(plan: RunPlan) -> int:
-    """Class impressions (one batch over the chosen classes) with their Grad-CAM; PNGs beside
-    the plan, rows staged as ``impressions``. Returns how many."""
-    from tasks.impressions import class_impressions, impression_cam, impression_table, save_pngs
+    """Class impressions (one batch over the chosen classes) with their Grad-CAM and colour
+    impressions; PNGs beside the plan, rows staged as ``impressions``. Returns how many."""
+    from tasks.impressions import class_impressions, colour_impressions, impression_cam, impression_table, save_pngs
 
     request = AuditRequest(**plan.request)
     if "impressions" not in request.methods:
@@ -489,13 +489,15 @@ def impressions(plan: RunPlan) -> int:
     settings = plan.shard_settings()
     pre = settings.preprocess
     loaded = load_model(request.model_spec(), request.device, request.crop or 224)
-    result = class_impressions(
-        loaded.model, classes, request.impression_settings(pre.crop), pre.mean, pre.std, loaded.device,
-        multi_label=plan.multi_label,
-    )
+    options = request.impression_settings(pre.crop)
+    result = class_impressions(loaded.model, classes, options, pre.mean, pre.std, loaded.device,
+                               multi_label=plan.multi_label)
+    colours = colour_impressions(loaded.model, classes, options, pre.mean, pre.std, loaded.device,
+                                 multi_label=plan.multi_label) if options.colour_levels else None
     located = impression_cam(loaded.model, result.images, classes, settings.layer, pre.mean, pre.std)
     paths = save_pngs(result, plan.classes, plan.folder / IMPRESSIONS_DIR)
-    table = impression_table(result, located, plan.classes, [f"{IMPRESSIONS_DIR}/{path.name}" for path in paths])
+    table = impression_table(result, located, plan.classes, [f"{IMPRESSIONS_DIR}/{path.name}" for path in paths],
+                             colours)
     storage.write_part(table, "impressions", Path(plan.out_dir), plan.run_id, "00000")
     return len(table)
 

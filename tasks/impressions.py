@@ -117,6 +117,9 @@ class ImpressionSettings:
     objective       "log_odds"  what is ascended for the class: "log_odds", log(p / (1 - p)), the
                             class's logit less the log-sum-exp of the others' (the logit itself for
                             multi-label models), or "logit", the raw score (the paper's).
+    colour_levels   6       the colour impression (:func:`colour_impressions`) searches a grid of
+                            colour_levels^3 plain colours; 0 = no colour impressions.
+    colour_steps    50      Adam steps refining the best grid colour (step size 0.05 on its logit).
     """
 
     iterations: int = 200
@@ -134,6 +137,8 @@ class ImpressionSettings:
     seed: int = 0
     parameterisation: str = "fourier"
     objective: str = "log_odds"
+    colour_levels: int = 6
+    colour_steps: int = 50
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or self.iterations < 1:
@@ -168,6 +173,10 @@ class ImpressionSettings:
             raise ValueError(f"parameterisation must be one of {PARAMETERISATIONS}, got {self.parameterisation!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name, top in (("colour_levels", 64), ("colour_steps", 100_000)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= top:
+                raise ValueError(f"{name} must be an integer from 0 to {top}, got {value!r}")
 
     @property
     def start_std(self) -> float:
@@ -481,6 +490,99 @@ def _checked(scores: torch.Tensor, n: int, classes: list[int]) -> torch.Tensor:
 
 
 @dataclass
+class ColourImpression:
+    """The plain colour that raises each class most (see :func:`colour_impressions`)."""
+
+    classes: list[int]
+    colours: torch.Tensor  # (K, 3) uint8 RGB, on the CPU
+    logits: torch.Tensor  # (K, C) the model's scores of a plain image of each colour
+    probability: torch.Tensor  # (K,) softmax (sigmoid for multi-label) of each colour's own class
+    grid_colours: int  # how many colours the grid search scored
+
+
+def colour_impressions(
+    model: nn.Module,
+    classes: Sequence[int],
+    settings: ImpressionSettings | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    device: torch.device | str | None = None,
+    *,
+    multi_label: bool = False,
+    chunk: int = 64,
+) -> ColourImpression:
+    """The class impression at the coarsest scale: for each class, the plain colour whose flat
+    S x S image the model gives the class most, by the impressions' objective o (log-odds or logit)::
+
+        rgb_k = argmax_{u in [0, 1]^3}  o_{c_k}( n( u 1_{S x S} ) )
+
+    A data-free probe for colour shortcuts: a model that calls an empty blue image "circle" with
+    probability 0.96 has learnt the blue background of its circles (the demo's planted bias; the
+    full impressions there show the discs, the evidence that raises the class even more). The
+    objective over colours is not concave (on the demo model, gradient ascent from mid-grey stopped
+    at a grey-blue worth p = 0.06 where the planted blue gives 0.41), so the colours are first
+    searched on a grid, levels^3 colours u_i = (i + 1/2) / levels scored in chunks without gradients
+    (one set of forwards serves every class), then each class's best grid colour is refined by
+    ``colour_steps`` Adam steps on logit(u), all K classes as one batch. The model is left as it was;
+    nothing is random.
+    """
+    settings = ImpressionSettings() if settings is None else settings
+    classes = _check_classes(classes)
+    levels = settings.colour_levels
+    if levels < 1:
+        raise ValueError("colour_levels is 0: colour impressions are switched off in these settings")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("colour impressions need autograd; call them outside torch.inference_mode()")
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    mean_t, std_t = _stats(mean, "mean", device), _stats(std, "std", device)
+    size, k = settings.image_size, len(classes)
+    rows = torch.arange(k, device=device)
+    target = torch.tensor(classes, device=device)
+
+    def flat(colours: torch.Tensor) -> torch.Tensor:
+        return ((colours.view(-1, 3, 1, 1) - mean_t) / std_t).expand(-1, 3, size, size)
+
+    def objective(scores: torch.Tensor) -> torch.Tensor:  # (N, C) -> (N, K): every colour for every class
+        n = scores.shape[0]
+        per_class = [_class_objective(scores, torch.arange(n, device=device), torch.full((n,), c, device=device),
+                                      settings.objective, multi_label) for c in classes]
+        return torch.stack(per_class, dim=1)
+
+    values = (torch.arange(levels, device=device, dtype=torch.float32) + 0.5) / levels
+    grid = torch.cartesian_prod(values, values, values)  # (levels^3, 3)
+    with eval_mode(model), frozen_parameters(model):
+        with torch.no_grad():
+            scores = torch.cat([_checked(model(flat(part)), len(part), classes) for part in grid.split(chunk)])
+            best = grid[objective(scores).argmax(dim=0)]  # (K, 3)
+        theta = torch.logit(best, eps=1e-3).clone().requires_grad_(True)
+        optimiser = torch.optim.Adam([theta], lr=0.05)
+        with torch.enable_grad():
+            for _ in range(settings.colour_steps):
+                own = _class_objective(model(flat(torch.sigmoid(theta))), rows, target, settings.objective, multi_label)
+                optimiser.zero_grad(set_to_none=True)
+                (-own.sum()).backward()
+                optimiser.step()
+        with torch.no_grad():
+            candidates = torch.cat([best, torch.sigmoid(theta)])  # keep the grid colour if refining lost
+            colours = (candidates * 255).round() / 255
+            scores = _checked(model(flat(colours)), 2 * k, classes)
+            gain = _class_objective(scores, torch.arange(2 * k, device=device), torch.cat([target, target]),
+                                    settings.objective, multi_label).view(2, k)
+            pick = gain.argmax(dim=0) * k + rows
+            logits = scores[pick].float()
+    return ColourImpression(
+        classes=classes,
+        colours=(colours[pick] * 255).round().to(torch.uint8).cpu(),
+        logits=logits.cpu(),
+        probability=_activation(logits, multi_label)[rows, target].cpu(),
+        grid_colours=len(grid),
+    )
+
+
+@dataclass
 class ImpressionCam:
     """Grad-CAM of each impression for its own class, and where its evidence sits.
 
@@ -628,10 +730,19 @@ def choose_classes(class_names: Sequence[str], requested: Sequence[str], cap: in
 
 
 def impression_table(result: ImpressionResult, cam: ImpressionCam, class_names: Sequence[str] | None,
-                     image_paths: Sequence[str]) -> pd.DataFrame:
+                     image_paths: Sequence[str], colours: ColourImpression | None = None) -> pd.DataFrame:
     """The rows of ``tables/impressions``: scores of each impression, its PNG (relative path),
-    and its Grad-CAM for its class with where the evidence sits."""
+    its Grad-CAM for its class with where the evidence sits, and its colour impression (null
+    columns without one)."""
     rows = pd.DataFrame(result.records(class_names))
+    if colours is not None:
+        if colours.classes != result.classes:
+            raise ValueError(f"colour impressions are of classes {colours.classes}, the impressions of {result.classes}")
+        rgb = colours.colours.numpy().astype(np.int32)
+        rows = rows.assign(colour_r=rgb[:, 0], colour_g=rgb[:, 1], colour_b=rgb[:, 2],
+                           colour_probability=colours.probability.float().numpy())
+    else:
+        rows = rows.assign(colour_r=None, colour_g=None, colour_b=None, colour_probability=np.nan)
     k, h, w = cam.maps.shape
     heat = cam.maps.float().cpu().reshape(k, h * w).numpy()
     located = {name: getattr(cam, name).float().cpu().numpy() for name in

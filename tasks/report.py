@@ -68,6 +68,8 @@ LAYER_STRIP_EXAMPLES = 4
 IMPRESSION_EXAMPLES = 3  # real images shown beside each class impression
 SAME_SPOT_RADIUS = 0.2  # a real image's Grad-CAM peak this close to the impression's evidence counts as the same spot
 SAME_SPOT_SHARE = 0.5  # ... and this share of the class's images peaking there makes it a fixed position
+COLOUR_SWATCH_PX = 32  # side of the colour impression's swatch figure
+COLOUR_SHORTCUT = 0.9  # a plain colour alone given a class with this probability is noted as a colour cue
 COLORMAP = "jet"
 SALIENCY_COLORMAP = "inferno"
 OVERLAY_ALPHA = 0.5
@@ -528,6 +530,16 @@ def impression_note(row: Any, peaks: pd.DataFrame) -> str | None:
     return note
 
 
+def colour_note(row: Any) -> str | None:
+    """Says when a plain colour alone makes the model call the class (a colour or background cue)."""
+    probability = _number(getattr(row, "colour_probability", None))
+    if probability is None or probability < COLOUR_SHORTCUT:
+        return None
+    return (f"A plain image of one colour (RGB {int(row.colour_r)}, {int(row.colour_g)}, {int(row.colour_b)}), with no "
+            f"object at all, is called {row.class_name} with probability {probability:.2f}: the model takes that colour "
+            "as evidence for the class (a background or colour shortcut, if the class's images share it).")
+
+
 def impressions_view(impressions: pd.DataFrame, examples: Mapping[str, list[str]], by_id: pd.DataFrame,
                      painter: Painter, peaks: pd.DataFrame) -> dict[str, Any] | None:
     """Each class impression beside its Grad-CAM and a few real images of the class; None when
@@ -546,6 +558,12 @@ def impressions_view(impressions: pd.DataFrame, examples: Mapping[str, list[str]
                 f"impression-{digest(row.image_path)}.jpg",
                 lambda tmp, heat=heat, pixels=pixels: save_photo(overlay_pixels(heat, pixels, pixels.shape[0], None), tmp),
             ), "Grad-CAM"))
+        if _number(getattr(row, "colour_probability", None)) is not None:
+            rgb = np.array([row.colour_r, row.colour_g, row.colour_b], dtype=np.uint8)
+            thumbs.append(Thumb(painter.save(
+                f"colour-{rgb[0]:03d}-{rgb[1]:03d}-{rgb[2]:03d}.jpg",
+                lambda tmp, rgb=rgb: save_photo(np.broadcast_to(rgb, (COLOUR_SWATCH_PX, COLOUR_SWATCH_PX, 3)).copy(), tmp),
+            ), f"colour alone: {score(row.colour_probability)}"))
         for image_id in examples.get(row.class_name, []):
             if image_id in by_id.index:
                 thumbs.append(Thumb(painter.image(image_id), file_name(str(by_id.loc[image_id, "uri"]))))
@@ -555,7 +573,7 @@ def impressions_view(impressions: pd.DataFrame, examples: Mapping[str, list[str]
             "start_probability": score(row.start_probability),
             "competitor": f"{row.competitor_name} {score(row.competitor_probability)}" if row.competitor_index >= 0 else None,
             "thumbs": thumbs,
-            "note": impression_note(row, peaks),
+            "note": " ".join(note for note in (impression_note(row, peaks), colour_note(row)) if note) or None,
         })
     first = impressions.iloc[0]
     objective = json.loads(first["parameters"]).get("objective", "logit")  # runs before the option ascended the logit

@@ -154,6 +154,10 @@ SCHEMAS["impressions"] = pa.schema(
         pa.field("centroid_offset", pa.float32()),
         pa.field("spread", pa.float32()),
         pa.field("off_centre", pa.bool_()),
+        pa.field("colour_r", pa.int32()),  # colour impression: the plain colour that raises the class most
+        pa.field("colour_g", pa.int32()),
+        pa.field("colour_b", pa.int32()),
+        pa.field("colour_probability", pa.float32()),  # the class's probability for a plain image of it
     ]
 )
 

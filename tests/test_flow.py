@@ -8,10 +8,12 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from pypdf import PdfReader
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tasks.images import IMAGENET_MEAN, IMAGENET_STD
 from tasks.storage import SCHEMAS, read_table
 
 from conftest import make_shapes
@@ -295,6 +297,18 @@ def test_class_impressions_in_the_audit(tmp_path, tiny_model_file) -> None:
     html = (run_dir / "report.html").read_text()
     assert all(path in html for path in impressions["image_path"])
     assert "gradient ascent on the class's logit" in " ".join(html.split())  # the objective chosen
+    # colour impressions: the stored probability is the model's for a plain image of the stored colour
+    namespace: dict = {}
+    exec(model.read_text(), namespace)
+    net = namespace["build"](3)
+    net.load_state_dict(torch.load(weights, weights_only=True))
+    rgb = torch.tensor(impressions[["colour_r", "colour_g", "colour_b"]].to_numpy(dtype="float32")) / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    with torch.no_grad():
+        p = torch.softmax(net.eval()(((rgb.view(-1, 3, 1, 1) - mean) / std).expand(-1, 3, 48, 48)), dim=1)
+    own = p[torch.arange(len(impressions)), torch.tensor(impressions["class_index"].to_numpy())]
+    assert np.allclose(own.numpy(), impressions["colour_probability"].to_numpy(), atol=1e-5)
+    assert all(f"colour alone: {value:.2f}</span>" in html for value in impressions["colour_probability"])
     record = json.loads((run_dir / "run.json").read_text())
     assert record["parameters"]["impressions"]["iterations"] == 15 and "class_impressions" in record["timings"]
     assert record["parameters"]["impressions"]["scale"] == [1, 1.2]

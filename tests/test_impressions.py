@@ -21,6 +21,7 @@ from torch import nn
 from tasks.impressions import (
     ImpressionSettings,
     class_impressions,
+    colour_impressions,
     impression_cam,
     save_pngs,
     total_variation,
@@ -329,6 +330,9 @@ def test_model_left_unchanged_after_errors() -> None:
         (dict(seed=1.5), "seed"),
         (dict(parameterisation="wavelet"), "parameterisation"),
         (dict(objective="softmax"), "objective"),
+        (dict(colour_levels=-1), "colour_levels"),
+        (dict(colour_levels=2.0), "colour_levels"),
+        (dict(colour_steps=-3), "colour_steps"),
     ],
 )
 def test_bad_settings_raise(changes: dict, message: str) -> None:
@@ -427,3 +431,79 @@ def test_copy_of_model_not_needed(shapes_model: nn.Module) -> None:
     x = normalise(make_shapes(2, seed=7)[0])
     with torch.no_grad():
         assert torch.equal(shapes_model(x), reference(x))
+
+
+# --- colour impressions -------------------------------------------------------------------------
+
+
+class MeanColourBumps(nn.Module):
+    """Scores from the image's mean colour u only: class 0 has a tall narrow bump at pure blue and a
+    low wide one at grey-blue, so gradient ascent from mid-grey climbs the low bump; class 1 is flat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(dim=(2, 3)) * torch.tensor(STD) + torch.tensor(MEAN)  # back to pixel colours
+        tall = 8 * torch.exp(-(u - torch.tensor([0.0, 0.0, 1.0])).pow(2).sum(1) / 0.05)
+        low = 3 * torch.exp(-(u - torch.tensor([0.45, 0.45, 0.6])).pow(2).sum(1) / 0.3)
+        return torch.stack([self.weight * (tall + low), torch.zeros_like(tall)], dim=1)
+
+
+def test_colour_impression_finds_the_best_colour_where_ascent_from_grey_would_not() -> None:
+    model = MeanColourBumps()
+    settings = ImpressionSettings(image_size=8, jitter=1.0)
+    found = colour_impressions(model, [0], settings, MEAN, STD)
+    assert found.grid_colours == 6**3
+    assert (found.colours[0].int() - torch.tensor([0, 0, 255])).abs().max() <= 8, found.colours  # the tall bump
+    assert float(found.logits[0, 0]) > 7.5  # its top is 8 (+ 0.1 of the low bump's tail); the low bump's is 3.3
+    # plain gradient ascent from mid-grey ends on the low bump: the grid search is what finds blue
+    u = torch.full((1, 3), 0.5, requires_grad=True)
+    optimiser = torch.optim.Adam([u], lr=0.01)
+    for _ in range(300):
+        score = model(((u.view(1, 3, 1, 1) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)))
+        optimiser.zero_grad()
+        (-score[0, 0]).backward()
+        optimiser.step()
+    assert float(u.detach()[0, 2]) < 0.8 and float(u.detach()[0, 0]) > 0.3
+
+
+def test_colour_impressions_of_the_shapes_model_are_its_classes_colours(shapes_model: nn.Module) -> None:
+    settings = replace(SETTINGS, colour_levels=5, colour_steps=20)
+    found = colour_impressions(shapes_model, SHAPES, settings, MEAN, STD)
+    rgb = found.colours.int()
+    for k, channel in enumerate((0, 1)):  # the solid red square and green disk (stripes are a pattern, not a colour)
+        others = [c for c in range(3) if c != channel]
+        assert int(rgb[k, channel]) > 150 and all(int(rgb[k, c]) < 100 for c in others), (NAMES[SHAPES[k]], rgb[k])
+    # the stored probability is the model's for a plain image of that colour, and no grid colour beats it
+    flat = ((rgb.float() / 255).view(-1, 3, 1, 1) - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        p = torch.softmax(shapes_model(flat.expand(-1, 3, SIZE, SIZE)), dim=1)[torch.arange(3), torch.tensor(SHAPES)]
+        levels = (torch.arange(9) + 0.5) / 9
+        grid = torch.cartesian_prod(levels, levels, levels).view(-1, 3, 1, 1)
+        scores = shapes_model(((grid - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)).expand(-1, 3, SIZE, SIZE))
+    torch.testing.assert_close(found.probability, p, atol=1e-5, rtol=0)
+    for k, c in enumerate(SHAPES):
+        others = scores.clone()
+        others[:, c] = -torch.inf
+        best_grid = (scores[:, c] - torch.logsumexp(others, dim=1)).max()
+        assert float(torch.logit(found.probability[k].double())) >= float(best_grid) - 0.05
+
+
+def test_colour_impressions_are_deterministic_and_leave_the_model_unchanged() -> None:
+    model = _fragile_model().train()
+    model[3].eval()
+    for p in model[0].parameters():
+        p.requires_grad_(False)
+    before = _snapshot(model)
+    settings = ImpressionSettings(image_size=16, jitter=1.0, colour_levels=3, colour_steps=5)
+    first = colour_impressions(model, [0, 3], settings, MEAN, STD)
+    _assert_unchanged(model, before)
+    second = colour_impressions(model, [0, 3], settings, MEAN, STD)
+    assert torch.equal(first.colours, second.colours) and torch.equal(first.logits, second.logits)
+    with pytest.raises(ValueError, match="out of range"):
+        colour_impressions(model, [0, 9], settings, MEAN, STD)
+    _assert_unchanged(model, before)
+    with pytest.raises(ValueError, match="colour_levels is 0"):
+        colour_impressions(model, [0], replace(settings, colour_levels=0), MEAN, STD)

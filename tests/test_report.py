@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 from pypdf import PdfReader
 
-from tasks.report import class_table, digest, impression_note, position_words, render_report
+from tasks.report import class_table, colour_note, digest, impression_note, position_words, render_report
 from tasks.storage import commit_run, read_table, write_part
 
 SCRIPT = "<script>alert(1)</script>"
@@ -278,6 +278,17 @@ def test_impression_note_names_a_fixed_position_only_when_real_images_peak_there
     note = impression_note(corner, scattered)
     assert "0% of the 4 real images" in note and "fixed-position" not in note
     assert impression_note(SimpleNamespace(**{**vars(corner), "off_centre": False}), peaks) is None
+
+
+def test_colour_note_only_when_a_plain_colour_alone_wins_the_class() -> None:
+    from types import SimpleNamespace
+
+    blue = SimpleNamespace(class_name=SCRIPT, colour_r=64, colour_g=21, colour_b=234, colour_probability=0.964)
+    note = colour_note(blue)
+    assert "RGB 64, 21, 234" in note and "probability 0.96" in note and SCRIPT in note  # escaped by the template
+    assert colour_note(SimpleNamespace(**{**vars(blue), "colour_probability": 0.72})) is None
+    assert colour_note(SimpleNamespace(**{**vars(blue), "colour_probability": float("nan")})) is None
+    assert colour_note(SimpleNamespace(class_name="old run")) is None  # tables written before the columns existed
 
 
 def _browser() -> str | None:
