@@ -14,8 +14,13 @@ class impressions of both with the audit's defaults; and measures in every impre
               (every channel > 200): the mark's colours side by side, at any scale
   background  share of pixels within 60 (RGB distance, 0..255) of the planted background colour
 
+and the colour impression of every class (``tasks.impressions.colour_impressions``: the plain
+colour that raises the class most), its probability, and the recipe's background colour
+nearest to it.
+
 A visible planted bias: the mark class's impression holds copies of the mark and the others
-do not; the background class's impression is more of the planted colour than the others.
+do not; the background class's impression is more of the planted colour than the others, or
+its colour impression is the planted colour and wins the class on its own.
 
     PYTHONPATH=. .venv/bin/python benchmarks/demo_impressions.py [--cache DIR] [--iterations 200]
 """
@@ -31,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks import demo
-from tasks.impressions import class_impressions, settings_for_input
+from tasks.impressions import class_impressions, colour_impressions, settings_for_input
 
 
 def mark_pattern(recipe: demo.DemoRecipe) -> torch.Tensor:
@@ -76,8 +81,9 @@ def main() -> None:
     args = parser.parse_args()
     recipe = demo.load_recipe()
     print(f"| training | held-out accuracy | class | probability | marks (NCC >= {args.ncc}) | best NCC "
-          f"| black next to white | {recipe.background_colour} share |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"| black next to white | {recipe.background_colour} share | colour impression (RGB) "
+          f"| its probability | nearest background | plain {recipe.background_colour} image |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, trained in (("adversarial", recipe), ("plain", dataclasses.replace(recipe, adversarial_epsilon=0.0))):
         folder = args.cache / demo.recipe_fingerprint(trained)
         data_dir = demo.generate_dataset(trained, folder / "data")
@@ -86,11 +92,21 @@ def main() -> None:
         model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
         model.eval()
         classes = list(range(len(trained.classes)))
-        result = class_impressions(model, classes, settings_for_input(trained.image_size, iterations=args.iterations))
+        settings = settings_for_input(trained.image_size, iterations=args.iterations)
+        result = class_impressions(model, classes, settings)
+        colours = colour_impressions(model, classes, settings)
+        planted = torch.tensor(trained.backgrounds[trained.background_colour], dtype=torch.float32) / 255
+        with torch.no_grad():
+            flat = demo.normalise(planted.view(1, 3, 1, 1).expand(1, 3, trained.image_size, trained.image_size))
+            planted_p = torch.softmax(model(flat), dim=1)[0]
         label = f"{name} (epsilon {trained.adversarial_epsilon:g}/255)" if trained.adversarial_epsilon else name
         for c, row in zip(classes, measure(result.images, trained, args.ncc)):
+            rgb = colours.colours[c].numpy().astype(float)
+            nearest = min(trained.backgrounds, key=lambda n: np.linalg.norm(np.array(trained.backgrounds[n]) - rgb))
             print(f"| {label} | {metrics['test_accuracy']:.3f} | {trained.classes[c]} | {float(result.probability[c]):.3f} "
-                  f"| {row['marks']} | {row['best_ncc']:.2f} | {row['black_white']:.4f} | {row['background']:.2f} |")
+                  f"| {row['marks']} | {row['best_ncc']:.2f} | {row['black_white']:.4f} | {row['background']:.2f} "
+                  f"| {', '.join(str(int(v)) for v in rgb)} | {float(colours.probability[c]):.3f} | {nearest} "
+                  f"| {float(planted_p[c]):.3f} |")
 
 
 if __name__ == "__main__":
