@@ -185,7 +185,8 @@ def report_context(
         "methods": methods_view(record, painter),
         "sanity": sanity_view(read_table(out_dir, "metrics", run_id), record),
         "features": feature_view(out_dir / "runs" / run_id, by_id),
-        "impressions": impressions_view(impressions, class_examples, by_id, painter, peaks),
+        "impressions": impressions_view(impressions, class_examples, by_id, painter, peaks,
+                                        image_borders(out_dir, run_id, predictions, impressions)),
         "faithfulness": faithfulness_view(occlusion, read_table(out_dir, "metrics", run_id)),
         "unreadable": unreadable_rows(predictions),
         "calibration": None if multilabel else reliability_figure(predictions, painter),
@@ -530,20 +531,44 @@ def impression_note(row: Any, peaks: pd.DataFrame) -> str | None:
     return note
 
 
-def colour_note(row: Any) -> str | None:
-    """Says when a plain colour alone makes the model call the class (a colour or background cue)."""
+def image_borders(out_dir: Path, run_id: str, predictions: pd.DataFrame, impressions: pd.DataFrame) -> pd.DataFrame:
+    """Each readable image's labels and border colour (from ``signals``), read only when a colour
+    impression is noted."""
+    if "colour_probability" not in impressions or not (impressions["colour_probability"] >= COLOUR_SHORTCUT).any():
+        return pd.DataFrame(columns=["labels", "border_r", "border_g", "border_b"])
+    borders = read_table(out_dir, "signals", run_id, columns=["image_id", "border_r", "border_g", "border_b"])
+    labelled = predictions[predictions["error"].isna()][["image_id", "labels"]]
+    return labelled.merge(borders.drop(columns="run_id"), on="image_id").dropna(subset=["border_r"])
+
+
+def colour_note(row: Any, borders: pd.DataFrame) -> str | None:
+    """Says when a plain colour alone makes the model call the class (a colour or background cue),
+    and whether the class's real images have borders nearer that colour than the other images do
+    (median RGB distance; ``borders``: ``labels`` and ``border_r/g/b`` in 0..1 per image)."""
     probability = _number(getattr(row, "colour_probability", None))
     if probability is None or probability < COLOUR_SHORTCUT:
         return None
-    return (f"A plain image of one colour (RGB {int(row.colour_r)}, {int(row.colour_g)}, {int(row.colour_b)}), with no "
-            f"object at all, is called {row.class_name} with probability {probability:.2f}: the model takes that colour "
-            "as evidence for the class (a background or colour shortcut, if the class's images share it).")
+    rgb = np.array([row.colour_r, row.colour_g, row.colour_b], dtype=np.float64)
+    note = (f"A plain image of one colour (RGB {int(rgb[0])}, {int(rgb[1])}, {int(rgb[2])}), with no object at all, "
+            f"is called {row.class_name} with probability {probability:.2f}: the model takes that colour as evidence "
+            "for the class.")
+    if len(borders):
+        distance = np.linalg.norm(borders[["border_r", "border_g", "border_b"]].to_numpy(np.float64) * 255 - rgb, axis=1)
+        own = borders["labels"].map(lambda labels: row.class_name in _ids(labels)).to_numpy(bool)
+        if own.any() and (~own).any():
+            near, far = float(np.median(distance[own])), float(np.median(distance[~own]))
+            note += (f" The class's {int(own.sum())} images have borders nearer that colour than the other "
+                     f"{int((~own).sum())} (median RGB distance {near:.0f} against {far:.0f}): a background shortcut in the data."
+                     if near < far else
+                     f" The class's images' borders are not nearer that colour than the others' (median RGB distance "
+                     f"{near:.0f} against {far:.0f}): a colour cue, not the background.")
+    return note
 
 
 def impressions_view(impressions: pd.DataFrame, examples: Mapping[str, list[str]], by_id: pd.DataFrame,
-                     painter: Painter, peaks: pd.DataFrame) -> dict[str, Any] | None:
-    """Each class impression beside its Grad-CAM and a few real images of the class; None when
-    impressions were not computed."""
+                     painter: Painter, peaks: pd.DataFrame, borders: pd.DataFrame) -> dict[str, Any] | None:
+    """Each class impression beside its Grad-CAM, its colour impression and a few real images of
+    the class; None when impressions were not computed. ``borders``: image borders' colours with labels."""
     if impressions.empty:
         return None
     rows = []
@@ -573,7 +598,7 @@ def impressions_view(impressions: pd.DataFrame, examples: Mapping[str, list[str]
             "start_probability": score(row.start_probability),
             "competitor": f"{row.competitor_name} {score(row.competitor_probability)}" if row.competitor_index >= 0 else None,
             "thumbs": thumbs,
-            "note": " ".join(note for note in (impression_note(row, peaks), colour_note(row)) if note) or None,
+            "note": " ".join(note for note in (impression_note(row, peaks), colour_note(row, borders)) if note) or None,
         })
     first = impressions.iloc[0]
     objective = json.loads(first["parameters"]).get("objective", "logit")  # runs before the option ascended the logit

@@ -245,12 +245,16 @@ def commit_run(out_dir: Path, run_id: str, tables: list[str] | None = None) -> N
         os.replace(folder, target)
 
 
-def read_table(out_dir: Path, table: str, run_id: str | None = None) -> pd.DataFrame:
-    """Read a table for every committed run (or one), with a string ``run_id`` column."""
+def read_table(out_dir: Path, table: str, run_id: str | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read a table for every committed run (or one), with a string ``run_id`` column; only
+    ``columns`` (and ``run_id``) when given."""
     root = Path(out_dir) / "tables" / table
     schema = table_schema(table)
+    if columns is not None:
+        columns = [*columns, "run_id"]
     if not root.exists():
-        return schema.append(pa.field("run_id", pa.string())).empty_table().to_pandas()
+        empty = schema.append(pa.field("run_id", pa.string())).empty_table().to_pandas()
+        return empty if columns is None else empty[columns]
     dataset = ds.dataset(
         root,
         schema=schema.append(pa.field("run_id", pa.string())),
@@ -258,4 +262,4 @@ def read_table(out_dir: Path, table: str, run_id: str | None = None) -> pd.DataF
         partitioning=PARTITIONING,
     )
     expr = ds.field("run_id") == run_id if run_id is not None else None
-    return dataset.to_table(filter=expr).to_pandas()
+    return dataset.to_table(columns=columns, filter=expr).to_pandas()

@@ -284,11 +284,23 @@ def test_colour_note_only_when_a_plain_colour_alone_wins_the_class() -> None:
     from types import SimpleNamespace
 
     blue = SimpleNamespace(class_name=SCRIPT, colour_r=64, colour_g=21, colour_b=234, colour_probability=0.964)
-    note = colour_note(blue)
+    none = pd.DataFrame(columns=["labels", "border_r", "border_g", "border_b"])
+    note = colour_note(blue, none)
     assert "RGB 64, 21, 234" in note and "probability 0.96" in note and SCRIPT in note  # escaped by the template
-    assert colour_note(SimpleNamespace(**{**vars(blue), "colour_probability": 0.72})) is None
-    assert colour_note(SimpleNamespace(**{**vars(blue), "colour_probability": float("nan")})) is None
-    assert colour_note(SimpleNamespace(class_name="old run")) is None  # tables written before the columns existed
+    assert "median" not in note  # no border colours to compare with
+    assert colour_note(SimpleNamespace(**{**vars(blue), "colour_probability": 0.72}), none) is None
+    assert colour_note(SimpleNamespace(**{**vars(blue), "colour_probability": float("nan")}), none) is None
+    assert colour_note(SimpleNamespace(class_name="old run"), none) is None  # tables written before the columns existed
+    # borders (0..1): the class's two images sit on blue, the three others on grey and green
+    borders = pd.DataFrame({"labels": [[SCRIPT], [SCRIPT], ["circle"], ["square"], ["circle", "square"]],
+                            "border_r": [0.2, 0.25, 0.5, 0.25, 0.5], "border_g": [0.1, 0.1, 0.5, 0.55, 0.5],
+                            "border_b": [0.9, 0.85, 0.5, 0.25, 0.5]})
+    distances = np.linalg.norm(borders[["border_r", "border_g", "border_b"]].to_numpy() * 255 - [64, 21, 234], axis=1)
+    note = colour_note(blue, borders)
+    assert (f"The class's 2 images have borders nearer that colour than the other 3 (median RGB distance "
+            f"{np.median(distances[:2]):.0f} against {np.median(distances[2:]):.0f}): a background shortcut") in note
+    swapped = borders.assign(labels=[["circle"], ["circle"], [SCRIPT], [SCRIPT], [SCRIPT]])
+    assert "not nearer that colour" in colour_note(blue, swapped)
 
 
 def _browser() -> str | None:

@@ -35,6 +35,14 @@ def test_runs_are_invisible_until_committed_then_read_together(tmp_path) -> None
     assert (tmp_path / "tables" / "explanations" / "run_id=r1").is_dir()
 
 
+def test_read_table_can_read_some_columns(tmp_path) -> None:
+    storage.write_part(_findings(2), "findings", tmp_path, "r1", "0")
+    storage.commit_run(tmp_path, "r1")
+    some = storage.read_table(tmp_path, "findings", "r1", columns=["kind", "value"])
+    assert list(some.columns) == ["kind", "value", "run_id"] and some["value"].tolist() == [0.5, 0.5]
+    assert list(storage.read_table(tmp_path / "none", "findings", columns=["kind"]).columns) == ["kind", "run_id"]
+
+
 def test_parts_carry_the_versioned_schema(tmp_path) -> None:
     path = storage.write_part(_findings(1), "findings", tmp_path, "r1", "0")
     schema = pq.read_schema(path)
