@@ -209,7 +209,7 @@ def test_every_method_layer_by_layer_and_named_targets(tmp_path, tiny_model_file
         (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--impression-iterations", "0"],
          "--impression-iterations"),
         (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--methods", "impressions",
-          "--impression-option", "step=0.1"], "unknown impression option(s) ['step']; available: crop_fraction"),
+          "--impression-option", "step=0.1"], "unknown impression option(s) ['step']; available: colour_levels, colour_steps, crop_fraction"),
         (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--methods", "impressions",
           "--impression-option", "objective=softmax"], "objective must be one of"),
         (["run", "{data}", "--model", "{model}:build", "--weights", "{weights}", "--methods", "impressions",
