@@ -119,7 +119,7 @@ class ImpressionSettings:
                             multi-label models), or "logit", the raw score (the paper's).
     colour_levels   6       the colour impression (:func:`colour_impressions`) searches a grid of
                             colour_levels^3 plain colours; 0 = no colour impressions.
-    colour_steps    50      Adam steps refining the best grid colour (step size 0.05 on its logit).
+    colour_steps    20      Adam steps refining the best grid colour (step size 0.1 on its logit).
     """
 
     iterations: int = 200
@@ -138,7 +138,7 @@ class ImpressionSettings:
     parameterisation: str = "fourier"
     objective: str = "log_odds"
     colour_levels: int = 6
-    colour_steps: int = 50
+    colour_steps: int = 20
 
     def __post_init__(self) -> None:
         if not isinstance(self.iterations, int) or self.iterations < 1:
@@ -558,7 +558,7 @@ def colour_impressions(
             scores = torch.cat([_checked(model(flat(part)), len(part), classes) for part in grid.split(chunk)])
             best = grid[objective(scores).argmax(dim=0)]  # (K, 3)
         theta = torch.logit(best, eps=1e-3).clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([theta], lr=0.05)
+        optimiser = torch.optim.Adam([theta], lr=0.1)
         with torch.enable_grad():
             for _ in range(settings.colour_steps):
                 own = _class_objective(model(flat(torch.sigmoid(theta))), rows, target, settings.objective, multi_label)
