@@ -47,6 +47,10 @@ draw comes from a ``torch.Generator`` seeded with ``settings.seed`` on the CPU, 
 gives the same images (bit-identical on the CPU; on CUDA, ``grid_sample``'s backward uses
 atomic adds and results may differ in the last bits).
 
+:func:`colour_impressions` gives the impression at the coarsest scale: the plain colour whose
+flat image raises each class most (grid search, then Adam), a probe for colour and background
+shortcuts that a full impression, dominated by the shapes it tiles, may not show.
+
 :func:`impression_cam` gives the Grad-CAM of each impression for its own class and where
 that evidence sits (peak, mass centroid, offset from the centre), so that a report can note
 impressions whose evidence is off-centre or pinned to a fixed position (a corner mark, a
