@@ -386,6 +386,19 @@ def _stats(values: Sequence[float], name: str, device: torch.device) -> torch.Te
     return tensor
 
 
+def _placement(model: nn.Module, device: torch.device | str | None, mean: Sequence[float], std: Sequence[float],
+               what: str) -> tuple[torch.device, torch.Tensor, torch.Tensor]:
+    """The device to work on (default: the model's first parameter's, or the CPU) and the
+    normalisation there; refuses inference mode, under which nothing can be optimised."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what} need autograd; call them outside torch.inference_mode()")
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    return device, _stats(mean, "mean", device), _stats(std, "std", device)
+
+
 def class_impressions(
     model: nn.Module,
     classes: Sequence[int],
@@ -406,13 +419,7 @@ def class_impressions(
     if not isinstance(settings, ImpressionSettings):
         raise ValueError(f"settings must be an ImpressionSettings, got {type(settings).__name__}")
     classes = _check_classes(classes)
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("class impressions need autograd; call them outside torch.inference_mode()")
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
-    mean_t, std_t = _stats(mean, "mean", device), _stats(std, "std", device)
+    device, mean_t, std_t = _placement(model, device, mean, std, "class impressions")
     k, size = len(classes), settings.image_size
 
     generator = torch.Generator().manual_seed(settings.seed)
@@ -535,13 +542,7 @@ def colour_impressions(
     levels = settings.colour_levels
     if levels < 1:
         raise ValueError("colour_levels is 0: colour impressions are switched off in these settings")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("colour impressions need autograd; call them outside torch.inference_mode()")
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
-    mean_t, std_t = _stats(mean, "mean", device), _stats(std, "std", device)
+    device, mean_t, std_t = _placement(model, device, mean, std, "colour impressions")
     size, k = settings.image_size, len(classes)
     rows = torch.arange(k, device=device)
     target = torch.tensor(classes, device=device)
