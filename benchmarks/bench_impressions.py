@@ -12,6 +12,11 @@ Same model, image size, settings and device for all contenders (seconds per iter
 Models: resnet18 (torchvision, random weights, no download) at 224 px, and the tests' small
 CNN (random weights) at 32 px with its 4 classes. Both parameterisations are timed.
 
+Colour impressions (``tasks.impressions.colour_impressions``, seconds per call, same K classes):
+  colour      the default call: a grid of 6^3 plain colours, then 20 refining Adam steps
+  grid only   colour_steps = 0
+  grid limit  plain forwards of the 216 flat images in chunks of 64, without gradients
+
 Usage: python benchmarks/bench_impressions.py [--k 8] [--iterations 10] [--reps 3] [--threads 2]
                                               [--device cpu] [--models resnet18,small]
 Warm-up twice, contenders alternate within each repetition, medians and ratios reported.
@@ -30,7 +35,7 @@ from torch import nn
 
 from benchmarks.timing import time_all
 from tasks.cam import frozen_parameters
-from tasks.impressions import ImpressionSettings, class_impressions
+from tasks.impressions import ImpressionSettings, class_impressions, colour_impressions
 from tasks.images import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -71,6 +76,26 @@ def contenders(model: nn.Module, classes: list[int], settings: ImpressionSetting
     return {"batched": batched, "batched-2n": batched_twice, "one-by-one": one_by_one, "limit": limit}
 
 
+def colour_contenders(model: nn.Module, classes: list[int], settings: ImpressionSettings,
+                      device: torch.device) -> dict[str, Callable[[], object]]:
+    grid_only = replace(settings, colour_steps=0)
+    levels = (torch.arange(settings.colour_levels, device=device, dtype=torch.float32) + 0.5) / settings.colour_levels
+    flat = torch.cartesian_prod(levels, levels, levels).view(-1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    size = settings.image_size
+
+    def limit() -> object:
+        with torch.no_grad():
+            return [model(((part - mean) / std).expand(-1, 3, size, size)) for part in flat.split(64)]
+
+    return {
+        "colour": lambda: colour_impressions(model, classes, settings, IMAGENET_MEAN, IMAGENET_STD, device),
+        "grid only": lambda: colour_impressions(model, classes, grid_only, IMAGENET_MEAN, IMAGENET_STD, device),
+        "grid limit": limit,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18,small")
@@ -87,6 +112,7 @@ def main() -> None:
     print("| model | size | K | param | n | batched (s/it) | marginal (s/it) | one-by-one (s/it) | limit fwd+bwd (s) "
           "| batched/limit | marginal/limit | one-by-one/batched |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    colour_rows = []
     for name in args.models.split(","):
         if name == "small":
             model, size, classes, n = small_cnn(), 32, [0, 1, 2, 3], 5 * args.iterations
@@ -107,6 +133,13 @@ def main() -> None:
                 f"| {single / batched:.2f}x |",
                 flush=True,
             )
+        colour = time_all(colour_contenders(model, classes, ImpressionSettings(image_size=size, jitter=jitter), device),
+                          args.reps, device)
+        colour_rows.append(f"| {name} | {size} | {len(classes)} | {colour['colour']:.3f} | {colour['grid only']:.3f} "
+                           f"| {colour['grid limit']:.3f} | {colour['grid only'] / colour['grid limit']:.2f}x |")
+    print("\n| model | size | K | colour (s) | grid only (s) | grid limit (s) | grid only/limit |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(colour_rows))
 
 
 if __name__ == "__main__":

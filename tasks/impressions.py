@@ -532,10 +532,10 @@ def colour_impressions(
     full impressions there show the discs, the evidence that raises the class even more). The
     objective over colours is not concave (on the demo model, gradient ascent from mid-grey stopped
     at a grey-blue worth p = 0.06 where the planted blue gives 0.41), so the colours are first
-    searched on a grid, levels^3 colours u_i = (i + 1/2) / levels scored in chunks without gradients
-    (one set of forwards serves every class), then each class's best grid colour is refined by
-    ``colour_steps`` Adam steps on logit(u), all K classes as one batch. The model is left as it was;
-    nothing is random.
+    searched on a grid, levels^3 colours u_i = (i + 1/2) / levels (rounded to uint8 levels, so their
+    scores are final) scored in chunks without gradients (one set of forwards serves every class),
+    then each class's best grid colour is refined by ``colour_steps`` Adam steps on logit(u), all K
+    classes as one batch, and kept if it scores better. The model is left as it was; nothing is random.
     """
     settings = ImpressionSettings() if settings is None else settings
     classes = _check_classes(classes)
@@ -556,31 +556,34 @@ def colour_impressions(
                                       settings.objective, multi_label) for c in classes]
         return torch.stack(per_class, dim=1)
 
-    values = (torch.arange(levels, device=device, dtype=torch.float32) + 0.5) / levels
-    grid = torch.cartesian_prod(values, values, values)  # (levels^3, 3)
+    values = ((torch.arange(levels, device=device, dtype=torch.float32) + 0.5) / levels * 255).round() / 255
+    grid = torch.cartesian_prod(values, values, values)  # (levels^3, 3), on uint8 levels: the scores are final
     with eval_mode(model), frozen_parameters(model):
         with torch.no_grad():
             scores = torch.cat([_checked(model(flat(part)), len(part), classes) for part in grid.split(chunk)])
-            best = grid[objective(scores).argmax(dim=0)]  # (K, 3)
-        theta = torch.logit(best, eps=1e-3).clone().requires_grad_(True)
-        optimiser = torch.optim.Adam([theta], lr=0.1)
-        with torch.enable_grad():
-            for _ in range(settings.colour_steps):
-                own = _class_objective(model(flat(torch.sigmoid(theta))), rows, target, settings.objective, multi_label)
-                optimiser.zero_grad(set_to_none=True)
-                (-own.sum()).backward()
-                optimiser.step()
-        with torch.no_grad():
-            candidates = torch.cat([best, torch.sigmoid(theta)])  # keep the grid colour if refining lost
-            colours = (candidates * 255).round() / 255
-            scores = _checked(model(flat(colours)), 2 * k, classes)
-            gain = _class_objective(scores, torch.arange(2 * k, device=device), torch.cat([target, target]),
-                                    settings.objective, multi_label).view(2, k)
-            pick = gain.argmax(dim=0) * k + rows
-            logits = scores[pick].float()
+            gains = objective(scores)  # (levels^3, K)
+            best = gains.argmax(dim=0)
+            colours, logits, gain = grid[best], scores[best], gains[best, rows]
+        if settings.colour_steps:
+            theta = torch.logit(colours, eps=1e-3).clone().requires_grad_(True)
+            optimiser = torch.optim.Adam([theta], lr=0.1)
+            with torch.enable_grad():
+                for _ in range(settings.colour_steps):
+                    own = _class_objective(model(flat(torch.sigmoid(theta))), rows, target, settings.objective,
+                                           multi_label)
+                    optimiser.zero_grad(set_to_none=True)
+                    (-own.sum()).backward()
+                    optimiser.step()
+            with torch.no_grad():
+                refined = (torch.sigmoid(theta) * 255).round() / 255
+                refined_logits = model(flat(refined))
+                better = _class_objective(refined_logits, rows, target, settings.objective, multi_label) > gain
+                colours = torch.where(better[:, None], refined, colours)  # keep the grid colour if refining lost
+                logits = torch.where(better[:, None], refined_logits, logits)
+    logits = logits.float()
     return ColourImpression(
         classes=classes,
-        colours=(colours[pick] * 255).round().to(torch.uint8).cpu(),
+        colours=(colours * 255).round().to(torch.uint8).cpu(),
         logits=logits.cpu(),
         probability=_activation(logits, multi_label)[rows, target].cpu(),
         grid_colours=len(grid),

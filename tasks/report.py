@@ -70,6 +70,7 @@ SAME_SPOT_RADIUS = 0.2  # a real image's Grad-CAM peak this close to the impress
 SAME_SPOT_SHARE = 0.5  # ... and this share of the class's images peaking there makes it a fixed position
 COLOUR_SWATCH_PX = 32  # side of the colour impression's swatch figure
 COLOUR_SHORTCUT = 0.9  # a plain colour alone given a class with this probability is noted as a colour cue
+NEARER_BORDERS = 0.75  # ... and a background one when the class's borders' median distance to it is this share of the others'
 COLORMAP = "jet"
 SALIENCY_COLORMAP = "inferno"
 OVERLAY_ALPHA = 0.5
@@ -544,7 +545,8 @@ def image_borders(out_dir: Path, run_id: str, predictions: pd.DataFrame, impress
 def colour_note(row: Any, borders: pd.DataFrame) -> str | None:
     """Says when a plain colour alone makes the model call the class (a colour or background cue),
     and whether the class's real images have borders nearer that colour than the other images do
-    (median RGB distance; ``borders``: ``labels`` and ``border_r/g/b`` in 0..1 per image)."""
+    (median RGB distance at most ``NEARER_BORDERS`` times theirs; ``borders``: ``labels`` and
+    ``border_r/g/b`` in 0..1 per image)."""
     probability = _number(getattr(row, "colour_probability", None))
     if probability is None or probability < COLOUR_SHORTCUT:
         return None
@@ -559,9 +561,9 @@ def colour_note(row: Any, borders: pd.DataFrame) -> str | None:
             near, far = float(np.median(distance[own])), float(np.median(distance[~own]))
             note += (f" The class's {int(own.sum())} images have borders nearer that colour than the other "
                      f"{int((~own).sum())} (median RGB distance {near:.0f} against {far:.0f}): a background shortcut in the data."
-                     if near < far else
-                     f" The class's images' borders are not nearer that colour than the others' (median RGB distance "
-                     f"{near:.0f} against {far:.0f}): a colour cue, not the background.")
+                     if near <= NEARER_BORDERS * far else
+                     f" The class's images' borders are not clearly nearer that colour than the others' (median RGB "
+                     f"distance {near:.0f} against {far:.0f}): a colour cue, not the background.")
     return note
 
 

@@ -300,7 +300,9 @@ def test_colour_note_only_when_a_plain_colour_alone_wins_the_class() -> None:
     assert (f"The class's 2 images have borders nearer that colour than the other 3 (median RGB distance "
             f"{np.median(distances[:2]):.0f} against {np.median(distances[2:]):.0f}): a background shortcut") in note
     swapped = borders.assign(labels=[["circle"], ["circle"], [SCRIPT], [SCRIPT], [SCRIPT]])
-    assert "not nearer that colour" in colour_note(blue, swapped)
+    assert "not clearly nearer that colour" in colour_note(blue, swapped)
+    barely = borders.assign(border_r=[0.5, 0.5, 0.5, 0.5, 0.5], border_g=0.5, border_b=[0.55, 0.55, 0.5, 0.5, 0.5])
+    assert "not clearly nearer" in colour_note(blue, barely)  # nearer, but by less than a quarter
 
 
 def _browser() -> str | None:
