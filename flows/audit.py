@@ -742,11 +742,12 @@ def task_runner_for(request: AuditRequest):
 def run_audit(request: AuditRequest) -> str:
     """Run the audit flow on the request's task runner; returns the run id. Dask's process
     workers need a real Prefect API: PREFECT_API_URL's, or a local server for the run."""
+    from flows.server import pin_ephemeral_port, shared_api
+
     if request.runner == "threads":
+        pin_ephemeral_port()
         return audit(request)
     import logging
-
-    from flows.server import shared_api
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster start/stop chatter
     with shared_api():

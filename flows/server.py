@@ -20,6 +20,27 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def pin_ephemeral_port() -> int | None:
+    """Give Prefect's ephemeral API server (started by the first API call when PREFECT_API_URL is
+    unset) a port the kernel chose, and return it (None with a real API).
+
+    Prefect draws the port at random from 8000-8999 and checks it is free; two audits started at
+    the same moment (two nightly jobs on one cron minute) can both draw a port before either server
+    binds it. The second then finds the first's server answering its health check, runs against it,
+    and fails with "Connection refused" when the first run ends and stops it. A kernel-assigned port
+    is never one already bound and is drawn from the whole ephemeral range."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+
+    server = SubprocessASGIServer()  # the instance prefect's get_client() starts (a singleton per port key)
+    if not server.running:
+        server.port = _free_port()
+    return server.port
+
+
 @contextlib.contextmanager
 def prefect_server() -> Iterator[str]:
     """The API URL of a real Prefect server: PREFECT_API_URL's, or a local one started here

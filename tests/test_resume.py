@@ -98,3 +98,21 @@ def test_two_runs_at_once_on_one_output_folder(tmp_path, dataset) -> None:
     for table in TABLES:
         pd.testing.assert_frame_equal(first[table], second[table], check_exact=False, rtol=1e-5, obj=table)
     assert all((out / "runs" / run_id / "report.html").is_file() for run_id in ("rfirst", "rsecond"))
+
+
+PINNED = """
+from flows.server import pin_ephemeral_port
+from prefect.client.orchestration import get_client
+
+port = pin_ephemeral_port()
+with get_client(sync_client=True) as client:
+    print(port, client.api_url, client.api_healthcheck())
+"""
+
+
+def test_the_ephemeral_api_runs_on_the_port_the_kernel_chose() -> None:
+    env = {key: value for key, value in _env().items() if key != "PREFECT_API_URL"}
+    done = subprocess.run([sys.executable, "-c", PINNED], env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, _failure_summary(done.stderr)
+    port, url, health = done.stdout.split()
+    assert url == f"http://127.0.0.1:{port}/api/" and health == "None", done.stdout  # None: healthy
