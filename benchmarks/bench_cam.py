@@ -23,7 +23,7 @@ import torch
 import torchvision
 
 from benchmarks.timing import time_all
-from tasks import cam
+from visaudit.tasks.explain import cam
 
 
 def contenders(model: torch.nn.Module, x: torch.Tensor, layer: str) -> dict[str, Callable[[], object]]:

@@ -1,7 +1,7 @@
 """Shard throughput on a GPU: JPEG files on disk to Parquet tables, predictions + Grad-CAM.
 
 Writes N JPEG files (256 px, four class folders), then audits them with
-``tasks.predictions.audit_shard`` (the work of one Prefect shard task: decode in a thread
+``visaudit.tasks.audit.shard.audit_shard`` (the work of one Prefect shard task: decode in a thread
 pool overlapped with the model, one forward, Grad-CAM for predicted and true classes,
 signals, Parquet parts) and prints images per second with where the time goes. Prefect
 itself is not involved (it adds a fixed few seconds per run, see bench_pipeline.py).
@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from tasks.images import Preprocess
-from tasks.models import ModelSpec, load_model
-from tasks.predictions import ShardSettings, audit_shard
-from tasks.sources import build_index
+from visaudit.tasks.data.images import Preprocess
+from visaudit.tasks.model.loading import ModelSpec, load_model
+from visaudit.tasks.audit.shard import ShardSettings, audit_shard
+from visaudit.tasks.data.sources import build_index
 
 
 def write_jpegs(root: Path, count: int, size: int = 256) -> None:
@@ -95,7 +95,7 @@ def main() -> None:
 
 def decode_rates(uris: list[str], pre: Preprocess, device: torch.device) -> dict[str, float]:
     """Images/s of PIL (16 threads) and GPU decoding, and how far apart their pixels are."""
-    from tasks.images import decode_many
+    from visaudit.tasks.data.images import decode_many
 
     rates = {}
     for name, where in (("pil_16_threads", None), ("gpu", device)):
@@ -115,8 +115,8 @@ def decode_rates(uris: list[str], pre: Preprocess, device: torch.device) -> dict
 def agreement(loaded, settings: ShardSettings, uris: list[str]) -> dict[str, float]:
     """Grad-CAM of the predicted class under bf16 autocast against fp32, on real decoded images:
     per-map Pearson correlation (median, minimum) and the share of maps with the same peak cell."""
-    from tasks import cam
-    from tasks.images import Decoded, decode_many, normalise, to_batch
+    from visaudit.tasks.explain import cam
+    from visaudit.tasks.data.images import Decoded, decode_many, normalise, to_batch
 
     decoded = [d for d in decode_many(uris, settings.preprocess, 8) if isinstance(d, Decoded)]
     x = normalise(to_batch(decoded, loaded.device), settings.preprocess)
@@ -138,7 +138,7 @@ def agreement(loaded, settings: ShardSettings, uris: list[str]) -> dict[str, flo
 
 def time_model(loaded, settings: ShardSettings, batch: int = 256, repeats: int = 10) -> dict[str, int]:
     """The engine alone on device-resident inputs (no decoding, no rows): the ceiling."""
-    from tasks import cam
+    from visaudit.tasks.explain import cam
 
     x = torch.randn(batch, 3, 224, 224, device=loaded.device)
     out = {}

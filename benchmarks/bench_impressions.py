@@ -1,7 +1,7 @@
 """Benchmark: class impressions of K classes as ONE batch, against K one-by-one runs and the limit.
 
 Same model, image size, settings and device for all contenders (seconds per iteration):
-  batched     ``tasks.impressions.class_impressions`` on K classes at once, n iterations;
+  batched     ``visaudit.tasks.explain.impressions.class_impressions`` on K classes at once, n iterations;
               the whole call divided by n (so it includes the final evaluation forward,
               the draws and the uint8 conversion; the start is scored by the first step)
   marginal    (call with 2n iterations - call with n) / n: the cost of one more iteration
@@ -12,7 +12,7 @@ Same model, image size, settings and device for all contenders (seconds per iter
 Models: resnet18 (torchvision, random weights, no download) at 224 px, and the tests' small
 CNN (random weights) at 32 px with its 4 classes. Both parameterisations are timed.
 
-Colour impressions (``tasks.impressions.colour_impressions``, seconds per call, same K classes):
+Colour impressions (``visaudit.tasks.explain.impressions.colour_impressions``, seconds per call, same K classes):
   colour      the default call: a grid of 6^3 plain colours, then 20 refining Adam steps
   grid only   colour_steps = 0
   grid limit  plain forwards of the 216 flat images in chunks of 64, without gradients
@@ -34,9 +34,9 @@ import torchvision
 from torch import nn
 
 from benchmarks.timing import time_all
-from tasks.cam import frozen_parameters
-from tasks.impressions import ImpressionSettings, class_impressions, colour_impressions
-from tasks.images import IMAGENET_MEAN, IMAGENET_STD
+from visaudit.tasks.explain.cam import frozen_parameters
+from visaudit.tasks.explain.impressions import ImpressionSettings, class_impressions, colour_impressions
+from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 def small_cnn() -> nn.Module:

@@ -2,7 +2,7 @@
 
 Same model, images, window, stride (a 7x7 grid: window = stride = 32 px at 224), zero
 baseline and device for all contenders:
-  ours      ``tasks.occlusion.occlusion_maps``: probabilities of ALL classes for every
+  ours      ``visaudit.tasks.explain.occlusion.occlusion_maps``: probabilities of ALL classes for every
             muted window (1 + N*49 images through the model, automatic chunks)
   captum-P  Captum ``Occlusion`` on the softmax of the model for the predicted class only,
             ``perturbations_per_eval`` = P for each P in --ppe; the best P is reported
@@ -25,7 +25,7 @@ import torchvision
 from torch import nn
 
 from benchmarks.timing import time_all
-from tasks import occlusion as occ
+from visaudit.tasks.explain import occlusion as occ
 
 
 class Softmax(nn.Module):

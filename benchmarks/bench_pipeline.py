@@ -43,8 +43,8 @@ def main() -> None:
     args = parser.parse_args()
     os.environ["VISAUDIT_BENCH_ARCH"] = args.arch
 
-    from flows.audit import AuditRequest, audit
-    from tasks.demo import generate_dataset, load_recipe
+    from visaudit.flows.audit import AuditRequest, audit
+    from visaudit.tasks.demo.recipe import generate_dataset, load_recipe
 
     recipe = dataclasses.replace(load_recipe(), test_per_class=args.images // 4, train_per_class=1)
     data = generate_dataset(recipe, args.data / f"n{args.images}")

@@ -14,7 +14,7 @@ class impressions of both with the audit's defaults; and measures in every impre
               (every channel > 200): the mark's colours side by side, at any scale
   background  share of pixels within 60 (RGB distance, 0..255) of the planted background colour
 
-and the colour impression of every class (``tasks.impressions.colour_impressions``: the plain
+and the colour impression of every class (``visaudit.tasks.explain.impressions.colour_impressions``: the plain
 colour that raises the class most), its probability, and the recipe's background colour
 nearest to it.
 
@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks import demo
-from tasks.impressions import class_impressions, colour_impressions, settings_for_input
+from visaudit.tasks.demo import recipe as demo
+from visaudit.tasks.explain.impressions import class_impressions, colour_impressions, settings_for_input
 
 
 def mark_pattern(recipe: demo.DemoRecipe) -> torch.Tensor:

@@ -19,9 +19,9 @@ from pathlib import Path
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from tasks import planted
-from tasks.demo import load_recipe
-from tasks.storage import read_table
+import planted
+from visaudit.tasks.demo.recipe import load_recipe
+from visaudit.tasks.data.storage import read_table
 
 
 def main() -> None:

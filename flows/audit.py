@@ -2,7 +2,7 @@
 
 Read top to bottom, :func:`audit` is the story of a run. Tasks pass paths and small
 values, never models or tensors (Prefect hashes task arguments); the model is loaded
-once per process by :func:`tasks.models.load_model`'s cache.
+once per process by :func:`visaudit.tasks.model.loading.load_model`'s cache.
 """
 
 
@@ -26,17 +26,17 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel, Field
 
-from tasks import storage
-from tasks.calibration import reliability_of
-from tasks.cam import GRADIENT_METHODS, GUIDED_METHODS, hooked_forward, linear_head
-from tasks.findings import Thresholds, compute_findings
-from tasks.fixed_location import location_candidates, probe_location
-from tasks.images import Decoded, Preprocess, decode_many, normalise, to_batch
-from tasks.impressions import choose_classes
-from tasks.occlusion import OcclusionSpec
-from tasks.models import LoadedModel, ModelError, ModelSpec, default_preprocess, load_model, stage_layers
-from tasks.predictions import ShardResult, ShardSettings, audit_shard
-from tasks.sources import (
+from visaudit.tasks.data import storage
+from visaudit.tasks.findings.calibration import reliability_of
+from visaudit.tasks.explain.cam import GRADIENT_METHODS, GUIDED_METHODS, hooked_forward, linear_head
+from visaudit.tasks.findings.detectors import Thresholds, compute_findings
+from visaudit.tasks.findings.fixed_location import location_candidates, probe_location
+from visaudit.tasks.data.images import Decoded, Preprocess, decode_many, normalise, to_batch
+from visaudit.tasks.explain.impressions import choose_classes
+from visaudit.tasks.explain.occlusion import OcclusionSpec
+from visaudit.tasks.model.loading import LoadedModel, ModelError, ModelSpec, default_preprocess, load_model, stage_layers
+from visaudit.tasks.audit.shard import ShardResult, ShardSettings, audit_shard
+from visaudit.tasks.data.sources import (
     DataSourceError,
     build_index,
     class_names_from_index,
@@ -100,7 +100,7 @@ class AuditRequest(BaseModel):
 
     def impression_settings(self, image_size: int) -> "ImpressionSettings":  # noqa: F821
         """The impressions' settings at the model's input size; a bad option is a ValueError."""
-        from tasks.impressions import ImpressionSettings, settings_for_input
+        from visaudit.tasks.explain.impressions import ImpressionSettings, settings_for_input
 
         dedicated = {"iterations": "--impression-iterations", "tv_weight": "--impression-tv-weight",
                      "seed": "--impression-seed", "image_size": "--crop (the model's input size)"}
@@ -414,7 +414,7 @@ def sample_inputs(plan: RunPlan, loaded: LoadedModel, count: int):
 
 def sanity(plan: RunPlan) -> int:
     """Model-randomisation sanity check of the run's methods; staged as ``metrics`` rows."""
-    from tasks.sanity import sanity_check
+    from visaudit.tasks.explain.sanity import sanity_check
 
     request = AuditRequest(**plan.request)
     methods = tuple(m for m in request.methods if m in GRADIENT_METHODS or m in GUIDED_METHODS)
@@ -444,7 +444,8 @@ def sanity(plan: RunPlan) -> int:
 def rise(plan: RunPlan) -> int:
     """RISE deletion and insertion AUC of Grad-CAM and occlusion for the predicted class, on
     the first ``rise_images`` readable images; staged as ``metrics`` rows (mean per method)."""
-    from tasks import cam, occlusion
+    from visaudit.tasks.explain import cam
+    from visaudit.tasks.explain import occlusion
 
     request = AuditRequest(**plan.request)
     if "occlusion" not in request.methods or request.rise_images < 1:
@@ -478,7 +479,7 @@ def rise(plan: RunPlan) -> int:
 def impressions(plan: RunPlan) -> int:
     """Class impressions (one batch over the chosen classes) with their Grad-CAM and colour
     impressions; PNGs beside the plan, rows staged as ``impressions``. Returns how many."""
-    from tasks.impressions import class_impressions, colour_impressions, impression_cam, impression_table, save_pngs
+    from visaudit.tasks.explain.impressions import class_impressions, colour_impressions, impression_cam, impression_table, save_pngs
 
     request = AuditRequest(**plan.request)
     if "impressions" not in request.methods:
@@ -509,8 +510,8 @@ FEATURE_IMAGES = 4
 def feature_views(plan: RunPlan) -> int:
     """First-layer filters and the most active channels of a few shown images (finding
     evidence first, then the most confident failures), written beside the plan."""
-    from tasks.features import write_feature_views
-    from tasks.images import Decoded, decode_many, normalise, to_batch
+    from visaudit.tasks.explain.features import write_feature_views
+    from visaudit.tasks.data.images import Decoded, decode_many, normalise, to_batch
 
     out_dir = Path(plan.out_dir)
     request = AuditRequest(**plan.request)
@@ -654,7 +655,7 @@ def _version() -> str:
 
 
 def render(out_dir: str, run_id: str, template_dir: str | None, pdf: bool) -> str:
-    from tasks.report import render_report
+    from visaudit.tasks.report.render import render_report
 
     paths = render_report(Path(out_dir), run_id, Path(template_dir) if template_dir else None, pdf=pdf)
     return str(paths.pdf or paths.html)
@@ -742,7 +743,7 @@ def task_runner_for(request: AuditRequest):
 def run_audit(request: AuditRequest) -> str:
     """Run the audit flow on the request's task runner; returns the run id. Dask's process
     workers need a real Prefect API: PREFECT_API_URL's, or a local server for the run."""
-    from flows.server import pin_ephemeral_port, shared_api
+    from visaudit.flows.server import pin_ephemeral_port, shared_api
 
     if request.runner == "threads":
         pin_ephemeral_port()

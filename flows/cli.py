@@ -23,8 +23,8 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import ValidationError
 
-from tasks.models import ModelError
-from tasks.sources import DataSourceError
+from visaudit.tasks.model.loading import ModelError
+from visaudit.tasks.data.sources import DataSourceError
 
 app = typer.Typer(
     help="Audit image classifiers: predictions, Grad-CAM, Parquet tables, and a PDF report of bias and failure modes.",
@@ -76,7 +76,7 @@ def parse_impression_options(items: list[str]) -> dict[str, Any]:
 
 def execute(request: "AuditRequest", quiet: bool = False) -> Path:  # noqa: F821
     """Validate and plan (clean errors), then run the flow with a progress bar; returns the run folder."""
-    from flows.audit import prepare_run, run_audit
+    from visaudit.flows.audit import prepare_run, run_audit
 
     try:
         plan = prepare_run(request)
@@ -112,7 +112,7 @@ def _progress(plan: "RunPlan", stop: threading.Event) -> None:  # noqa: F821
     """Show shards as they land in the run's staging folder."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tasks.storage import staging_dir
+    from visaudit.tasks.data.storage import staging_dir
 
     folder = staging_dir(Path(plan.out_dir), "predictions", plan.run_id)
     sizes = {name: stop_ - start for name, start, stop_ in plan.shards}
@@ -232,7 +232,7 @@ def run(
     deployment: Annotated[str, typer.Option(help="Name of the served deployment.")] = "nightly",
 ) -> None:
     """Audit a model on a data source once (or, with --cron, on a schedule)."""
-    from flows.audit import AuditRequest
+    from visaudit.flows.audit import AuditRequest
 
     try:
         request = AuditRequest(
@@ -263,8 +263,8 @@ def run(
 
 def serve_request(request: "AuditRequest", cron: str, timezone: str, name: str) -> None:  # noqa: F821
     """Check the request once (a bad source or model fails now, not at 2 a.m.), then serve it."""
-    from flows.audit import prepare_run
-    from flows.schedule import check_schedule, serve_audit
+    from visaudit.flows.audit import prepare_run
+    from visaudit.flows.schedule import check_schedule, serve_audit
 
     try:
         check_schedule(cron, timezone)
@@ -309,7 +309,7 @@ def request_from_config(path: Path) -> "AuditRequest":  # noqa: F821
     """An AuditRequest from a TOML file whose keys are AuditRequest fields (e.g. source, out_dir, arch)."""
     import tomllib
 
-    from flows.audit import AuditRequest
+    from visaudit.flows.audit import AuditRequest
 
     try:
         raw = tomllib.loads(path.read_text())
@@ -334,8 +334,8 @@ def demo(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Build the planted-bias demo (data + a small CNN trained on the CPU) and audit it."""
-    from flows.audit import AuditRequest
-    from tasks import demo as demo_data
+    from visaudit.flows.audit import AuditRequest
+    from visaudit.tasks.demo import recipe as demo_data
 
     recipe = demo_data.load_recipe()
     started = time.perf_counter()
@@ -351,7 +351,7 @@ def demo(
         err=True,
     )
     request = AuditRequest(
-        source=str(data_dir / "test.csv"), out_dir=str(out), model="tasks.demo:build_model",
+        source=str(data_dir / "test.csv"), out_dir=str(out), model="visaudit.tasks.demo.recipe:build_model",
         weights=str(cache / "model.pt"), classes_file=str(classes_file), resize=recipe.image_size,
         crop=recipe.image_size, batch_size=64, shard_size=100, pdf=pdf,
         layer="features.stage3", methods=["gradcam", "counterfactual", "guided_gradcam", "impressions"], layer_by_layer=True,
@@ -371,7 +371,7 @@ def report(
     if not (out / "runs" / run_id / "run.json").exists():
         known = sorted(p.name for p in (out / "runs").glob("*") if (p / "run.json").exists()) if (out / "runs").exists() else []
         fail(f"{out / 'runs' / run_id}: no such completed run; known runs: {', '.join(known[-5:]) or 'none'}")
-    from tasks.report import render_report
+    from visaudit.tasks.report.render import render_report
 
     paths = render_report(out, run_id, templates, pdf=pdf)
     typer.echo(f"report: {paths.pdf or paths.html}")
@@ -403,9 +403,9 @@ def explain(
     ] = False,
 ) -> None:
     """Explain one image: a panel PNG with Grad-CAM, guided backprop, Guided Grad-CAM, counterfactual, top-5."""
-    from tasks.models import ModelSpec, load_model
-    from tasks.panel import explain_image
-    from tasks.sources import read_class_file
+    from visaudit.tasks.model.loading import ModelSpec, load_model
+    from visaudit.tasks.explain.panel import explain_image
+    from visaudit.tasks.data.sources import read_class_file
 
     try:
         spec = ModelSpec(arch=arch, factory=model, weights=weights, layer=layer, trust_checkpoint=trust_checkpoint)

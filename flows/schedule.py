@@ -10,8 +10,8 @@ accumulate; the deployment's concurrency limit of 1 keeps two nights from runnin
 
 from __future__ import annotations
 
-from flows.audit import AuditRequest, audit
-from flows.server import prefect_server
+from visaudit.flows.audit import AuditRequest, audit
+from visaudit.flows.server import prefect_server
 
 DEFAULT_CRON = "0 2 * * *"  # 02:00 every night
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.images import Preprocess, fit, normalise
+from visaudit.tasks.data.images import Preprocess, fit, normalise
 
 
 def sample_photos() -> list[Image.Image]:
@@ -98,7 +98,7 @@ def tiny_model_file(tmp_path):
 def sorted_tables(out, tables, run_id=None) -> dict:
     """Tables of a run (or every run) without ``run_id``, rows in a stable order: for comparing
     two runs' outputs with ``pd.testing.assert_frame_equal``."""
-    from tasks.storage import read_table
+    from visaudit.tasks.data.storage import read_table
 
     frames = {}
     for table in tables:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.calibration import reliability
+from visaudit.tasks.findings.calibration import reliability
 
 
 def _loop_ece(confidence: np.ndarray, correct: np.ndarray, bins: int) -> float:

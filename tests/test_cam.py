@@ -6,7 +6,7 @@ import pytest
 import torch
 from captum.attr import LayerGradCam
 
-from tasks import cam
+from visaudit.tasks.explain import cam
 
 
 def _normalised(maps: torch.Tensor) -> torch.Tensor:

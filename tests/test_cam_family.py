@@ -16,7 +16,7 @@ from captum.attr import LayerGradCam
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from tasks import cam
+from visaudit.tasks.explain import cam
 
 PEERS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
          "hirescam": HiResCAM}

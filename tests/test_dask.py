@@ -27,7 +27,7 @@ def test_dask_local_cluster_gives_the_same_tables(tmp_path, tiny_model_file) -> 
     for runner in ("threads", "dask"):
         out = tmp_path / runner
         result = subprocess.run(
-            [sys.executable, "-m", "flows.cli", "run", str(manifest), "--out", str(out), "--model", f"{model}:build",
+            [sys.executable, "-m", "visaudit.flows.cli", "run", str(manifest), "--out", str(out), "--model", f"{model}:build",
              "--weights", str(weights), "--crop", "48", "--resize", "48", "--shard-size", "4", "--no-pdf",
              "--no-sanity-check", "--runner", runner, "--dask-workers", "2", "-q"],
             env=env, capture_output=True, text=True, timeout=300,

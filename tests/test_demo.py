@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks import demo
+from visaudit.tasks.demo import recipe as demo
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.dataset_issues import likely_label_errors, near_duplicates
-from tasks.findings import Thresholds, compute_findings
-from tasks.fixed_location import location_candidates, most_constant_patch, probe_location
-from tasks.shortcuts import difference_interval, one_feature_balanced_accuracy, shortcut_property, slice_gap
-from tasks.signals import PROPERTY_COLUMNS, image_properties, thumbnails
+from visaudit.tasks.findings.dataset_issues import likely_label_errors, near_duplicates
+from visaudit.tasks.findings.detectors import Thresholds, compute_findings
+from visaudit.tasks.findings.fixed_location import location_candidates, most_constant_patch, probe_location
+from visaudit.tasks.findings.shortcuts import difference_interval, one_feature_balanced_accuracy, shortcut_property, slice_gap
+from visaudit.tasks.data.schema import PROPERTY_COLUMNS
+from visaudit.tasks.explain.signals import image_properties, thumbnails
 
 CLASSES = ["cat", "dog", "fox"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks import features
+from visaudit.tasks.explain import features
 
 
 def test_first_conv_of_resnet(resnet18) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from tasks.findings import Thresholds, compute_findings
+from visaudit.tasks.findings.detectors import Thresholds, compute_findings
 
 
 def _predictions(rows: list[tuple[str, str, float]]) -> pd.DataFrame:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import torchvision
 from captum.attr import GuidedBackprop, GuidedGradCam, LayerGradCam
 
-from tasks import cam
+from visaudit.tasks.explain import cam
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conftest import make_shapes
-from flows.cli import app
-from tasks.images import Preprocess, decode
-from tasks.sources import DataSourceError, build_index
-from tasks.storage import read_table
+from visaudit.flows.cli import app
+from visaudit.tasks.data.images import Preprocess, decode
+from visaudit.tasks.data.sources import DataSourceError, build_index
+from visaudit.tasks.data.storage import read_table
 
 runner = CliRunner()
 PRE = Preprocess(resize=48, crop=48)
@@ -341,7 +341,7 @@ def test_a_failing_report_keeps_the_tables_and_can_be_retried(tmp_path, tiny_mod
 def test_disk_full_mid_run_is_a_clear_error_and_earlier_runs_survive(tmp_path, tiny_model_file, monkeypatch) -> None:
     import errno
 
-    import tasks.storage
+    import visaudit.tasks.data.storage
 
     data = tmp_path / "data"
     make_shapes(data, {"red": 4, "green": 4, "blue": 4})
@@ -351,7 +351,7 @@ def test_disk_full_mid_run_is_a_clear_error_and_earlier_runs_survive(tmp_path, t
             "--crop", "48", "--resize", "48", "--shard-size", "4", "--no-pdf", "--no-sanity-check", "-q"]
     assert runner.invoke(app, args).exit_code == 0
     before = {table: read_table(out, table) for table in ("predictions", "explanations", "findings")}
-    real_write = tasks.storage.pq.write_table
+    real_write = visaudit.tasks.data.storage.pq.write_table
     calls = {"n": 0}
 
     def fill_up(table, where, **options):
@@ -360,7 +360,7 @@ def test_disk_full_mid_run_is_a_clear_error_and_earlier_runs_survive(tmp_path, t
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(table, where, **options)
 
-    monkeypatch.setattr(tasks.storage.pq, "write_table", fill_up)
+    monkeypatch.setattr(visaudit.tasks.data.storage.pq, "write_table", fill_up)
     result = runner.invoke(app, args)
     assert result.exit_code != 0 and "No space left on device" in result.output
     assert "--run-id" in result.output, "the message says how to resume"
@@ -376,7 +376,7 @@ def test_urls_that_404_or_hang_are_recorded_after_bounded_retries(tmp_path, tiny
     import threading
     import time
 
-    import tasks.sources
+    import visaudit.tasks.data.sources
 
     make_shapes(tmp_path, {"red": 2, "green": 2, "blue": 2})
     frame = pd.read_csv(tmp_path / "manifest.csv")
@@ -399,16 +399,16 @@ def test_urls_that_404_or_hang_are_recorded_after_bounded_retries(tmp_path, tiny
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(tasks.sources, "REMOTE_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(tasks.sources, "REMOTE_ATTEMPTS", 2)
+    monkeypatch.setattr(visaudit.tasks.data.sources, "REMOTE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(visaudit.tasks.data.sources, "REMOTE_ATTEMPTS", 2)
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         started = time.monotonic()
         with pytest.raises(OSError, match="unreachable after 2 attempts"):
-            tasks.sources.read_bytes(f"{base}/slow/hang.png")
+            visaudit.tasks.data.sources.read_bytes(f"{base}/slow/hang.png")
         assert time.monotonic() - started < 2.9, "bounded: never waits for the server's 3 s"
         with pytest.raises(FileNotFoundError):
-            tasks.sources.read_bytes(f"{base}/red/missing.png")
+            visaudit.tasks.data.sources.read_bytes(f"{base}/red/missing.png")
         model, weights = tiny_model_file
         out = tmp_path / "out"
         result = runner.invoke(app, ["run", f"{base}/manifest.csv", "--out", str(out), "--model", f"{model}:build",

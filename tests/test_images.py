@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from conftest import sample_photos
-from tasks.images import Preprocess, _decode_jpegs_on_gpu, decode, to_batch
+from visaudit.tasks.data.images import Preprocess, _decode_jpegs_on_gpu, decode, to_batch
 
 
 @pytest.mark.parametrize("size", [(300, 200), (200, 400), (256, 256), (90, 60)])

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from tasks.impressions import (
+from visaudit.tasks.explain.impressions import (
     ImpressionSettings,
     class_impressions,
     colour_impressions,

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from tasks.models import ModelError, ModelSpec, classifier_size, default_layer, load_model, probe
+from visaudit.tasks.model.loading import ModelError, ModelSpec, classifier_size, default_layer, load_model, probe
 
 
 def test_arch_with_weights_file_sets_num_classes(tmp_path) -> None:

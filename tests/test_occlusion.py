@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks import occlusion as occ
+from visaudit.tasks.explain import occlusion as occ
 
 SIZE = 112
 

@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from flows.cli import app
-from tasks.panel import gradient_image
+from visaudit.flows.cli import app
+from visaudit.tasks.explain.panel import gradient_image
 
 runner = CliRunner()
 

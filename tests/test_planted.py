@@ -10,8 +10,8 @@ import dataclasses
 
 import pytest
 
-from tasks import planted
-from tasks.demo import load_recipe
+import planted
+from visaudit.tasks.demo.recipe import load_recipe
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image, ImageDraw
 from pypdf import PdfReader
 
-from tasks.report import class_table, colour_note, digest, impression_note, position_words, render_report
-from tasks.storage import commit_run, read_table, write_part
+from visaudit.tasks.report.render import class_table, colour_note, digest, impression_note, position_words, render_report
+from visaudit.tasks.data.storage import commit_run, read_table, write_part
 
 SCRIPT = "<script>alert(1)</script>"
 CLASSES = ["circle", "square", SCRIPT]
@@ -129,7 +129,7 @@ def run_record(run_id: str, task: str) -> dict:
         "run_id": run_id,
         "started": "2026-11-22T15:15:00+00:00",
         "finished": "2026-11-22T15:16:00+00:00",
-        "model": {"name": "tasks.demo:build_model", "weights": None, "fingerprint": "ab" * 32, "task": task,
+        "model": {"name": "visaudit.tasks.demo.recipe:build_model", "weights": None, "fingerprint": "ab" * 32, "task": task,
                   "layers": ["layer4"], "num_classes": len(CLASSES)},
         "data": {"source": "/data/shapes", "fingerprint": "cd" * 32, "images": 8, "unreadable": 1},
         "classes": CLASSES,

@@ -14,13 +14,13 @@ import pandas as pd
 import pytest
 
 from conftest import make_shapes, sorted_tables
-from tasks.storage import read_table, staging_dir
+from visaudit.tasks.data.storage import read_table, staging_dir
 
 TABLES = ("predictions", "explanations", "signals", "occlusion", "findings")
 
 
 def _command(manifest: Path, model: Path, weights: Path, out: Path, run_id: str) -> list[str]:
-    return [sys.executable, "-m", "flows.cli", "run", str(manifest), "--out", str(out), "--model", f"{model}:build",
+    return [sys.executable, "-m", "visaudit.flows.cli", "run", str(manifest), "--out", str(out), "--model", f"{model}:build",
             "--weights", str(weights), "--crop", "48", "--resize", "48", "--shard-size", "8", "--batch-size", "4",
             "--methods", "gradcam,occlusion", "--occlusion-grid", "12", "--no-pdf", "--no-sanity-check",
             "--run-id", run_id, "-q"]
@@ -101,7 +101,7 @@ def test_two_runs_at_once_on_one_output_folder(tmp_path, dataset) -> None:
 
 
 PINNED = """
-from flows.server import pin_ephemeral_port
+from visaudit.flows.server import pin_ephemeral_port
 from prefect.client.orchestration import get_client
 
 port = pin_ephemeral_port()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks import sanity
+from visaudit.tasks.explain import sanity
 
 
 def test_cascade_goes_from_the_classifier_down(resnet18: torch.nn.Module) -> None:

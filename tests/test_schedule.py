@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_shapes
-from flows.cli import app
-from tasks.storage import read_table
+from visaudit.flows.cli import app
+from visaudit.tasks.data.storage import read_table
 
 DEPLOYMENT = "visaudit-audit/test-nightly"
 
@@ -37,7 +37,7 @@ def test_served_schedule_runs_an_audit_into_the_tables(tmp_path, tiny_model_file
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.server import prefect_server
+    from visaudit.flows.server import prefect_server
 
     manifest = make_shapes(tmp_path / "data", {"red": 4, "green": 4, "blue": 4})
     model, weights = tiny_model_file
@@ -49,7 +49,7 @@ def test_served_schedule_runs_an_audit_into_the_tables(tmp_path, tiny_model_file
         env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(root)}
         served = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", str(manifest), "--out", str(out), "--model", f"{model}:build",
+            [sys.executable, "-m", "visaudit.flows.cli", "serve", str(manifest), "--out", str(out), "--model", f"{model}:build",
              "--weights", str(weights), "--crop", "48", "--resize", "48", "--no-pdf", "--no-sanity-check",
              "--cron", "30 1 * * *", "--timezone", "Europe/Paris", "--name", "test-nightly"],
             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

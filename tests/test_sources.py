@@ -9,7 +9,7 @@ import threading
 import pandas as pd
 import pytest
 
-from tasks.sources import DataSourceError, build_index, class_names_from_index, read_bytes
+from visaudit.tasks.data.sources import DataSourceError, build_index, class_names_from_index, read_bytes
 
 from conftest import make_shapes
 

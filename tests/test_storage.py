@@ -6,7 +6,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from tasks import storage
+from visaudit.tasks.data import storage
 
 
 def _findings(n: int) -> pd.DataFrame:

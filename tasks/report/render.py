@@ -22,6 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from importlib.resources import files
+
 import numpy as np
 import pandas as pd
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined
@@ -31,14 +33,14 @@ from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 from weasyprint import HTML, URLFetcher
 
-from tasks.calibration import reliability_of
-from tasks.images import Decoded, Preprocess, boxes_to_input, decode_many
-from tasks.predictions import label_matrix
-from tasks.shortcuts import wilson_interval
-from tasks.sources import attribute_pairs
-from tasks.storage import read_table
+from visaudit.tasks.findings.calibration import reliability_of
+from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many
+from visaudit.tasks.audit.shard import label_matrix
+from visaudit.tasks.findings.shortcuts import wilson_interval
+from visaudit.tasks.data.sources import attribute_pairs
+from visaudit.tasks.data.storage import read_table
 
-DEFAULT_TEMPLATES: Path = Path(__file__).resolve().parents[1] / "templates"
+DEFAULT_TEMPLATES: Path = Path(str(files("visaudit.templates")))  # shipped as package data
 TEMPLATE_NAME = "report.html.j2"
 STYLESHEET_NAME = "report.css"
 IMAGES_DIR = "images"

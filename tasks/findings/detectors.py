@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from tasks.dataset_issues import likely_label_errors, near_duplicates
-from tasks.fixed_location import LocationCandidate, LocationProbe, attention_fixed_location
-from tasks.shortcuts import shortcut_property, slice_gap
-from tasks.storage import table_schema
-from tasks.thresholds import SEVERITY_ORDER, Thresholds, severity
+from visaudit.tasks.findings.dataset_issues import likely_label_errors, near_duplicates
+from visaudit.tasks.findings.fixed_location import LocationCandidate, LocationProbe, attention_fixed_location
+from visaudit.tasks.findings.shortcuts import shortcut_property, slice_gap
+from visaudit.tasks.data.storage import table_schema
+from visaudit.tasks.findings.thresholds import SEVERITY_ORDER, Thresholds, severity
 
 __all__ = ["Thresholds", "compute_findings"]
 MAP_BASED = ("attention_off_object", "attention_fixed_location")  # kinds whose evidence is the class's maps

@@ -3,7 +3,7 @@
 For each target class a row: the image, Grad-CAM over it, Guided Backpropagation,
 Guided Grad-CAM and counterfactual Grad-CAM; beside them the model's top-5. Every map
 comes from ONE hooked forward of the image and one plain plus one guided backward per
-target round (see :func:`tasks.cam.explain`).
+target round (see :func:`visaudit.tasks.explain.cam.explain`).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from tasks import cam
-from tasks.images import decode, normalise, to_batch
-from tasks.models import LoadedModel, default_preprocess
-from tasks.report import overlay_pixels
+from visaudit.tasks.explain import cam
+from visaudit.tasks.data.images import decode, normalise, to_batch
+from visaudit.tasks.model.loading import LoadedModel, default_preprocess
+from visaudit.tasks.report.render import overlay_pixels
 
 PANEL_METHODS = ("gradcam", "guided_backprop", "guided_gradcam", "counterfactual")
 TOP_K = 5

@@ -41,7 +41,7 @@ keep the K optimisations independent: the batch costs one forward and one backwa
 images per iteration.
 
 The model is put in eval mode for the call (each module's flag restored afterwards), its
-parameters are frozen (``tasks.cam.frozen_parameters``: gradients are taken w.r.t. the
+parameters are frozen (``visaudit.tasks.explain.cam.frozen_parameters``: gradients are taken w.r.t. the
 images only, ``requires_grad`` flags restored), no hooks are registered, and every random
 draw comes from a ``torch.Generator`` seeded with ``settings.seed`` on the CPU, so a seed
 gives the same images (bit-identical on the CPU; on CUDA, ``grid_sample``'s backward uses
@@ -73,9 +73,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from tasks.cam import frozen_parameters, grad_cam, hooked_forward
-from tasks.images import IMAGENET_MEAN, IMAGENET_STD
-from tasks.occlusion import eval_mode
+from visaudit.tasks.explain.cam import frozen_parameters, grad_cam, hooked_forward
+from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD
+from visaudit.tasks.explain.occlusion import eval_mode
 
 PARAMETERISATIONS = ("pixel", "fourier")
 OBJECTIVES = ("log_odds", "logit")
@@ -621,7 +621,7 @@ def impression_cam(
     off_centre_threshold: float = 0.25,
     mass_threshold: float = 0.5,
 ) -> ImpressionCam:
-    """Grad-CAM (``tasks.cam``) of each impression for its class at ``layer``, and its position.
+    """Grad-CAM (``visaudit.tasks.explain.cam``) of each impression for its class at ``layer``, and its position.
 
     ``images`` are the uint8 impressions (K, 3, S, S) (normalised here with ``mean``/``std``),
     or a float batch already normalised as model input. One hooked forward, one

@@ -21,8 +21,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from tasks import cam
-from tasks.occlusion import spearman
+from visaudit.tasks.explain import cam
+from visaudit.tasks.explain.occlusion import spearman
 
 
 def cascade(model: nn.Module, stages: list[str]) -> list[list[str]]:
@@ -65,7 +65,7 @@ class SanityResult:
 def maps_for(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, layer: str,
              methods: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """method -> (N, L) flattened maps of each image for its ``target`` class, from one forward."""
-    from tasks.predictions import guided_saliency
+    from visaudit.tasks.audit.shard import guided_saliency
 
     guided = any(m in cam.GUIDED_METHODS for m in methods)
     forward = cam.hooked_forward(model, inputs, [layer], guided=guided)

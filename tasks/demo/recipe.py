@@ -28,15 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from importlib.resources import files
+
 import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch import nn
 
-from tasks.images import IMAGENET_MEAN, IMAGENET_STD
+from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD
 
-DEFAULT_RECIPE: Path = Path(__file__).resolve().parents[1] / "data" / "demo.toml"
+DEFAULT_RECIPE: Path = Path(str(files("visaudit.data"))) / "demo.toml"  # shipped as package data
 
 MANIFEST_COLUMNS = ("path", "label", "x0", "y0", "x1", "y1", "background", "mark", "camera")
 SPLITS = ("train", "test")
@@ -321,7 +323,7 @@ class DemoNet(nn.Module):
 
 
 def build_model(num_classes: int = 4) -> nn.Module:
-    """Factory for the demo CNN (importable as 'tasks.demo:build_model')."""
+    """Factory for the demo CNN (importable as 'visaudit.tasks.demo.recipe:build_model')."""
     return DemoNet(num_classes)
 
 

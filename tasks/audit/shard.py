@@ -16,9 +16,12 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from tasks import cam, occlusion, signals, storage
-from tasks.images import Decoded, Preprocess, boxes_to_input, decode_many, normalise, to_batch
-from tasks.models import LoadedModel
+from visaudit.tasks.explain import cam
+from visaudit.tasks.explain import occlusion
+from visaudit.tasks.explain import signals
+from visaudit.tasks.data import storage
+from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many, normalise, to_batch
+from visaudit.tasks.model.loading import LoadedModel
 
 TOP_K = 5
 

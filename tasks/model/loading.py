@@ -23,7 +23,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tasks.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 
 
 _POOLING = (

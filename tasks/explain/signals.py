@@ -23,9 +23,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-PROPERTY_COLUMNS = (
-    "mean_r", "mean_g", "mean_b", "brightness", "contrast", "border_r", "border_g", "border_b",
-)
+from visaudit.tasks.data.schema import PROPERTY_COLUMNS
+
 LUMA = (0.299, 0.587, 0.114)
 BORDER_FRACTION = 1 / 16
 

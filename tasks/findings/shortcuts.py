@@ -21,9 +21,9 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
-from tasks.signals import PROPERTY_COLUMNS
-from tasks.sources import attribute_pairs
-from tasks.thresholds import Thresholds, severity
+from visaudit.tasks.data.schema import PROPERTY_COLUMNS
+from visaudit.tasks.data.sources import attribute_pairs
+from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 FOLDS = 5
 IMAGES_PER_BIN = 15  # quantile bins of about this many training images, between 5 and 32 bins

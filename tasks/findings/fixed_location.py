@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.thresholds import Thresholds, severity
+from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 RADIUS = 0.125  # of the image side: peaks this close share a spot; the patch is twice this wide
 SAMPLE_IMAGES = 16  # images per candidate class that are probed

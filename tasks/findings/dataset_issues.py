@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.sources import attribute_pairs
-from tasks.thresholds import Thresholds, severity
+from visaudit.tasks.data.sources import attribute_pairs
+from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 MAX_PAIRS = 100_000  # a collapsed embedding would pair everything; stop collecting beyond this
 BLOCK_ROWS = 2048

@@ -35,7 +35,7 @@ Scores:
   (:func:`pool_to_grid`) and the occlusion map (:func:`faithfulness`).
 - :func:`deletion_insertion`: RISE deletion and insertion AUC (Petsiuk et al. 2018).
 - :func:`box_scores`: energy inside the box and pointing-game hit of occlusion maps, via
-  :func:`tasks.cam.score_maps` on the positive part of the pixel-resolution map.
+  :func:`visaudit.tasks.explain.cam.score_maps` on the positive part of the pixel-resolution map.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.cam import MapScores, score_maps
+from visaudit.tasks.explain.cam import MapScores, score_maps
 
 BASELINES = ("zero", "mean", "blur")
 OUTPUTS = ("probability", "logit")
@@ -460,7 +460,7 @@ def box_scores(
     grid_maps: torch.Tensor, boxes: torch.Tensor, input_size: int, spec: OcclusionSpec | None = None
 ) -> MapScores:
     """Energy inside the box and pointing-game hit of occlusion maps (M, gh, gw), boxes (M, 4)
-    in input pixels (NaN = none): :func:`tasks.cam.score_maps` on the positive part of the
+    in input pixels (NaN = none): :func:`visaudit.tasks.explain.cam.score_maps` on the positive part of the
     pixel-resolution map ``ReLU(to_pixels(maps))`` (a negative drop is not evidence for the class).
     Peak row/col are in input pixels."""
     pixels = to_pixels(grid_maps, spec, input_size).clamp(min=0)

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from tasks.demo import DemoRecipe, generate_dataset, train_model
+from visaudit.tasks.demo.recipe import DemoRecipe, generate_dataset, train_model
 
 BIAS_KINDS = ("attention_off_object", "attention_fixed_location", "shortcut_property", "slice_gap")
 
@@ -63,7 +63,7 @@ class CaseData:
 
 def prepare_case(recipe: DemoRecipe, root: Path, log=print) -> CaseData:
     """Generate (cached by fingerprint) and train (cached likewise) one case."""
-    from tasks.demo import recipe_fingerprint
+    from visaudit.tasks.demo.recipe import recipe_fingerprint
 
     folder = Path(root) / recipe_fingerprint(recipe)
     data_dir = generate_dataset(recipe, folder / "data")
@@ -137,14 +137,14 @@ def audit_case(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Audit ``source`` with the demo model through the flow (HTML report, PDF if asked);
     returns the run's predictions and findings."""
-    from flows.audit import AuditRequest, audit
-    from tasks.storage import read_table
+    from visaudit.flows.audit import AuditRequest, audit
+    from visaudit.tasks.data.storage import read_table
 
     classes_file = Path(out_dir) / "classes.txt"
     classes_file.parent.mkdir(parents=True, exist_ok=True)
     classes_file.write_text("\n".join(recipe.classes) + "\n")
     request = AuditRequest(
-        source=str(source), out_dir=str(out_dir), model="tasks.demo:build_model", weights=str(weights),
+        source=str(source), out_dir=str(out_dir), model="visaudit.tasks.demo.recipe:build_model", weights=str(weights),
         classes_file=str(classes_file), resize=recipe.image_size, crop=recipe.image_size,
         layer="features.stage3", methods=list(methods), pdf=pdf, batch_size=64, sanity_images=8,
     )

@@ -1,0 +1,1 @@
+"""The demo's dataset recipe, shipped as package data (``visaudit.data``)."""
