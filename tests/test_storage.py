@@ -6,7 +6,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from visaudit.tasks.data import storage
+from visaudit.tasks.data import schema, storage
 
 
 def _findings(n: int) -> pd.DataFrame:
@@ -45,9 +45,9 @@ def test_read_table_can_read_some_columns(tmp_path) -> None:
 
 def test_parts_carry_the_versioned_schema(tmp_path) -> None:
     path = storage.write_part(_findings(1), "findings", tmp_path, "r1", "0")
-    schema = pq.read_schema(path)
-    assert schema.metadata[b"visaudit.schema_version"] == storage.SCHEMA_VERSION.encode()
-    assert schema.field("evidence").type == storage.SCHEMAS["findings"].field("evidence").type
+    written = pq.read_schema(path)
+    assert written.metadata[b"visaudit.schema_version"] == schema.SCHEMA_VERSION.encode()
+    assert written.field("evidence").type == schema.SCHEMAS["findings"].field("evidence").type
     assert not list(path.parent.glob(".part-*")), "no temporary files left"
 
 

@@ -20,6 +20,7 @@ from visaudit.tasks.explain import cam
 from visaudit.tasks.explain import occlusion
 from visaudit.tasks.explain import signals
 from visaudit.tasks.data import storage
+from visaudit.tasks.data.schema import table_schema
 from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many, normalise, to_batch
 from visaudit.tasks.model.loading import LoadedModel
 
@@ -124,13 +125,13 @@ def audit_shard(
     expl_df = (
         pd.concat(explanations, ignore_index=True)
         if explanations
-        else storage.table_schema("explanations").empty_table().to_pandas()
+        else table_schema("explanations").empty_table().to_pandas()
     )
     storage.write_part(expl_df, "explanations", out_dir, run_id, shard)
     signal_df = (
         pd.concat(signal_parts, ignore_index=True)
         if signal_parts
-        else storage.table_schema("signals").empty_table().to_pandas()
+        else table_schema("signals").empty_table().to_pandas()
     )
     storage.write_part(signal_df, "signals", out_dir, run_id, shard)
     if occlusions:

@@ -85,7 +85,7 @@ def write_feature_views(
 ) -> dict:
     """Write the filter grid and one strip of top channels per image under ``folder``;
     returns (and saves as ``features.json``) the index the report reads."""
-    from visaudit.tasks.report.render import overlay_pixels, save_png
+    from visaudit.tasks.explain.overlay import overlay_pixels, save_png
 
     folder.mkdir(parents=True, exist_ok=True)
     index: dict = {"layer": layer, "filters": None, "images": []}

@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-
-from visaudit.tasks.explain import cam
 from visaudit.tasks.data.images import decode, normalise, to_batch
+from visaudit.tasks.explain import cam
+from visaudit.tasks.explain.overlay import overlay_pixels
 from visaudit.tasks.model.loading import LoadedModel, default_preprocess
-from visaudit.tasks.report.render import overlay_pixels
 
 PANEL_METHODS = ("gradcam", "guided_backprop", "guided_gradcam", "counterfactual")
 TOP_K = 5

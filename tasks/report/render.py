@@ -19,26 +19,24 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
-
-from importlib.resources import files
 
 import numpy as np
 import pandas as pd
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
-from matplotlib import colormaps
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw
-from weasyprint import HTML, URLFetcher
-
-from visaudit.tasks.findings.calibration import reliability_of
-from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many
+from PIL import Image
 from visaudit.tasks.audit.shard import label_matrix
-from visaudit.tasks.findings.shortcuts import wilson_interval
+from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many
 from visaudit.tasks.data.sources import attribute_pairs
 from visaudit.tasks.data.storage import read_table
+from visaudit.tasks.explain.overlay import overlay_pixels, saliency_pixels, save_photo
+from visaudit.tasks.findings.calibration import reliability_of
+from visaudit.tasks.findings.shortcuts import wilson_interval
+from weasyprint import HTML, URLFetcher
 
 DEFAULT_TEMPLATES: Path = Path(str(files("visaudit.templates")))  # shipped as package data
 TEMPLATE_NAME = "report.html.j2"
@@ -73,11 +71,6 @@ SAME_SPOT_SHARE = 0.5  # ... and this share of the class's images peaking there 
 COLOUR_SWATCH_PX = 32  # side of the colour impression's swatch figure
 COLOUR_SHORTCUT = 0.9  # a plain colour alone given a class with this probability is noted as a colour cue
 NEARER_BORDERS = 0.75  # ... and a background one when the class's borders' median distance to it is this share of the others'
-COLORMAP = "jet"
-SALIENCY_COLORMAP = "inferno"
-OVERLAY_ALPHA = 0.5
-BOX_COLOUR = (0, 210, 0)
-MAX_FIGURE_PX = 224  # larger model inputs are shrunk: the report shows thumbnails
 MAX_UNREADABLE_ROWS = 50
 MAX_MATRIX_CLASSES = 25  # a bigger confusion matrix shows the classes with the most errors
 OVERVIEW_FINDINGS = 10  # findings listed on the cover page
@@ -758,45 +751,8 @@ def digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def save_png(pixels: np.ndarray, path: Path) -> None:
-    """Save RGB pixels as a small PNG (sharp-edged figures: filter grids), shrunk to MAX_FIGURE_PX."""
-    image = Image.fromarray(pixels)
-    if max(image.size) > MAX_FIGURE_PX:
-        image = image.resize((MAX_FIGURE_PX, MAX_FIGURE_PX), Image.Resampling.BILINEAR)
-    image.save(path, format="PNG", compress_level=1)  # fast; level 6 costs 5x the time for 10% less
 
 
-def save_photo(pixels: np.ndarray, path: Path) -> None:
-    """Save RGB pixels (a thumbnail or a map overlay) as a JPEG, shrunk to MAX_FIGURE_PX when the
-    model input is larger. JPEG, not PNG: WeasyPrint embeds JPEG data as it is, while it decodes
-    and re-compresses every PNG (that took a third of a 2,000-image report's render time)."""
-    image = Image.fromarray(pixels)
-    if max(image.size) > MAX_FIGURE_PX:
-        image = image.resize((MAX_FIGURE_PX, MAX_FIGURE_PX), Image.Resampling.BILINEAR)
-    image.save(path, format="JPEG", quality=90)
-
-
-def saliency_pixels(heat: np.ndarray, size: int) -> np.ndarray:
-    """A fine-grained saliency map on its own: upsampled, scaled to its 99th percentile, colour-mapped."""
-    upsampled = np.asarray(Image.fromarray(heat).resize((size, size), Image.Resampling.BILINEAR))
-    top = float(np.percentile(upsampled, 99))
-    scaled = np.clip(upsampled / top, 0.0, 1.0) if top > 0 else np.zeros_like(upsampled)
-    return (colormaps[SALIENCY_COLORMAP](scaled)[..., :3] * 255.0).round().astype(np.uint8)
-
-
-def overlay_pixels(heat: np.ndarray, pixels: np.ndarray | None, size: int, box: np.ndarray | None) -> np.ndarray:
-    """Map upsampled (bilinear) to the input size, over its max, colour-mapped, blended 0.5; box in green."""
-    upsampled = np.asarray(Image.fromarray(heat).resize((size, size), Image.Resampling.BILINEAR))
-    peak = float(upsampled.max())
-    scaled = np.clip(upsampled / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(upsampled)
-    colour = colormaps[COLORMAP](scaled)[..., :3] * 255.0
-    blended = colour if pixels is None else (1 - OVERLAY_ALPHA) * pixels + OVERLAY_ALPHA * colour
-    image = Image.fromarray(blended.round().astype(np.uint8))
-    if box is not None:
-        x0, x1 = sorted((float(box[0]), float(box[2])))
-        y0, y1 = sorted((float(box[1]), float(box[3])))
-        ImageDraw.Draw(image).rectangle([x0, y0, x1, y1], outline=BOX_COLOUR, width=max(1, size // 112))
-    return np.asarray(image)
 
 
 # --- per-class results ----------------------------------------------------------------------
