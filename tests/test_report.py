@@ -12,8 +12,11 @@ import pytest
 from PIL import Image, ImageDraw
 from pypdf import PdfReader
 
-from visaudit.tasks.report.render import class_table, colour_note, digest, impression_note, position_words, render_report
 from visaudit.tasks.data.storage import commit_run, read_table, write_part
+from visaudit.tasks.report.classes import class_table
+from visaudit.tasks.report.figures import digest
+from visaudit.tasks.report.impressions import colour_notes, impression_note, position_words
+from visaudit.tasks.report.render import render_report
 
 SCRIPT = "<script>alert(1)</script>"
 CLASSES = ["circle", "square", SCRIPT]
@@ -129,7 +132,7 @@ def run_record(run_id: str, task: str) -> dict:
         "run_id": run_id,
         "started": "2026-11-22T15:15:00+00:00",
         "finished": "2026-11-22T15:16:00+00:00",
-        "model": {"name": "visaudit.tasks.demo.recipe:build_model", "weights": None, "fingerprint": "ab" * 32, "task": task,
+        "model": {"name": "visaudit.tasks.demo.network:build_model", "weights": None, "fingerprint": "ab" * 32, "task": task,
                   "layers": ["layer4"], "num_classes": len(CLASSES)},
         "data": {"source": "/data/shapes", "fingerprint": "cd" * 32, "images": 8, "unreadable": 1},
         "classes": CLASSES,
@@ -141,8 +144,10 @@ def run_record(run_id: str, task: str) -> dict:
     }
 
 
-def make_run(root: Path, images: list[Shot], findings: list[dict], task: str = "multiclass") -> tuple[Path, str]:
-    """Write images, commit the three tables and run.json: a run as the flow leaves it."""
+def make_run(root: Path, images: list[Shot], findings: list[dict], task: str = "multiclass",
+             impressions: bool = False) -> tuple[Path, str]:
+    """Write images, commit the tables (the class impressions too when asked) and run.json: a run as
+    the flow leaves it."""
     out_dir, run_id, pictures = root / "out", f"r-{task}", root / "pictures"
     pictures.mkdir(parents=True)
     predictions = prediction_rows(pictures, images)
@@ -150,9 +155,11 @@ def make_run(root: Path, images: list[Shot], findings: list[dict], task: str = "
     write_part(explanation_rows(predictions), "explanations", out_dir, run_id, "0")
     if findings:
         write_part(pd.DataFrame(findings), "findings", out_dir, run_id, "0")
-    commit_run(out_dir, run_id)
     run_dir = out_dir / "runs" / run_id
     run_dir.mkdir(parents=True)
+    if impressions:
+        write_part(impression_rows(run_dir), "impressions", out_dir, run_id, "0")
+    commit_run(out_dir, run_id)
     (run_dir / "run.json").write_text(json.dumps(run_record(run_id, task)))
     return out_dir, run_id
 
@@ -251,13 +258,13 @@ def test_multilabel_run(tmp_path: Path) -> None:
     assert not (paths.html.parent / "images" / "confusion-matrix.png").exists()
     _, text = pdf_text(paths.pdf)
     assert "Recall" in text and "Precision" in text
-    rows = {row["name"]: row for row in class_table(read_table(out_dir, "predictions", run_id), CLASSES, True)}
+    rows = {row.name: row for row in class_table(read_table(out_dir, "predictions", run_id), CLASSES, True)}
     # square: labelled on m0, m2, m3; predicted on m0, m1 -> 1 hit, 2 misses, 1 false alarm
-    assert rows["square"]["images"] == 3
-    assert rows["square"]["recall"] == pytest.approx(1 / 3)
-    assert rows["square"]["precision"] == pytest.approx(1 / 2)
-    assert rows["square"]["errors"] == 3
-    assert rows["circle"]["recall"] == pytest.approx(1.0) and rows["circle"]["precision"] == pytest.approx(3 / 4)
+    assert rows["square"].images == 3
+    assert rows["square"].recall == pytest.approx(1 / 3)
+    assert rows["square"].precision == pytest.approx(1 / 2)
+    assert rows["square"].errors == 3
+    assert rows["circle"].recall == pytest.approx(1.0) and rows["circle"].precision == pytest.approx(3 / 4)
 
 
 @pytest.mark.parametrize("x, y, words", [(0.1, 0.1, "top-left"), (0.5, 0.5, "centre"), (0.9, 0.5, "right"),
@@ -280,29 +287,45 @@ def test_impression_note_names_a_fixed_position_only_when_real_images_peak_there
     assert impression_note(SimpleNamespace(**{**vars(corner), "off_centre": False}), peaks) is None
 
 
-def test_colour_note_only_when_a_plain_colour_alone_wins_the_class() -> None:
-    from types import SimpleNamespace
+COLOUR_MESSAGE = (f"A plain image of one colour (RGB 64, 21, 234), with no object at all, is called {SCRIPT} with "
+                  "probability 0.96: the model takes that colour as evidence for the class.")
+COLOUR_FINDING = dict(kind="colour_shortcut", severity="low", class_name=SCRIPT, slice="rgb=(64, 21, 234)",
+                      metric="colour_probability", value=0.964, threshold=0.9, message=COLOUR_MESSAGE,
+                      evidence=["a4"], confidence="normal")
 
-    blue = SimpleNamespace(class_name=SCRIPT, colour_r=64, colour_g=21, colour_b=234, colour_probability=0.964)
-    none = pd.DataFrame(columns=["labels", "border_r", "border_g", "border_b"])
-    note = colour_note(blue, none)
-    assert "RGB 64, 21, 234" in note and "probability 0.96" in note and SCRIPT in note  # escaped by the template
-    assert "median" not in note  # no border colours to compare with
-    assert colour_note(SimpleNamespace(**{**vars(blue), "colour_probability": 0.72}), none) is None
-    assert colour_note(SimpleNamespace(**{**vars(blue), "colour_probability": float("nan")}), none) is None
-    assert colour_note(SimpleNamespace(class_name="old run"), none) is None  # tables written before the columns existed
-    # borders (0..1): the class's two images sit on blue, the three others on grey and green
-    borders = pd.DataFrame({"labels": [[SCRIPT], [SCRIPT], ["circle"], ["square"], ["circle", "square"]],
-                            "border_r": [0.2, 0.25, 0.5, 0.25, 0.5], "border_g": [0.1, 0.1, 0.5, 0.55, 0.5],
-                            "border_b": [0.9, 0.85, 0.5, 0.25, 0.5]})
-    distances = np.linalg.norm(borders[["border_r", "border_g", "border_b"]].to_numpy() * 255 - [64, 21, 234], axis=1)
-    note = colour_note(blue, borders)
-    assert (f"The class's 2 images have borders nearer that colour than the other 3 (median RGB distance "
-            f"{np.median(distances[:2]):.0f} against {np.median(distances[2:]):.0f}): a background shortcut") in note
-    swapped = borders.assign(labels=[["circle"], ["circle"], [SCRIPT], [SCRIPT], [SCRIPT]])
-    assert "not clearly nearer that colour" in colour_note(blue, swapped)
-    barely = borders.assign(border_r=[0.5, 0.5, 0.5, 0.5, 0.5], border_g=0.5, border_b=[0.55, 0.55, 0.5, 0.5, 0.5])
-    assert "not clearly nearer" in colour_note(blue, barely)  # nearer, but by less than a quarter
+
+def impression_rows(run_dir: Path) -> pd.DataFrame:
+    """One class impression per class (a plain PNG each), every one with a colour impression."""
+    (run_dir / "impressions").mkdir(parents=True)
+    rows = []
+    for k, name in enumerate(CLASSES):
+        path = f"impressions/class-{k}.png"
+        Image.new("RGB", (32, 32), (40 * k, 100, 50)).save(run_dir / path)
+        rows.append(dict(
+            class_name=name, class_index=k, logit=3.0, probability=0.9, start_probability=0.3,
+            competitor_name=CLASSES[(k + 1) % 3], competitor_index=(k + 1) % 3, competitor_probability=0.05,
+            iterations=50, seed=7, parameters=json.dumps({"objective": "logit"}), image_path=path, layer="layer4",
+            height=4, width=4, heatmap=np.linspace(0, 1, 16, dtype=np.float32).tolist(), peak_x=0.5, peak_y=0.5,
+            centroid_x=0.5, centroid_y=0.5, centroid_offset=0.0, spread=0.2, off_centre=False,
+            colour_r=64, colour_g=21, colour_b=234, colour_probability=0.964 if name == SCRIPT else 0.72,
+        ))
+    return pd.DataFrame(rows)
+
+
+def test_colour_notes_are_the_colour_shortcut_findings_messages() -> None:
+    findings = pd.DataFrame([*FINDINGS, COLOUR_FINDING])
+    assert colour_notes(findings) == {SCRIPT: COLOUR_MESSAGE}
+    assert colour_notes(pd.DataFrame(FINDINGS)) == {}
+
+
+def test_impression_shows_its_class_colour_shortcut_finding(tmp_path: Path) -> None:
+    out_dir, run_id = make_run(tmp_path, MULTICLASS, [*FINDINGS, COLOUR_FINDING], impressions=True)
+    html = render_report(out_dir, run_id, pdf=False).html.read_text()
+    impressions = html[html.index("<h2>Class impressions</h2>"):html.index("<h2>Feature views</h2>")]
+    assert impressions.count('<span class="note">') == 1  # the other classes have no colour_shortcut finding
+    escaped = COLOUR_MESSAGE.replace("<", "&lt;").replace(">", "&gt;")
+    assert f'<span class="note">{escaped}</span>' in impressions and SCRIPT not in impressions
+    assert "colour alone: 0.96" in impressions and "colour alone: 0.72" in impressions
 
 
 def _browser() -> str | None:

@@ -1,0 +1,143 @@
+"""The per-class results section: the class table, the confusion matrix, the reliability
+diagram and the slices (accuracy per value of each manifest attribute)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from visaudit.tasks.audit.shard import label_matrix
+from visaudit.tasks.data.sources import attribute_pairs
+from visaudit.tasks.findings.calibration import reliability_of
+from visaudit.tasks.findings.metrics import judged_rows
+from visaudit.tasks.findings.stats import wilson_interval
+from visaudit.tasks.report.figures import Painter, draw_confusion, draw_reliability
+from visaudit.tasks.report.formatting import names, percent, score
+
+MAX_MATRIX_CLASSES = 25  # a bigger confusion matrix shows the classes with the most errors
+MAX_SLICE_VALUES = 20  # attributes with more distinct values are identifiers, not slices
+WILSON_95 = 1.959964  # normal quantile of a two-sided 95% interval
+
+
+@dataclass(frozen=True)
+class ClassRow:
+    """One class's line of the per-class table (None where nothing was there to measure)."""
+
+    name: str
+    images: int
+    recall: float | None
+    precision: float | None
+    confidence: float | None
+    errors: int
+
+
+@dataclass(frozen=True)
+class Confusion:
+    """The confusion matrix's figure and what it leaves out."""
+
+    src: str
+    note: str
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The reliability diagram's figure, its ECE, bin count and the overall direction of the gap."""
+
+    src: str
+    ece: str
+    bins: int
+    direction: str
+
+
+@dataclass(frozen=True)
+class SliceRow:
+    """One attribute value: images, accuracy with its 95% Wilson interval, mean confidence."""
+
+    attribute: str
+    value: str
+    images: int
+    accuracy: str
+    interval: str
+    confidence: str
+
+
+def class_table(predictions: pd.DataFrame, classes: list[str], multilabel: bool) -> list[ClassRow]:
+    """Per class: images, recall, precision, mean top-1 confidence, errors.
+
+    Multi-class errors are the class's images predicted as another class; multi-label
+    errors are the class's misses plus its false alarms.
+    """
+    judged = judged_rows(predictions)
+    labels = label_matrix([names(v) for v in judged["labels"]], tuple(classes))
+    predicted = label_matrix([names(v) for v in judged["predicted"]], tuple(classes))
+    confidence = judged["confidence"].to_numpy(dtype=np.float64)
+    hits = (labels & predicted).sum(axis=0)
+    images, called = labels.sum(axis=0), predicted.sum(axis=0)
+    errors = images - hits + (called - hits if multilabel else 0)
+    rows = []
+    for k, name in enumerate(classes):
+        mine = confidence[labels[:, k]]
+        rows.append(ClassRow(
+            name=name,
+            images=int(images[k]),
+            recall=hits[k] / images[k] if images[k] else None,
+            precision=hits[k] / called[k] if called[k] else None,
+            confidence=float(np.nanmean(mine)) if len(mine) and not np.isnan(mine).all() else None,
+            errors=int(errors[k]),
+        ))
+    return rows
+
+
+def confusion_view(predictions: pd.DataFrame, classes: list[str], painter: Painter) -> Confusion | None:
+    """Multi-class confusion matrix (counts in cells, colour normalised per true class)."""
+    judged = judged_rows(predictions)
+    if judged.empty or not classes:
+        return None
+    true = judged["labels"].map(lambda v: names(v)[0])
+    pred = judged["predicted"].map(lambda v: (names(v) or [""])[0])
+    counts = pd.crosstab(true, pred).reindex(index=classes, columns=classes, fill_value=0)
+    note = ""
+    if len(classes) > MAX_MATRIX_CLASSES:
+        off = counts.to_numpy() * (1 - np.eye(len(classes), dtype=np.int64))
+        keep = np.sort(np.argsort(-(off.sum(axis=0) + off.sum(axis=1)), kind="stable")[:MAX_MATRIX_CLASSES])
+        counts = counts.iloc[keep, keep]
+        note = f"Showing the {MAX_MATRIX_CLASSES} of {len(classes)} classes involved in the most errors."
+    return Confusion(painter.save("confusion-matrix.png", lambda tmp: draw_confusion(counts, tmp)), note)
+
+
+def calibration_view(predictions: pd.DataFrame, painter: Painter) -> Calibration | None:
+    """Reliability diagram (accuracy against confidence per bin) and the ECE, multi-class runs."""
+    judged = judged_rows(predictions)
+    if judged.empty:
+        return None
+    result = reliability_of(judged)
+    src = painter.save("reliability.png", lambda tmp: draw_reliability(result, tmp))
+    filled = result.counts > 0
+    over = float((result.counts * np.where(filled, result.confidence - result.accuracy, 0)).sum() / result.counts.sum())
+    return Calibration(src=src, ece=percent(result.ece), bins=len(result.counts),
+                       direction="over-confident" if over > 0 else "under-confident")
+
+
+def slice_rows(predictions: pd.DataFrame) -> list[SliceRow]:
+    """Per manifest attribute with 2 to MAX_SLICE_VALUES values, one row per value."""
+    judged = judged_rows(predictions)
+    if judged.empty:
+        return []
+    attributes = pd.DataFrame([dict(attribute_pairs(cell)) for cell in judged["attributes"]], index=judged.index)
+    correct = judged["correct"].astype(bool)
+    rows = []
+    for name in sorted(attributes.columns):
+        column = attributes[name].dropna().astype(str)
+        if not 2 <= column.nunique() <= MAX_SLICE_VALUES:
+            continue
+        for value, index in column.groupby(column).groups.items():
+            n = len(index)
+            k = int(correct.loc[index].sum())
+            low, high = wilson_interval(np.float64(k), np.float64(n), WILSON_95)
+            rows.append(SliceRow(
+                attribute=name, value=value, images=n, accuracy=percent(k / n),
+                interval=f"{low:.0%}-{high:.0%}", confidence=score(judged.loc[index, "confidence"].mean()),
+            ))
+    return rows

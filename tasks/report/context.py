@@ -1,0 +1,91 @@
+"""The template's context: which images the report shows, then every section's view.
+
+Figures are drawn for the shown images only (the evidence of each finding, the failure
+gallery and the real images beside the class impressions), never for the whole table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from visaudit.tasks.report.classes import calibration_view, class_table, confusion_view, slice_rows
+from visaudit.tasks.report.examples import failure_gallery, gallery_example, layer_strips
+from visaudit.tasks.report.figures import OCCLUSION_LAYER, Painter
+from visaudit.tasks.report.impressions import (
+    IMPRESSION_EXAMPLES,
+    colour_notes,
+    impression_examples,
+    impressions_view,
+    label_peaks,
+)
+from visaudit.tasks.report.inputs import RunInputs
+from visaudit.tasks.report.methods import faithfulness_view, feature_view, methods_view, sanity_view
+from visaudit.tasks.report.overview import (
+    appendix,
+    evidence_ids,
+    finding_view,
+    headline_metrics,
+    run_summary,
+    sort_findings,
+    unreadable_rows,
+    verdict,
+)
+from visaudit.tasks.report.trends import trends_view
+
+OVERVIEW_FINDINGS = 10  # findings listed on the cover page
+MAP_COLUMNS = ["image_id", "method", "layer", "target", "height", "width", "heatmap"]
+
+
+def shown_maps(inputs: RunInputs, shown: set[str]) -> pd.DataFrame:
+    """The stored maps of the shown images, occlusion maps included (as method 'occlusion')."""
+    explanations = inputs.explanations[inputs.explanations["image_id"].isin(shown)]
+    occlusion = inputs.occlusion
+    if not len(occlusion):
+        return explanations
+    mine = occlusion[occlusion["image_id"].isin(shown)].assign(method="occlusion", layer=OCCLUSION_LAYER)
+    return pd.concat([explanations, mine[MAP_COLUMNS]], ignore_index=True)
+
+
+def report_context(inputs: RunInputs, gallery_size: int, evidence_per_finding: int) -> tuple[dict[str, Any], Painter]:
+    """Everything the template shows, and the painter that drew its figures."""
+    record, predictions = inputs.record, inputs.predictions
+    multilabel, classes = record.multi_label, inputs.classes
+    findings = sort_findings(inputs.findings)
+    evidence = [evidence_ids(row, evidence_per_finding) for _, row in findings.iterrows()]
+    failures = failure_gallery(predictions, gallery_size)
+    class_examples = impression_examples(predictions, inputs.impressions["class_name"], IMPRESSION_EXAMPLES)
+    shown = {image_id for ids in evidence for image_id in ids} | set(failures["image_id"])
+    shown |= {image_id for ids in class_examples.values() for image_id in ids}
+    painter = Painter(inputs.run_dir, record.preprocessing(), shown_maps(inputs, shown), list(record.model.layers))
+    painter.decode(predictions[predictions["image_id"].isin(shown)])
+    by_id = predictions.set_index("image_id", drop=False)
+    strip_ids = dict.fromkeys([*(i for ids in evidence for i in ids), *failures["image_id"]])
+    context = {
+        "run": run_summary(record),
+        "metrics": headline_metrics(predictions, classes, multilabel),
+        "verdict": verdict(findings),
+        "findings": [
+            finding_view(row, [by_id.loc[i] for i in ids if i in by_id.index], painter)
+            for (_, row), ids in zip(findings.iterrows(), evidence)
+        ],
+        "overview_limit": OVERVIEW_FINDINGS,
+        "multilabel": multilabel,
+        "class_rows": class_table(predictions, classes, multilabel),
+        "confusion": None if multilabel else confusion_view(predictions, classes, painter),
+        "gallery": [gallery_example(row, painter, multilabel) for _, row in failures.iterrows()],
+        "layer_strips": layer_strips([by_id.loc[i] for i in strip_ids if i in by_id.index], painter),
+        "methods": methods_view(record, painter.methods),
+        "sanity": sanity_view(inputs.metrics, record),
+        "features": feature_view(inputs.features, by_id),
+        "impressions": impressions_view(inputs.impressions, class_examples, by_id, painter,
+                                        label_peaks(inputs.explanations), colour_notes(findings)),
+        "faithfulness": faithfulness_view(inputs.occlusion, inputs.metrics),
+        "unreadable": unreadable_rows(predictions),
+        "calibration": None if multilabel else calibration_view(predictions, painter),
+        "slices": slice_rows(predictions),
+        "trends": trends_view(inputs.history, inputs.run_id, painter),
+        "appendix": appendix(record),
+    }
+    return context, painter
