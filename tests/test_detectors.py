@@ -8,12 +8,16 @@ import pandas as pd
 import pytest
 import torch
 
-from visaudit.tasks.findings.dataset_issues import likely_label_errors, near_duplicates
-from visaudit.tasks.findings.detectors import Thresholds, compute_findings
-from visaudit.tasks.findings.fixed_location import location_candidates, most_constant_patch, probe_location
-from visaudit.tasks.findings.shortcuts import difference_interval, one_feature_balanced_accuracy, shortcut_property, slice_gap
 from visaudit.tasks.data.schema import PROPERTY_COLUMNS
 from visaudit.tasks.explain.signals import image_properties, thumbnails
+from visaudit.tasks.findings.colour_shortcut import colour_shortcuts
+from visaudit.tasks.findings.compute import FindingInputs, Thresholds, compute_findings
+from visaudit.tasks.findings.fixed_location import location_candidates, most_constant_patch, probe_location
+from visaudit.tasks.findings.likely_label_error import likely_label_errors
+from visaudit.tasks.findings.near_duplicate import near_duplicates
+from visaudit.tasks.findings.shortcut_property import one_feature_balanced_accuracy, shortcut_property
+from visaudit.tasks.findings.slice_gap import slice_gap
+from visaudit.tasks.findings.stats import difference_interval
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -94,9 +98,9 @@ def test_shortcut_property_names_the_class_and_property() -> None:
     signals.loc[is_dog, "border_b"] = np.random.default_rng(2).uniform(0.75, 0.95, is_dog.sum()).astype(np.float32)
     signals.loc[~is_dog, "border_b"] = np.random.default_rng(3).uniform(0.1, 0.7, (~is_dog).sum()).astype(np.float32)
     rows = shortcut_property(audited, signals, CLASSES, Thresholds())
-    assert [(r["class_name"], r["slice"]) for r in rows] == [("dog", "property=border_b")]
-    assert rows[0]["value"] > 0.9 and rows[0]["severity"] == "high"
-    assert set(rows[0]["evidence"]) <= set(audited.loc[is_dog, "image_id"])
+    assert [(r.class_name, r.slice) for r in rows] == [("dog", "property=border_b")]
+    assert rows[0].value > 0.9 and rows[0].severity == "high"
+    assert set(rows[0].evidence) <= set(audited.loc[is_dog, "image_id"])
     assert shortcut_property(audited, _signals(audited, seed=5), CLASSES, Thresholds()) == []
 
 
@@ -116,9 +120,9 @@ def test_slice_gap_flags_a_weak_site_and_not_a_neutral_one() -> None:
     weak = (site == "south") & (rng.random(180) < 0.4)
     audited["correct"] = ~weak
     rows = slice_gap(audited, _signals(audited), Thresholds())
-    assert [r["slice"] for r in rows] == ["site=south"]
-    assert rows[0]["value"] == pytest.approx(1 - audited["correct"][site == "south"].mean(), abs=1e-9)
-    assert set(rows[0]["evidence"]) <= set(audited.loc[weak, "image_id"])
+    assert [r.slice for r in rows] == ["site=south"]
+    assert rows[0].value == pytest.approx(1 - audited["correct"][site == "south"].mean(), abs=1e-9)
+    assert set(rows[0].evidence) <= set(audited.loc[weak, "image_id"])
     audited["correct"] = rng.random(180) > 0.1  # errors independent of every attribute
     assert slice_gap(audited, _signals(audited), Thresholds()) == []
 
@@ -134,9 +138,9 @@ def test_label_errors_recall_flipped_labels() -> None:
         given = audited.at[k, "labels"][0]
         audited.at[k, "labels"] = [CLASSES[(CLASSES.index(given) + 1) % 3]]
     rows = likely_label_errors(audited, signals, CLASSES, Thresholds())
-    listed = {i for r in rows for i in r["evidence"]}
+    listed = {i for r in rows for i in r.evidence}
     assert listed == set(audited.loc[flipped, "image_id"])
-    assert all(r["slice"].startswith("suggested=") for r in rows)
+    assert all(r.slice.startswith("suggested=") for r in rows)
 
 
 # ----------------------------------------------------------------------------- near_duplicate
@@ -150,10 +154,10 @@ def test_near_duplicates_within_and_across_splits() -> None:
     signals.at[1, "thumbnail"] = noisy(signals.at[0, "thumbnail"])
     signals.at[11, "thumbnail"] = noisy(signals.at[10, "thumbnail"])
     audited.at[11, "attributes"] = [("split", "train")]
-    rows = {r["slice"]: r for r in near_duplicates(audited, signals, Thresholds())}
+    rows = {r.slice: r for r in near_duplicates(audited, signals, Thresholds())}
     assert set(rows) == {"leakage", "within split"}
-    assert rows["leakage"]["evidence"] == ["i0010", "i0011"] and rows["leakage"]["severity"] == "high"
-    assert rows["within split"]["evidence"] == ["i0000", "i0001"]
+    assert rows["leakage"].evidence == ("i0010", "i0011") and rows["leakage"].severity == "high"
+    assert rows["within split"].evidence == ("i0000", "i0001")
     assert near_duplicates(audited, _signals(audited), Thresholds()) == []
 
 
@@ -172,7 +176,8 @@ def test_unfaithful_class_marks_its_attention_findings_low_confidence() -> None:
         "image_id": audited["image_id"], "target": [ls[0] for ls in audited["labels"]], "is_label": True,
         "gradcam_spearman": [0.05 if ls[0] == "fox" else 0.7 for ls in audited["labels"]],
     })
-    findings = compute_findings(audited, explanations, CLASSES, Thresholds(), layer="l4", occlusion=occlusion)
+    findings = compute_findings(FindingInputs(audited, explanations, CLASSES, multi_label=False, layer="l4",
+                                              occlusion=occlusion), Thresholds())
     unfaithful = findings[findings["kind"] == "unfaithful_explanation"]
     assert list(unfaithful["class_name"]) == ["fox"] and unfaithful["value"].iloc[0] == pytest.approx(0.05)
     attention = findings[findings["kind"] == "attention_off_object"].set_index("class_name")
@@ -180,7 +185,8 @@ def test_unfaithful_class_marks_its_attention_findings_low_confidence() -> None:
     assert attention.loc["cat", "confidence"] == "normal"
     sanity = pd.DataFrame({"metric": "sanity_spearman", "method": "gradcam", "detail": ["1:fc", "2:fc+l4"],
                            "value": [0.9, 0.8]})
-    findings = compute_findings(audited, explanations, CLASSES, Thresholds(), layer="l4", metrics=sanity)
+    findings = compute_findings(FindingInputs(audited, explanations, CLASSES, multi_label=False, layer="l4",
+                                              metrics=sanity), Thresholds())
     assert (findings.loc[findings["kind"] == "attention_off_object", "confidence"] == "low").all()
     assert findings.loc[findings["kind"] == "unfaithful_explanation", "value"].tolist() == [0.8]
 
@@ -231,3 +237,56 @@ def test_location_candidates_need_clustered_peaks() -> None:
     candidates = location_candidates(audited, explanations, Thresholds())
     assert [c.class_name for c in candidates] == ["cat"]
     assert abs(candidates[0].x - 0.1) < 0.03 and candidates[0].share >= 0.9
+
+
+# ----------------------------------------------------------------------------- colour_shortcut
+
+
+def _impressions(colours: dict[str, tuple[tuple[int, int, int], float]]) -> pd.DataFrame:
+    return pd.DataFrame([
+        {"class_name": name, "class_index": CLASSES.index(name), "colour_r": rgb[0], "colour_g": rgb[1],
+         "colour_b": rgb[2], "colour_probability": probability}
+        for name, (rgb, probability) in colours.items()
+    ])
+
+
+def test_colour_shortcut_tells_a_background_from_a_colour_cue() -> None:
+    audited = _audit(n_per_class=20)
+    signals = _signals(audited)
+    is_dog = audited["labels"].map(lambda ls: ls[0] == "dog").to_numpy()
+    blue = np.array([30, 60, 230]) / 255
+    for k, channel in enumerate(("border_r", "border_g", "border_b")):
+        signals.loc[is_dog, channel] = (blue[k] + np.random.default_rng(k).normal(0, 0.02, is_dog.sum())).astype(np.float32)
+    # fox is given the same blue, but its images' borders are no nearer it than the others' (dog's are)
+    impressions = _impressions({"cat": ((200, 20, 20), 0.5), "dog": ((30, 60, 230), 0.95), "fox": ((30, 60, 230), 0.93)})
+    findings = compute_findings(FindingInputs(audited, pd.DataFrame(), CLASSES, multi_label=False, layer=None,
+                                              signals=signals, impressions=impressions), Thresholds())
+    colour = findings[findings["kind"] == "colour_shortcut"].set_index("class_name")
+    assert list(colour.index) == ["dog", "fox"]  # cat's colour gives 0.5 < 0.9: nothing
+    dog, fox = colour.loc["dog"], colour.loc["fox"]
+    assert dog["severity"] == "medium" and dog["value"] == pytest.approx(0.95) and dog["threshold"] == 0.9
+    assert dog["metric"] == "colour_probability" and dog["slice"] == "rgb=(30, 60, 230)"
+    assert dog["message"].startswith(
+        "A plain image of one colour (RGB 30, 60, 230), with no object at all, is called dog with probability 0.95: "
+        "the model takes that colour as evidence for the class. The class's 20 images have borders nearer that "
+        "colour than the other 40 (median RGB distance ")
+    assert dog["message"].endswith(": a background shortcut in the data.")
+    assert len(dog["evidence"]) == 8 and set(dog["evidence"]) <= set(audited.loc[is_dog, "image_id"])
+    assert fox["severity"] == "low" and fox["message"].endswith(": a colour cue, not the background.")
+    assert "not clearly nearer that colour than the others'" in fox["message"]
+    strict = compute_findings(FindingInputs(audited, pd.DataFrame(), CLASSES, multi_label=False, layer=None,
+                                            signals=signals, impressions=impressions),
+                              Thresholds(colour_shortcut_probability=0.99, colour_nearer_borders=0.01))
+    assert not (strict["kind"] == "colour_shortcut").any()
+
+
+def test_colour_shortcut_without_border_data_says_only_the_colour() -> None:
+    audited = _audit(n_per_class=20)
+    impressions = _impressions({"dog": ((30, 60, 230), 0.95)})
+    found = colour_shortcuts(audited, impressions, pd.DataFrame(), Thresholds())
+    assert len(found) == 1 and found[0].severity == "low" and found[0].evidence == ()
+    assert found[0].message == ("A plain image of one colour (RGB 30, 60, 230), with no object at all, is called dog "
+                                "with probability 0.95: the model takes that colour as evidence for the class.")
+    no_colours = impressions.assign(colour_probability=np.nan)
+    assert colour_shortcuts(audited, no_colours, pd.DataFrame(), Thresholds()) == []
+    assert colour_shortcuts(audited, impressions.drop(columns="colour_probability"), pd.DataFrame(), Thresholds()) == []

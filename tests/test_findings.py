@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from visaudit.tasks.findings.detectors import Thresholds, compute_findings
+from visaudit.tasks.findings.compute import FindingInputs, Thresholds, compute_findings
 
 
 def _predictions(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
@@ -19,6 +19,10 @@ def _predictions(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
             "error": [None] * len(rows),
         }
     )
+
+
+def _findings(preds: pd.DataFrame, explanations: pd.DataFrame, classes: list[str], thresholds: Thresholds) -> pd.DataFrame:
+    return compute_findings(FindingInputs(preds, explanations, classes, multi_label=False, layer=None), thresholds)
 
 
 def _explanations(preds: pd.DataFrame, energy: dict[str, float], area: float = 0.2) -> pd.DataFrame:
@@ -39,7 +43,7 @@ def _explanations(preds: pd.DataFrame, energy: dict[str, float], area: float = 0
 def test_each_detector_fires_on_its_signal() -> None:
     rows = [("cat", "cat", 0.8)] * 20 + [("dog", "dog", 0.8)] * 14 + [("dog", "cat", 0.97)] * 6 + [("fox", "fox", 0.9)] * 2
     preds = _predictions(rows)
-    findings = compute_findings(preds, _explanations(preds, {"cat": 0.7, "dog": 0.15, "fox": 0.6}),
+    findings = _findings(preds, _explanations(preds, {"cat": 0.7, "dog": 0.15, "fox": 0.6}),
                                 ["cat", "dog", "fox"], Thresholds())
     kinds = set(zip(findings["kind"], findings["class_name"]))
     assert ("confident_error", "dog") in kinds
@@ -58,7 +62,7 @@ def test_each_detector_fires_on_its_signal() -> None:
 def test_clean_balanced_accurate_run_has_no_findings() -> None:
     rows = [(c, c, 0.9) for c in ("cat", "dog", "fox") for _ in range(10)]
     preds = _predictions(rows)
-    findings = compute_findings(preds, _explanations(preds, {"cat": 0.7, "dog": 0.6, "fox": 0.8}),
+    findings = _findings(preds, _explanations(preds, {"cat": 0.7, "dog": 0.6, "fox": 0.8}),
                                 ["cat", "dog", "fox"], Thresholds())
     assert findings.empty
 
@@ -66,9 +70,9 @@ def test_clean_balanced_accurate_run_has_no_findings() -> None:
 def test_thresholds_are_configurable() -> None:
     rows = [("cat", "cat", 0.8)] * 19 + [("cat", "dog", 0.95)] + [("dog", "dog", 0.8)] * 20
     preds = _predictions(rows)
-    default = compute_findings(preds, pd.DataFrame(columns=["energy_in_box"]), ["cat", "dog"], Thresholds())
+    default = _findings(preds, pd.DataFrame(columns=["energy_in_box"]), ["cat", "dog"], Thresholds())
     assert (default["kind"] == "confident_error").sum() == 1
-    strict = compute_findings(preds, pd.DataFrame(columns=["energy_in_box"]), ["cat", "dog"],
+    strict = _findings(preds, pd.DataFrame(columns=["energy_in_box"]), ["cat", "dog"],
                               Thresholds(confident_error_confidence=0.99))
     assert (strict["kind"] == "confident_error").sum() == 0
 
@@ -77,6 +81,6 @@ def test_unreadable_images_are_not_judged() -> None:
     preds = _predictions([("cat", "cat", 0.9)] * 10 + [("dog", "dog", 0.9)] * 10)
     broken = pd.DataFrame({"image_id": ["x1"], "labels": [["fox"]], "predicted": [None], "confidence": [np.nan],
                            "correct": [None], "error": ["OSError: truncated"]})
-    findings = compute_findings(pd.concat([preds, broken], ignore_index=True),
+    findings = _findings(pd.concat([preds, broken], ignore_index=True),
                                 pd.DataFrame(columns=["energy_in_box"]), ["cat", "dog", "fox"], Thresholds())
     assert not ((findings["kind"] == "class_imbalance") & (findings["class_name"] == "cat")).any()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 DEFAULT_BINS = 15  # the paper's choice
 
@@ -50,6 +51,6 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = DEFAULT
     return Reliability(edges, counts, accuracy, mean_confidence, ece)
 
 
-def reliability_of(judged) -> Reliability:
+def reliability_of(judged: pd.DataFrame) -> Reliability:
     """:func:`reliability` of a ``predictions`` frame's judged rows (top-1 confidence, correct)."""
     return reliability(judged["confidence"].to_numpy(float), judged["correct"].astype(bool).to_numpy())

@@ -1,4 +1,5 @@
-"""``attention_fixed_location``: a class whose evidence is the same small thing at the same place.
+"""The probes behind ``attention_fixed_location``: a class whose evidence is the same small
+thing at the same place (the detector, which judges their results, is ``attention_fixed_location``).
 
 Three tests, all needed (a class whose objects simply tend to be centred passes the first
 and fails the second):
@@ -26,11 +27,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from visaudit.tasks.findings.thresholds import Thresholds, severity
+from visaudit.tasks.data.records import MetricRow
+from visaudit.tasks.findings.thresholds import Thresholds
 
+# Method parameters (how the spot is measured, not when it is flagged: those are in Thresholds)
 RADIUS = 0.125  # of the image side: peaks this close share a spot; the patch is twice this wide
 SAMPLE_IMAGES = 16  # images per candidate class that are probed
-REFERENCE_SPOTS = 4
+REFERENCE_SPOTS = 4  # spots far from the mark muted for the control drop
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,7 @@ def patch_spreads(inputs: torch.Tensor, side: int, stride: int) -> torch.Tensor:
 
 
 def most_constant_patch(
-    inputs: torch.Tensor, x: float, y: float, max_ratio: float = 0.5
+    inputs: torch.Tensor, x: float, y: float, max_ratio: float = Thresholds.fixed_location_patch_ratio
 ) -> tuple[float, float, int, float]:
     """Test 2: near (x, y), the patch whose content varies least across the images, relative to
     patches of its size anywhere in them. Of the sizes whose best patch is constant (ratio at
@@ -150,7 +153,7 @@ def probe_location(
     x: float,
     y: float,
     multi_label: bool = False,
-    max_ratio: float = 0.5,
+    max_ratio: float = Thresholds.fixed_location_patch_ratio,
 ) -> LocationProbe:
     """Tests 2 and 3 on (N, 3, S, S) normalised inputs of the class (N >= 2), near the spot (x, y).
     Test 3 (the model's forwards) runs only when test 2 finds a constant patch; else its
@@ -196,40 +199,19 @@ def probe_location(
     )
 
 
-def attention_fixed_location(
-    candidates: list[LocationCandidate], probes: dict[str, LocationProbe], t: Thresholds
-) -> list[dict]:
-    """Rows for the candidates whose probes confirm a fixed, same-content, decisive spot."""
+def location_metric_rows(
+    candidates: list[LocationCandidate], probes: dict[str, LocationProbe], layer: str
+) -> list[MetricRow]:
+    """``metrics`` rows of every probed candidate, flagged or not: its peak share, patch ratio,
+    drops and flip share (method gradcam, at ``layer``, detail its spot)."""
     rows = []
     for c in candidates:
         probe = probes.get(c.class_name)
         if probe is None:
             continue
-        same_content = probe.patch_ratio <= t.fixed_location_patch_ratio
-        decisive = probe.drop >= t.fixed_location_drop and probe.drop >= t.fixed_location_control * max(probe.control_drop, 0.0)
-        if not (same_content and decisive):
-            continue
-        rows.append(
-            dict(
-                kind="attention_fixed_location",
-                severity=severity(probe.drop, 0.4, 0.25),
-                class_name=c.class_name,
-                slice=f"spot=({probe.x:.2f}, {probe.y:.2f})",
-                metric="probability_drop_when_muted",
-                value=probe.drop,
-                threshold=t.fixed_location_drop,
-                message=(
-                    f"For '{c.class_name}', {c.share:.0%} of the Grad-CAM peaks ({c.images} images) fall in one "
-                    f"spot (x {c.x:.2f}, y {c.y:.2f} of the image), and beside it, at x {probe.x:.2f}, "
-                    f"y {probe.y:.2f}, a patch {probe.side:.0%} of the image wide is nearly the same in every "
-                    f"image (spread {probe.patch_ratio:.2f}x that of patches elsewhere). Muting that patch drops "
-                    f"the class's probability by {probe.drop:.2f} on average ({probe.control_drop:.2f} "
-                    f"muting elsewhere) and changes {probe.flip_share:.0%} of the class's predictions "
-                    f"({probe.images} images probed). The model recognises this class by a mark, tag or "
-                    "watermark at a fixed place, not by the object: remove the mark from the training images "
-                    f"of '{c.class_name}', or add it to images of other classes."
-                ),
-                evidence=list(c.sample_ids[: t.evidence]),
-            )
-        )
+        for metric, value in (("fixed_location_peak_share", c.share), ("fixed_location_patch_ratio", probe.patch_ratio),
+                              ("fixed_location_drop", probe.drop), ("fixed_location_control_drop", probe.control_drop),
+                              ("fixed_location_flip_share", probe.flip_share)):
+            rows.append(MetricRow(metric=metric, value=float(value), images=probe.images, method="gradcam",
+                                  layer=layer, class_name=c.class_name, detail=f"spot=({probe.x:.2f}, {probe.y:.2f})"))
     return rows

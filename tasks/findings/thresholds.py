@@ -1,4 +1,11 @@
-"""Thresholds of the finding detectors (documented in the README's "Finding kinds") and severity bands."""
+"""Thresholds of the finding detectors (documented in the README's "Finding kinds") and severity bands.
+
+Every number a detector compares against to decide whether to flag lives in
+:class:`Thresholds`; the cut points that grade a flag's severity stay with each detector
+(they are the README table's "severity" column). Method parameters that decide how a
+signal is measured, not when it is flagged (cross-validation folds, the fixed-location
+spot radius and patch sizes), stay in the detector's module.
+"""
 
 from __future__ import annotations
 
@@ -26,15 +33,21 @@ class Thresholds:
     slice_margin: float = 0.05  # a slice's accuracy gap must exceed this with the interval below
     slice_confidence: float = 0.95  # family-wise level of the gap intervals (Bonferroni over slices)
     min_slice_images: int = 20  # smaller slices are not judged
+    max_slice_values: int = 50  # attributes with more distinct values (ids, free text) are not sliced
     label_error_share: float = 0.02  # flag a class when confident learning flags this share of its labels
+    label_error_min_count: int = 2  # ... and at least this many of them
     duplicate_pixel_rms: float = 0.02  # RMS difference of 8x8 thumbnails (pixels in [0, 1]) of near-duplicates
     faithfulness_min_spearman: float = 0.2  # a class whose median Grad-CAM/occlusion rank correlation is lower
     fixed_location_share: float = 0.5  # share of a class's map peaks in one spot
     fixed_location_patch_ratio: float = 0.5  # attended patches' spread vs. patches elsewhere (lower = same content)
     fixed_location_drop: float = 0.2  # mean drop of the class's probability when that spot is muted
     fixed_location_control: float = 2.0  # ... at least this many times the drop from muting elsewhere
+    colour_shortcut_probability: float = 0.9  # a plain image of one colour alone gets its class this probability
+    colour_nearer_borders: float = 0.75  # ... and it is a background shortcut when the class's images' median
+    # border distance to that colour (RGB, 0..255) is at most this share of the other images'
 
     def as_dict(self) -> dict[str, float]:
+        """Every threshold by name (run.json records them)."""
         return asdict(self)
 
 

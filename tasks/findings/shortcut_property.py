@@ -1,28 +1,21 @@
-"""Dataset-bias detectors over tables: ``shortcut_property`` and ``slice_gap``.
+"""``shortcut_property``: can one simple image property tell a class from the rest?
 
-``shortcut_property``: can one simple image property (mean colour, brightness, contrast,
-border colour, size, aspect) tell a class from the rest? For each property and class, a
-one-feature classifier (the property cut into quantile bins of ~15 training images; a bin predicts the class when
-the class is more frequent in it than overall) is cross-validated, and scored by balanced
+The properties: mean colour, brightness, contrast, border colour (``signals``), size and
+aspect (the original image). For each property and class, a one-feature classifier (the
+property cut into quantile bins of ~15 training images; a bin predicts the class when the
+class is more frequent in it than overall) is cross-validated, and scored by balanced
 accuracy, (TPR + TNR) / 2, whose chance level 0.5 is what the majority-class guess scores.
-It is run against the labels (the data has the shortcut) and against the predictions
-(the model follows it).
-
-``slice_gap``: per attribute value (manifest columns and derived brightness/contrast
-terciles) the accuracy of the slice against the rest, with Newcombe's hybrid score
-interval for the difference of two proportions (Newcombe 1998, method 10) at a
-Bonferroni-corrected level; flagged only when the whole interval lies above the margin.
+It is run against the labels (the data has the shortcut) and against the predictions (the
+model follows it); flagged from ``shortcut_balanced_accuracy``.
 """
 
 from __future__ import annotations
-
-from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
 
 from visaudit.tasks.data.schema import PROPERTY_COLUMNS
-from visaudit.tasks.data.sources import attribute_pairs
+from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 FOLDS = 5
@@ -80,6 +73,7 @@ def one_feature_balanced_accuracy(
 
 
 def _membership(cells: pd.Series, classes: list[str]) -> np.ndarray:
+    """(N, K) bool: whether each row's list of names (labels or predictions) holds each class."""
     position = {name: i for i, name in enumerate(classes)}
     out = np.zeros((len(cells), len(classes)), dtype=bool)
     for row, names in enumerate(cells):
@@ -91,8 +85,9 @@ def _membership(cells: pd.Series, classes: list[str]) -> np.ndarray:
 
 def shortcut_property(
     audited: pd.DataFrame, signals: pd.DataFrame, classes: list[str], t: Thresholds
-) -> list[dict]:
-    """Per class, the simple image property that best tells it from the rest, when that is too well."""
+) -> list[Finding]:
+    """Per class, the simple image property that best tells it from the rest, when that is too well;
+    evidence the images wrongly predicted as the class first, then its images by the property."""
     if signals.empty:
         return []
     props = property_frame(audited, signals)
@@ -104,7 +99,7 @@ def shortcut_property(
     names = list(props.columns[1:])
     by_label = np.stack([one_feature_balanced_accuracy(frame[p].to_numpy(float), truth) for p in names])
     by_prediction = np.stack([one_feature_balanced_accuracy(frame[p].to_numpy(float), prediction) for p in names])
-    rows = []
+    found = []
     enough = np.minimum(truth.sum(axis=0), (~truth).sum(axis=0)) >= max(t.min_class_images, 2 * FOLDS)
     for k, name in enumerate(classes):
         best = np.maximum(by_label[:, k], by_prediction[:, k])
@@ -123,8 +118,8 @@ def shortcut_property(
             ["_fooled", "_score"], ascending=False, kind="stable"
         )
         follows = by_prediction[j, k] > by_label[j, k]
-        rows.append(
-            dict(
+        found.append(
+            Finding(
                 kind="shortcut_property",
                 severity=severity(float(best[j]), 0.9, 0.8),
                 class_name=name,
@@ -146,105 +141,14 @@ def shortcut_property(
                     "training (collect or augment), and check the images the model assigns to this class "
                     "on that property alone (evidence: wrongly predicted first)."
                 ),
-                evidence=evidence["image_id"].head(t.evidence).tolist(),
+                evidence=tuple(evidence["image_id"].head(t.evidence)),
             )
         )
-    return rows
+    return found
 
 
-def wilson_interval(successes: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
-    """Wilson score interval of a proportion (vectorised)."""
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
-def difference_interval(
-    k1: np.ndarray, n1: np.ndarray, k2: np.ndarray, n2: np.ndarray, z: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """Newcombe's hybrid score interval for p2 - p1 (method 10 of Newcombe 1998)."""
-    p1, p2 = k1 / n1, k2 / n2
-    l1, u1 = wilson_interval(k1, n1, z)
-    l2, u2 = wilson_interval(k2, n2, z)
-    d = p2 - p1
-    return d - np.sqrt((p2 - l2) ** 2 + (u1 - p1) ** 2), d + np.sqrt((u2 - p2) ** 2 + (p1 - l1) ** 2)
-
-
-def slice_table(audited: pd.DataFrame, signals: pd.DataFrame) -> pd.DataFrame:
-    """image_id, correct, confidence and one column per slice attribute (manifest + derived terciles)."""
-    judged = audited[audited["correct"].notna()]
-    frame = judged[["image_id", "correct", "confidence"]].copy()
-    frame["correct"] = frame["correct"].astype(bool)
-    attributes = pd.DataFrame(
-        [dict(attribute_pairs(cell)) for cell in judged["attributes"]], index=judged.index, dtype=object
-    ) if "attributes" in judged else pd.DataFrame(index=judged.index)
-    frame = pd.concat([frame, attributes.add_prefix("attr:")], axis=1)
-    if not signals.empty:
-        derived = signals[["image_id", "brightness", "contrast"]].copy()
-        for name in ("brightness", "contrast"):
-            derived[f"derived:{name}"] = pd.qcut(
-                derived[name].rank(method="first"), 3, labels=["low", "mid", "high"]
-            ).astype(str)
-        frame = frame.merge(derived[["image_id", "derived:brightness", "derived:contrast"]], on="image_id", how="left")
-    return frame
-
-
-def slice_gap(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[dict]:
-    """Slices (attribute = value) whose accuracy is below the rest's by more than the margin, surely."""
-    frame = slice_table(audited, signals)
-    if len(frame) < 2 * t.min_slice_images:
-        return []
-    candidates = []
-    for column in [c for c in frame.columns if c.startswith(("attr:", "derived:"))]:
-        values = frame[column].dropna()
-        counts = values.value_counts()
-        if len(counts) < 2 or len(counts) > 50:
-            continue
-        if len(counts) == 2 and len(values) == len(frame):  # both values give the same comparison:
-            accuracy = frame.groupby(column)["correct"].mean()  # keep the weaker side
-            counts = counts.loc[[accuracy.idxmin()]]
-        for value, n_in in counts.items():
-            if n_in >= t.min_slice_images and len(frame) - n_in >= t.min_slice_images:
-                candidates.append((column, value))
-    if not candidates:
-        return []
-    z = NormalDist().inv_cdf(1 - (1 - t.slice_confidence) / (2 * len(candidates)))
-    rows = []
-    for column, value in candidates:
-        inside = (frame[column] == value).to_numpy()
-        k1, n1 = frame["correct"][inside].sum(), inside.sum()
-        k2, n2 = frame["correct"][~inside].sum(), (~inside).sum()
-        low, high = difference_interval(np.float64(k1), np.float64(n1), np.float64(k2), np.float64(n2), z)
-        gap = k2 / n2 - k1 / n1
-        if low <= t.slice_margin:
-            continue
-        conf_in = frame["confidence"][inside].astype(float)
-        conf_out = frame["confidence"][~inside].astype(float)
-        conf_gap = conf_out.mean() - conf_in.mean()
-        conf_half = z * np.sqrt(conf_in.var() / len(conf_in) + conf_out.var() / len(conf_out))
-        kind, name = column.split(":", 1)
-        label = f"{name}={value}"
-        source = "the manifest's attribute" if kind == "attr" else "the derived tercile of image"
-        errors = frame[inside & ~frame["correct"].to_numpy()].sort_values("confidence", ascending=False)
-        rows.append(
-            dict(
-                kind="slice_gap",
-                severity=severity(float(gap), 0.2, 0.1),
-                class_name=None,
-                slice=label,
-                metric="accuracy_gap",
-                value=float(gap),
-                threshold=t.slice_margin,
-                message=(
-                    f"Images with {source} {label} are classified correctly {k1 / n1:.1%} of the time "
-                    f"({int(k1)} of {int(n1)}) against {k2 / n2:.1%} for the rest: a gap of {gap:.1%} "
-                    f"(interval {low:.1%} to {high:.1%} at {t.slice_confidence:.0%} over {len(candidates)} slices, "
-                    f"above the {t.slice_margin:.0%} margin). Mean confidence is {conf_in.mean():.2f} against "
-                    f"{conf_out.mean():.2f} (gap {conf_gap:+.2f} ± {conf_half:.2f}). The model is weaker on this "
-                    "slice: add training images like these, or report the slice's accuracy separately."
-                ),
-                evidence=errors["image_id"].head(t.evidence).tolist(),
-            )
-        )
-    return rows
+DETECTOR = Detector(
+    kind="shortcut_property",
+    detect=lambda tables, t: shortcut_property(tables.audited, tables.signals, tables.classes, t),
+    needs=("signals",),
+)

@@ -1,16 +1,11 @@
-"""Dataset-quality detectors: ``likely_label_error`` and ``near_duplicate``.
+"""``near_duplicate``: pairs of near-identical images, and leakage across splits.
 
-``likely_label_error`` is confident learning (Northcutt, Jiang and Chuang 2021) via
-cleanlab: with per-class thresholds t_j = mean p_j over the images labelled j, an image
-labelled i whose probability for another class j reaches t_j is counted in the confident
-joint C[i][j]; the images to prune are those off the diagonal, ranked by self-confidence
-p_i. It needs out-of-sample probabilities: audit a held-out split, not the training set.
-
-``near_duplicate`` compares 8x8 thumbnails of the model input (``signals.thumbnail``) by
-RMS difference, and reports the pairs' embedding similarity beside it; a pair that crosses
-the ``split`` attribute (train/test) is leakage. Thumbnails, not embeddings, decide: on
-the demo, the penultimate embeddings of distinct images come closer than those of an
-image and its JPEG re-encode, while thumbnails keep them ten times apart.
+It compares 8x8 thumbnails of the model input (``signals.thumbnail``) by RMS difference
+(at most ``duplicate_pixel_rms``), and reports the pairs' embedding similarity beside it;
+a pair that crosses the ``split`` attribute (train/test) is leakage. Thumbnails, not
+embeddings, decide: on the demo, the penultimate embeddings of distinct images come
+closer than those of an image and its JPEG re-encode, while thumbnails keep them ten
+times apart.
 """
 
 from __future__ import annotations
@@ -20,58 +15,11 @@ import pandas as pd
 import torch
 
 from visaudit.tasks.data.sources import attribute_pairs
+from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 MAX_PAIRS = 100_000  # a collapsed embedding would pair everything; stop collecting beyond this
 BLOCK_ROWS = 2048
-
-
-def likely_label_errors(
-    audited: pd.DataFrame, signals: pd.DataFrame, classes: list[str], t: Thresholds
-) -> list[dict]:
-    """Per given class, the images whose label confident learning finds likely wrong."""
-    from cleanlab.filter import find_label_issues
-
-    frame = audited[audited["labels"].map(lambda ls: ls is not None and len(ls) == 1)]
-    frame = frame.assign(given=frame["labels"].map(lambda ls: ls[0]))
-    frame = frame[frame["given"].isin(classes)].merge(signals[["image_id", "probabilities"]], on="image_id")
-    if len(frame) < 2 * len(classes) or frame["given"].nunique() < 2:
-        return []
-    position = {name: i for i, name in enumerate(classes)}
-    labels = frame["given"].map(position).to_numpy()
-    probs = np.stack(frame["probabilities"].to_numpy()).astype(np.float64)
-    probs = probs / probs.sum(axis=1, keepdims=True)
-    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)  # no fork
-    flagged = frame.iloc[ranked].assign(suggested=[classes[i] for i in probs[ranked].argmax(axis=1)])
-    sizes = frame["given"].value_counts()
-    rows = []
-    for name, group in flagged.groupby("given", sort=True):
-        n = int(sizes[name])
-        share = len(group) / n
-        if n < t.min_class_images or share < t.label_error_share or len(group) < 2:
-            continue
-        suggested = group["suggested"].value_counts()
-        rows.append(
-            dict(
-                kind="likely_label_error",
-                severity=severity(share, 0.15, 0.05),
-                class_name=str(name),
-                slice=f"suggested={suggested.index[0]}",
-                metric="likely_label_error_share",
-                value=float(share),
-                threshold=t.label_error_share,
-                message=(
-                    f"{len(group)} of {n} images labelled '{name}' ({share:.1%}) look mislabelled: the model is "
-                    f"confident they are another class (mostly '{suggested.index[0]}', {suggested.iloc[0]} "
-                    "images), beyond the per-class thresholds of confident learning. Wrong labels bias both "
-                    "training and every accuracy figure: review these images (all are listed, least "
-                    "likely label first) and fix their labels before retraining or reporting accuracy. Where "
-                    "a label is right, the model is confidently wrong instead (see confused pairs)."
-                ),
-                evidence=group["image_id"].tolist(),
-            )
-        )
-    return rows
 
 
 def close_pairs(vectors: np.ndarray, max_rms: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -98,12 +46,14 @@ def close_pairs(vectors: np.ndarray, max_rms: float) -> tuple[np.ndarray, np.nda
     return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(distances)
 
 
-def _split_of(cell) -> str | None:
+def _split_of(cell: object) -> str | None:
+    """The ``split`` attribute of an image's attributes cell (train/test...), None without one."""
     return next((str(v) for k, v in attribute_pairs(cell) if k == "split"), None)
 
 
-def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[dict]:
-    """Near-duplicate image pairs; those across the ``split`` attribute are reported as leakage."""
+def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[Finding]:
+    """Near-duplicate image pairs; those across the ``split`` attribute are reported as leakage.
+    At most two findings (leakage, within split); evidence every pair, most similar first."""
     frame = signals[["image_id", "embedding", "thumbnail"]].merge(
         audited[["image_id", "labels", "attributes"]], on="image_id"
     )
@@ -121,7 +71,7 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
     pairs = pd.DataFrame({"a": i, "b": j, "rms": rms, "sim": sims}).sort_values("rms", kind="stable")
     crossing = (splits[pairs["a"]] != splits[pairs["b"]]) & pd.notna(splits[pairs["a"]]) & pd.notna(splits[pairs["b"]])
     ids = frame["image_id"].to_numpy()
-    rows = []
+    found = []
     for leak, group in ((True, pairs[crossing]), (False, pairs[~crossing])):
         if group.empty:
             continue
@@ -140,8 +90,8 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
             "Duplicates weigh some images more than others in training and in every accuracy figure; "
             "keep one of each group."
         )
-        rows.append(
-            dict(
+        found.append(
+            Finding(
                 kind="near_duplicate",
                 severity="high" if leak else severity(share, 0.10, 0.02),
                 class_name=None,
@@ -156,7 +106,14 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
                     + (f"; {disagree} pairs carry different labels, so at least one label of each is wrong" if disagree else "")
                     + f". {why} Evidence lists the pairs side by side, most similar first."
                 ),
-                evidence=evidence,
+                evidence=tuple(evidence),
             )
         )
-    return rows
+    return found
+
+
+DETECTOR = Detector(
+    kind="near_duplicate",
+    detect=lambda tables, t: near_duplicates(tables.audited, tables.signals, t),
+    needs=("signals",),
+)
