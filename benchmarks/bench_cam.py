@@ -24,6 +24,7 @@ import torchvision
 
 from benchmarks.timing import time_all
 from visaudit.tasks.explain import cam
+from visaudit.tasks.model.hooks import hooked_forward
 
 
 def contenders(model: torch.nn.Module, x: torch.Tensor, layer: str) -> dict[str, Callable[[], object]]:
@@ -39,7 +40,7 @@ def contenders(model: torch.nn.Module, x: torch.Tensor, layer: str) -> dict[str,
             return model(x)
 
     def ours() -> object:
-        fwd = cam.hooked_forward(model, x, [layer])
+        fwd = hooked_forward(model, x, [layer])
         target = fwd.scores.detach().argmax(dim=1)
         probs = torch.softmax(fwd.scores.detach(), dim=1)
         maps = cam.explain(fwd, torch.arange(n, device=x.device), target, ("gradcam", "gradcam++", "counterfactual"))
@@ -78,7 +79,7 @@ def guided_contenders(model: torch.nn.Module, x: torch.Tensor, layer: str) -> di
     n = x.shape[0]
 
     def ours() -> object:
-        fwd = cam.hooked_forward(model, x, [layer], guided=True)
+        fwd = hooked_forward(model, x, [layer], guided=True)
         target = fwd.scores.detach().argmax(dim=1)
         return cam.explain(fwd, torch.arange(n, device=x.device), target, ("gradcam", "guided_backprop", "guided_gradcam"))
 
@@ -124,7 +125,7 @@ def main() -> None:
         stages = ["layer1", "layer2", "layer3", "layer4"]
 
         def layer_by_layer() -> object:
-            fwd = cam.hooked_forward(model, x, stages)
+            fwd = hooked_forward(model, x, stages)
             return cam.explain(fwd, torch.arange(args.batch, device=device), fwd.scores.detach().argmax(1), ("gradcam",))
 
         fns["layer-by-layer"] = layer_by_layer

@@ -116,6 +116,7 @@ def agreement(loaded, settings: ShardSettings, uris: list[str]) -> dict[str, flo
     """Grad-CAM of the predicted class under bf16 autocast against fp32, on real decoded images:
     per-map Pearson correlation (median, minimum) and the share of maps with the same peak cell."""
     from visaudit.tasks.explain import cam
+    from visaudit.tasks.model.hooks import hooked_forward
     from visaudit.tasks.data.images import Decoded, decode_many, normalise, to_batch
 
     decoded = [d for d in decode_many(uris, settings.preprocess, 8) if isinstance(d, Decoded)]
@@ -125,7 +126,7 @@ def agreement(loaded, settings: ShardSettings, uris: list[str]) -> dict[str, flo
         target = loaded.model(x).argmax(dim=1)  # the fp32 prediction, explained in both precisions
     for name, use_bf16 in (("fp32", False), ("bf16", True)):
         with torch.autocast(loaded.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            forward = cam.hooked_forward(loaded.model, x, [settings.layer])
+            forward = hooked_forward(loaded.model, x, [settings.layer])
         maps[name] = cam.explain(forward, torch.arange(len(x), device=x.device), target, ("gradcam",))[
             ("gradcam", settings.layer)].flatten(1).double()
     a, b = maps["fp32"], maps["bf16"]
@@ -139,13 +140,14 @@ def agreement(loaded, settings: ShardSettings, uris: list[str]) -> dict[str, flo
 def time_model(loaded, settings: ShardSettings, batch: int = 256, repeats: int = 10) -> dict[str, int]:
     """The engine alone on device-resident inputs (no decoding, no rows): the ceiling."""
     from visaudit.tasks.explain import cam
+    from visaudit.tasks.model.hooks import hooked_forward
 
     x = torch.randn(batch, 3, 224, 224, device=loaded.device)
     out = {}
     for name, use_bf16 in (("fp32", False), ("bf16_autocast", True)):
         def step() -> None:
             with torch.autocast(loaded.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                forward = cam.hooked_forward(loaded.model, x, [settings.layer])
+                forward = hooked_forward(loaded.model, x, [settings.layer])
                 target = forward.scores.argmax(dim=1)
                 cam.explain(forward, torch.arange(batch, device=x.device), target, ("gradcam",))
 

@@ -12,7 +12,7 @@ Same model, image size, settings and device for all contenders (seconds per iter
 Models: resnet18 (torchvision, random weights, no download) at 224 px, and the tests' small
 CNN (random weights) at 32 px with its 4 classes. Both parameterisations are timed.
 
-Colour impressions (``visaudit.tasks.explain.impressions.colour_impressions``, seconds per call, same K classes):
+Colour impressions (``visaudit.tasks.explain.colour_impressions.colour_impressions``, seconds per call, same K classes):
   colour      the default call: a grid of 6^3 plain colours, then 20 refining Adam steps
   grid only   colour_steps = 0
   grid limit  plain forwards of the 216 flat images in chunks of 64, without gradients
@@ -34,8 +34,10 @@ import torchvision
 from torch import nn
 
 from benchmarks.timing import time_all
-from visaudit.tasks.explain.cam import frozen_parameters
-from visaudit.tasks.explain.impressions import ImpressionSettings, class_impressions, colour_impressions
+from visaudit.tasks.explain.colour_impressions import colour_impressions
+from visaudit.tasks.explain.impression_settings import ImpressionSettings
+from visaudit.tasks.explain.impressions import class_impressions
+from visaudit.tasks.model.hooks import frozen_parameters
 from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from benchmarks.timing import time_all
 from visaudit.tasks.explain import occlusion as occ
+from visaudit.tasks.explain import perturb
 
 
 class Softmax(nn.Module):
@@ -40,8 +41,8 @@ class Softmax(nn.Module):
 def chunk_for(model: nn.Module, x: torch.Tensor) -> int:
     """The chunk size ``occlusion_maps`` picks automatically for these inputs."""
     with torch.inference_mode():
-        _, largest = occ._probe(model, x[:1])
-    return occ.auto_chunk(x[0].numel() * x.element_size(), largest, x.device)
+        _, largest = perturb.probe_activation(model, x[:1])
+    return perturb.auto_chunk(x[0].numel() * x.element_size(), largest, x.device)
 
 
 def contenders(model: nn.Module, x: torch.Tensor, spec: occ.OcclusionSpec,
@@ -68,8 +69,8 @@ def contenders(model: nn.Module, x: torch.Tensor, spec: occ.OcclusionSpec,
         return run
 
     # prebuilt muted copies (N * windows, C, H, W), image-major like ours
-    rows = occ._cover(geo.size[0], geo.window[0], geo.stride[0], geo.grid[0], x.device)
-    cols = occ._cover(geo.size[1], geo.window[1], geo.stride[1], geo.grid[1], x.device)
+    rows = perturb.cover(geo.size[0], geo.window[0], geo.stride[0], geo.grid[0], x.device)
+    cols = perturb.cover(geo.size[1], geo.window[1], geo.stride[1], geo.grid[1], x.device)
     masks = (rows[:, None, :, None] & cols[None, :, None, :]).reshape(-1, 1, *geo.size)
     muted = torch.where(masks[None], torch.zeros((), device=x.device), x[:, None]).flatten(0, 1).contiguous()
 

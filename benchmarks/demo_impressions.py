@@ -14,7 +14,7 @@ class impressions of both with the audit's defaults; and measures in every impre
               (every channel > 200): the mark's colours side by side, at any scale
   background  share of pixels within 60 (RGB distance, 0..255) of the planted background colour
 
-and the colour impression of every class (``visaudit.tasks.explain.impressions.colour_impressions``: the plain
+and the colour impression of every class (``visaudit.tasks.explain.colour_impressions.colour_impressions``: the plain
 colour that raises the class most), its probability, and the recipe's background colour
 nearest to it.
 
@@ -35,8 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from visaudit.tasks.demo import network
 from visaudit.tasks.demo import recipe as demo
-from visaudit.tasks.explain.impressions import class_impressions, colour_impressions, settings_for_input
+from visaudit.tasks.explain.colour_impressions import colour_impressions
+from visaudit.tasks.explain.impression_settings import settings_for_input
+from visaudit.tasks.explain.impressions import class_impressions
 
 
 def mark_pattern(recipe: demo.DemoRecipe) -> torch.Tensor:
@@ -87,8 +90,8 @@ def main() -> None:
     for name, trained in (("adversarial", recipe), ("plain", dataclasses.replace(recipe, adversarial_epsilon=0.0))):
         folder = args.cache / demo.recipe_fingerprint(trained)
         data_dir = demo.generate_dataset(trained, folder / "data")
-        metrics = demo.train_model(data_dir, trained, folder / "model.pt", log=lambda line: None)
-        model = demo.build_model(len(trained.classes))
+        metrics = network.train_model(data_dir, trained, folder / "model.pt", log=lambda line: None)
+        model = network.build_model(len(trained.classes))
         model.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
         model.eval()
         classes = list(range(len(trained.classes)))
@@ -97,7 +100,7 @@ def main() -> None:
         colours = colour_impressions(model, classes, settings)
         planted = torch.tensor(trained.backgrounds[trained.background_colour], dtype=torch.float32) / 255
         with torch.no_grad():
-            flat = demo.normalise(planted.view(1, 3, 1, 1).expand(1, 3, trained.image_size, trained.image_size))
+            flat = network.normalise(planted.view(1, 3, 1, 1).expand(1, 3, trained.image_size, trained.image_size))
             planted_p = torch.softmax(model(flat), dim=1)[0]
         label = f"{name} (epsilon {trained.adversarial_epsilon:g}/255)" if trained.adversarial_epsilon else name
         for c, row in zip(classes, measure(result.images, trained, args.ncc)):

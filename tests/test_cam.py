@@ -7,6 +7,7 @@ import torch
 from captum.attr import LayerGradCam
 
 from visaudit.tasks.explain import cam
+from visaudit.tasks.model.hooks import hooked_forward
 
 
 def _normalised(maps: torch.Tensor) -> torch.Tensor:
@@ -16,7 +17,7 @@ def _normalised(maps: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("layer", ["layer4", "layer3"])
 def test_grad_cam_equals_captum(resnet18: torch.nn.Module, photo_batch: torch.Tensor, layer: str) -> None:
-    forward = cam.hooked_forward(resnet18, photo_batch, [layer])
+    forward = hooked_forward(resnet18, photo_batch, [layer])
     n = photo_batch.shape[0]
     # two targets per image: top-1 and top-2, so the per-round batching is exercised too
     top2 = forward.scores.detach().topk(2, dim=1).indices
@@ -37,7 +38,7 @@ def test_grad_cam_equals_captum(resnet18: torch.nn.Module, photo_batch: torch.Te
 def test_model_left_untouched(resnet18: torch.nn.Module, photo_batch: torch.Tensor) -> None:
     before = resnet18(photo_batch).detach()
     flags = [p.requires_grad for p in resnet18.parameters()]
-    forward = cam.hooked_forward(resnet18, photo_batch, ["layer4"])
+    forward = hooked_forward(resnet18, photo_batch, ["layer4"])
     cam.grad_cam(forward, torch.arange(4), forward.scores.argmax(1))
     assert [p.requires_grad for p in resnet18.parameters()] == flags
     assert all(p.grad is None for p in resnet18.parameters()), "no parameter gradients"
@@ -47,7 +48,7 @@ def test_model_left_untouched(resnet18: torch.nn.Module, photo_batch: torch.Tens
 
 def test_hooks_removed_after_error(resnet18: torch.nn.Module) -> None:
     with pytest.raises(RuntimeError):
-        cam.hooked_forward(resnet18, torch.zeros(1, 5, 64, 64), ["layer4"])  # wrong channel count
+        hooked_forward(resnet18, torch.zeros(1, 5, 64, 64), ["layer4"])  # wrong channel count
     assert not any(m._forward_hooks for m in resnet18.modules())
     assert all(p.requires_grad for p in resnet18.parameters())
 
@@ -59,7 +60,7 @@ def test_inplace_relu_after_layer_does_not_change_activations() -> None:
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 3),
     ).eval()
     x = torch.randn(2, 3, 16, 16)
-    forward = cam.hooked_forward(model, x, ["0"])
+    forward = hooked_forward(model, x, ["0"])
     assert (forward.activations["0"] < 0).any(), "captured values are pre-ReLU"
     maps = cam.grad_cam(forward, torch.arange(2), torch.tensor([0, 1]))["0"]
     assert maps.shape == (2, 16, 16)

@@ -17,6 +17,8 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGrad
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from visaudit.tasks.explain import cam
+from visaudit.tasks.explain.cam_family import class_activation_maps, linear_head
+from visaudit.tasks.model.hooks import hooked_forward
 
 PEERS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
          "hirescam": HiResCAM}
@@ -48,7 +50,7 @@ def _peer_pipeline(maps: np.ndarray, size: int) -> np.ndarray:
 @pytest.mark.parametrize("method", list(PEERS))
 def test_methods_equal_pytorch_grad_cam(models, small_photos, family: str, method: str) -> None:
     model, layer = models[family], FAMILIES[family]
-    forward = cam.hooked_forward(model, small_photos, [layer])
+    forward = hooked_forward(model, small_photos, [layer])
     target = forward.scores.detach().argmax(dim=1)
     n = small_photos.shape[0]
     ours = cam.explain(forward, torch.arange(n), target, (method,))[(method, layer)].detach().numpy()
@@ -61,7 +63,7 @@ def test_methods_equal_pytorch_grad_cam(models, small_photos, family: str, metho
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_gradcam_equals_captum_on_each_family(models, small_photos, family: str) -> None:
     model, layer = models[family], FAMILIES[family]
-    forward = cam.hooked_forward(model, small_photos, [layer])
+    forward = hooked_forward(model, small_photos, [layer])
     target = forward.scores.detach().argmax(dim=1)
     ours = cam.grad_cam(forward, torch.arange(small_photos.shape[0]), target)[layer]
     theirs = LayerGradCam(model, dict(model.named_modules())[layer]).attribute(
@@ -71,10 +73,10 @@ def test_gradcam_equals_captum_on_each_family(models, small_photos, family: str)
 
 
 def test_counterfactual_is_gradcam_of_negated_gradients(resnet18, photo_batch) -> None:
-    forward = cam.hooked_forward(resnet18, photo_batch, ["layer4"])
+    forward = hooked_forward(resnet18, photo_batch, ["layer4"])
     target = forward.scores.detach().argmax(dim=1)
     maps = cam.explain(forward, torch.arange(4), target, ("gradcam", "counterfactual"))
-    fresh = cam.hooked_forward(resnet18, photo_batch, ["layer4"])
+    fresh = hooked_forward(resnet18, photo_batch, ["layer4"])
     acts = fresh.activations["layer4"].detach()
     grads = torch.autograd.grad(fresh.scores[torch.arange(4), target].sum(), fresh.activations["layer4"])[0]
     expected = F.relu((-grads.mean(dim=(2, 3), keepdim=True) * acts).sum(1))
@@ -84,11 +86,11 @@ def test_counterfactual_is_gradcam_of_negated_gradients(resnet18, photo_batch) -
 
 
 def test_cam_equals_gradcam_up_to_scale_for_gap_linear_heads(resnet18, photo_batch) -> None:
-    forward = cam.hooked_forward(resnet18, photo_batch, ["layer4"])
-    weights = cam.linear_head(resnet18, forward, "layer4")
+    forward = hooked_forward(resnet18, photo_batch, ["layer4"])
+    weights = linear_head(resnet18, forward, "layer4")
     assert weights is not None and weights.shape == (1000, 512)
     target = forward.scores.detach().argmax(dim=1)
-    cams = cam.class_activation_maps(forward.activations["layer4"], weights, torch.arange(4), target)
+    cams = class_activation_maps(forward.activations["layer4"], weights, torch.arange(4), target)
     grad = cam.grad_cam(forward, torch.arange(4), target)["layer4"]
     # for GAP + linear, d y^c / d A^k_ij = w_k^c / (h w): Grad-CAM = CAM / (h w)
     torch.testing.assert_close(grad * 49, cams, rtol=1e-4, atol=1e-5)
@@ -96,13 +98,13 @@ def test_cam_equals_gradcam_up_to_scale_for_gap_linear_heads(resnet18, photo_bat
 
 def test_cam_does_not_apply_to_other_heads(models, small_photos) -> None:
     model = models["vgg11"]
-    forward = cam.hooked_forward(model, small_photos, ["features"])
-    assert cam.linear_head(model, forward, "features") is None
+    forward = hooked_forward(model, small_photos, ["features"])
+    assert linear_head(model, forward, "features") is None
 
 
 def test_layer_by_layer_from_one_backward(resnet18, photo_batch) -> None:
     layers = ["layer1", "layer2", "layer3", "layer4"]
-    forward = cam.hooked_forward(resnet18, photo_batch, layers)
+    forward = hooked_forward(resnet18, photo_batch, layers)
     target = forward.scores.detach().argmax(dim=1)
     calls = []
     original = torch.autograd.grad
@@ -114,5 +116,5 @@ def test_layer_by_layer_from_one_backward(resnet18, photo_batch) -> None:
     assert len(calls) == 1, "all stages from one autograd.grad call"
     assert [maps[("gradcam", l)].shape[-1] for l in layers] == [56, 28, 14, 7]
     for layer in layers:  # each equals a single-layer run
-        single = cam.hooked_forward(resnet18, photo_batch, [layer])
+        single = hooked_forward(resnet18, photo_batch, [layer])
         torch.testing.assert_close(maps[("gradcam", layer)], cam.grad_cam(single, torch.arange(4), target)[layer])

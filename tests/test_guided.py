@@ -9,6 +9,8 @@ import torchvision
 from captum.attr import GuidedBackprop, GuidedGradCam, LayerGradCam
 
 from visaudit.tasks.explain import cam
+from visaudit.tasks.explain.registry import INPUT_LAYER
+from visaudit.tasks.model.hooks import hooked_forward
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,7 @@ def photos(photo_batch: torch.Tensor) -> torch.Tensor:
 def test_guided_methods_equal_captum(photos: torch.Tensor, family: str, layer: str) -> None:
     torch.manual_seed(0)
     model = torchvision.models.get_model(family, weights=None).eval()
-    forward = cam.hooked_forward(model, photos, [layer], guided=True)
+    forward = hooked_forward(model, photos, [layer], guided=True)
     # two targets for image 0, one for the others: exercises the rounds
     sample = torch.tensor([0, 0, 1, 2, 3])
     target = torch.tensor([3, 7, 5, 1, 9])
@@ -31,12 +33,12 @@ def test_guided_methods_equal_captum(photos: torch.Tensor, family: str, layer: s
     guided_gradcam = GuidedGradCam(model, module).attribute(photos[sample], target=target, interpolate_mode="bilinear")
     gradcam = LayerGradCam(model, module).attribute(photos[sample], target=target, relu_attributions=True)[:, 0]
 
-    ours_backprop = maps[("guided_backprop", cam.INPUT_LAYER)]
+    ours_backprop = maps[("guided_backprop", INPUT_LAYER)]
     assert ours_backprop.shape == photos[sample].shape
     scale = backprop.abs().max()
     torch.testing.assert_close(ours_backprop / scale, backprop / scale, atol=1e-5, rtol=0)
     scale = guided_gradcam.abs().max()
-    torch.testing.assert_close(maps[("guided_gradcam", cam.INPUT_LAYER)] / scale, guided_gradcam / scale, atol=1e-5, rtol=0)
+    torch.testing.assert_close(maps[("guided_gradcam", INPUT_LAYER)] / scale, guided_gradcam / scale, atol=1e-5, rtol=0)
     # the shared forward leaves Grad-CAM's plain gradients untouched by the guided gates
     scale = gradcam.abs().max()
     torch.testing.assert_close(maps[("gradcam", layer)] / scale, gradcam / scale, atol=1e-5, rtol=0)
@@ -44,26 +46,26 @@ def test_guided_methods_equal_captum(photos: torch.Tensor, family: str, layer: s
 
 def test_guided_backprop_differs_from_plain_gradient(resnet18: torch.nn.Module, photo_batch: torch.Tensor) -> None:
     """The gates really change the backward: guided gradients are not the vanilla ones."""
-    forward = cam.hooked_forward(resnet18, photo_batch[:1], ["layer4"], guided=True)
+    forward = hooked_forward(resnet18, photo_batch[:1], ["layer4"], guided=True)
     target = torch.tensor([1])
-    guided = cam.explain(forward, torch.tensor([0]), target, ("guided_backprop",))[("guided_backprop", cam.INPUT_LAYER)]
+    guided = cam.explain(forward, torch.tensor([0]), target, ("guided_backprop",))[("guided_backprop", INPUT_LAYER)]
     x = photo_batch[:1].clone().requires_grad_(True)
     (plain,) = torch.autograd.grad(resnet18(x)[0, 1], x)
     assert not torch.allclose(guided, plain, atol=1e-6)
 
 
 def test_guided_only_without_gradcam_in_result(resnet18: torch.nn.Module, photo_batch: torch.Tensor) -> None:
-    forward = cam.hooked_forward(resnet18, photo_batch[:2], ["layer4"], guided=True)
+    forward = hooked_forward(resnet18, photo_batch[:2], ["layer4"], guided=True)
     maps = cam.explain(forward, torch.tensor([0, 1]), torch.tensor([0, 1]), ("guided_gradcam",))
-    assert list(maps) == [("guided_gradcam", cam.INPUT_LAYER)]
+    assert list(maps) == [("guided_gradcam", INPUT_LAYER)]
 
 
 def test_guided_model_state_restored_even_on_error(resnet18: torch.nn.Module, photo_batch: torch.Tensor) -> None:
     before = {k: v.clone() for k, v in resnet18.state_dict().items()}
-    forward = cam.hooked_forward(resnet18, photo_batch[:1], ["layer4"], guided=True)
+    forward = hooked_forward(resnet18, photo_batch[:1], ["layer4"], guided=True)
     cam.explain(forward, torch.tensor([0]), torch.tensor([2]), ("guided_backprop",))
     with pytest.raises(ValueError):
-        cam.hooked_forward(resnet18, photo_batch[:1], ["layer4", "no.such.layer"], guided=True)
+        hooked_forward(resnet18, photo_batch[:1], ["layer4", "no.such.layer"], guided=True)
     for module in resnet18.modules():
         assert not module._forward_hooks and not module._backward_hooks
     assert all(p.requires_grad for p in resnet18.parameters())
@@ -82,10 +84,10 @@ def test_guided_needs_relu_modules(photo_batch: torch.Tensor) -> None:
             return self.fc(F.relu(self.conv(x)).mean(dim=(2, 3)))
 
     with pytest.raises(ValueError, match="nn.ReLU"):
-        cam.hooked_forward(FunctionalRelu(), photo_batch[:1], ["conv"], guided=True)
+        hooked_forward(FunctionalRelu(), photo_batch[:1], ["conv"], guided=True)
 
 
 def test_guided_methods_need_a_guided_forward(resnet18: torch.nn.Module, photo_batch: torch.Tensor) -> None:
-    forward = cam.hooked_forward(resnet18, photo_batch[:1], ["layer4"])
+    forward = hooked_forward(resnet18, photo_batch[:1], ["layer4"])
     with pytest.raises(ValueError, match="guided=True"):
         cam.explain(forward, torch.tensor([0]), torch.tensor([0]), ("guided_backprop",))

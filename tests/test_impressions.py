@@ -18,14 +18,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from visaudit.tasks.explain.impressions import (
-    ImpressionSettings,
-    class_impressions,
-    colour_impressions,
-    impression_cam,
-    save_pngs,
-    total_variation,
-)
+from visaudit.tasks.explain.colour_impressions import colour_impressions
+from visaudit.tasks.explain.impression_image import total_variation
+from visaudit.tasks.explain.impression_output import impression_cam, save_pngs
+from visaudit.tasks.explain.impression_settings import ImpressionSettings
+from visaudit.tasks.explain.impressions import class_impressions
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torchvision
 
-from visaudit.tasks.model.loading import ModelError, ModelSpec, classifier_size, default_layer, load_model, probe
+from visaudit.tasks.model.errors import ModelError
+from visaudit.tasks.model.layers import default_layer, probe
+from visaudit.tasks.model.loading import ModelSpec, classifier_size, load_model
 
 
 def test_arch_with_weights_file_sets_num_classes(tmp_path) -> None:

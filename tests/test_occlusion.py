@@ -9,6 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from visaudit.tasks.explain import occlusion as occ
+from visaudit.tasks.explain import perturb, rise
+from visaudit.tasks.explain.ranks import spearman
+from visaudit.tasks.model.head import Head
 
 SIZE = 112
 
@@ -114,7 +117,7 @@ def test_baselines_on_a_linear_model(spec: occ.OcclusionSpec) -> None:
     x = torch.randn(3, 3, 12, 12, dtype=torch.float64)
     result = occ.occlusion_maps(model, x, spec, output="logit")
     geo = spec.geometry(12)
-    b = occ.baseline_images(x, spec).expand_as(x)
+    b = perturb.baseline_images(x, spec.baseline, spec.mean, spec.blur_sigma).expand_as(x)
     if spec.baseline == "mean" and spec.mean is None:
         torch.testing.assert_close(b[:, :, 0, 0], x.mean(dim=(2, 3)))
     expected = torch.zeros(3, 4, *geo.grid, dtype=torch.float64)
@@ -132,7 +135,7 @@ def test_model_state_is_restored_and_sigmoid_output() -> None:
     model[1].eval()  # mixed flags must come back as they were
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(2, 3, 16, 16)
-    result = occ.occlusion_maps(model, x, occ.OcclusionSpec(grid=2), activation="sigmoid")
+    result = occ.occlusion_maps(model, x, occ.OcclusionSpec(grid=2), head=Head(multi_label=True))
     assert model.training and not model[1].training and model[0].training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # BatchNorm running stats untouched
@@ -148,11 +151,11 @@ def test_spearman_equals_scipy_with_ties() -> None:
     a = rng.integers(0, 6, size=(20, 49)).astype(np.float32)  # many ties
     b = rng.normal(size=(20, 49)).astype(np.float32)
     b[:, ::3] = np.round(b[:, ::3])
-    ours = occ.spearman(torch.from_numpy(a), torch.from_numpy(b))
+    ours = spearman(torch.from_numpy(a), torch.from_numpy(b))
     expected = [spearmanr(a[i], b[i]).statistic for i in range(20)]
     np.testing.assert_allclose(ours.numpy(), expected, atol=1e-10)
-    assert torch.isnan(occ.spearman(torch.ones(5), torch.arange(5.0)))
-    assert occ.spearman(torch.arange(5.0), torch.arange(5.0) * 2).item() == pytest.approx(1.0)
+    assert torch.isnan(spearman(torch.ones(5), torch.arange(5.0)))
+    assert spearman(torch.arange(5.0), torch.arange(5.0) * 2).item() == pytest.approx(1.0)
 
 
 def test_pool_to_grid_and_faithfulness() -> None:
@@ -179,8 +182,8 @@ def test_deletion_insertion_rewards_the_true_evidence() -> None:
     true += 0.01 * torch.rand(2, 4, 4)
     target = torch.zeros(2, dtype=torch.long)
     # insertion from zero: a blur of this near-constant image would already hold the evidence
-    good = occ.deletion_insertion(RegionMean(), x, true, target, steps=16, insertion_baseline="zero", chunk_size=5)
-    bad = occ.deletion_insertion(RegionMean(), x, -true, target, steps=16, insertion_baseline="zero")
+    good = rise.deletion_insertion(RegionMean(), x, true, target, steps=16, insertion_baseline="zero", chunk_size=5)
+    bad = rise.deletion_insertion(RegionMean(), x, -true, target, steps=16, insertion_baseline="zero")
     assert good.deletion_curve.shape == (2, 17)
     assert (good.deletion_auc < bad.deletion_auc - 0.1).all()
     assert (good.insertion_auc > bad.insertion_auc + 0.1).all()
@@ -192,11 +195,11 @@ def test_deletion_insertion_rewards_the_true_evidence() -> None:
     torch.testing.assert_close(good.deletion_curve[:, 0], full)
     torch.testing.assert_close(good.deletion_curve[:, -1], empty)
     torch.testing.assert_close(good.insertion_curve[:, -1], full)
-    torch.testing.assert_close(occ.auc(torch.tensor([1.0, 0.5, 0.0])), torch.tensor(0.5))
+    torch.testing.assert_close(rise.auc(torch.tensor([1.0, 0.5, 0.0])), torch.tensor(0.5))
     # RISE's default insertion starts from the blurred image
-    blur = occ.deletion_insertion(RegionMean(), x, true, target, steps=4)
+    blur = rise.deletion_insertion(RegionMean(), x, true, target, steps=4)
     with torch.no_grad():
-        start = torch.softmax(RegionMean()(occ.blurred(x)), 1)[:, 0]
+        start = torch.softmax(RegionMean()(perturb.blurred(x)), 1)[:, 0]
     torch.testing.assert_close(blur.insertion_curve[:, 0], start)
 
 
@@ -238,8 +241,8 @@ def test_bad_calls() -> None:
         occ.occlusion_maps(model, x, chunk_size=0)
     with pytest.raises(ValueError, match="output must be"):
         occ.occlusion_maps(model, x, output="prob")
-    with pytest.raises(ValueError, match="activation must be"):
-        occ.occlusion_maps(model, x, activation="tanh")
+    with pytest.raises(TypeError, match="head must be a Head"):
+        occ.occlusion_maps(model, x, head="sigmoid")
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         occ.occlusion_maps(model, x[0])
     with pytest.raises(ValueError, match="3 channels"):
@@ -247,10 +250,10 @@ def test_bad_calls() -> None:
     with pytest.raises(ValueError, match="grid"):
         occ.to_pixels(torch.zeros(1, 3, 3), occ.OcclusionSpec(grid=4), 12)
     with pytest.raises(ValueError, match="steps"):
-        occ.deletion_insertion(model, x, torch.rand(1, 3, 3), torch.zeros(1, dtype=torch.long), steps=0)
+        rise.deletion_insertion(model, x, torch.rand(1, 3, 3), torch.zeros(1, dtype=torch.long), steps=0)
     with pytest.raises(ValueError, match="saliency must be"):
-        occ.deletion_insertion(model, x, torch.rand(2, 3, 3), torch.zeros(1, dtype=torch.long))
+        rise.deletion_insertion(model, x, torch.rand(2, 3, 3), torch.zeros(1, dtype=torch.long))
     with pytest.raises(ValueError, match="insertion_baseline"):
-        occ.deletion_insertion(model, x, torch.rand(1, 3, 3), torch.zeros(1, dtype=torch.long), insertion_baseline="x")
+        rise.deletion_insertion(model, x, torch.rand(1, 3, 3), torch.zeros(1, dtype=torch.long), insertion_baseline="x")
     with pytest.raises(ValueError, match="same shape"):
-        occ.spearman(torch.rand(2, 5), torch.rand(2, 4))
+        spearman(torch.rand(2, 5), torch.rand(2, 4))

@@ -6,136 +6,24 @@ h x w positions)::
     alpha_k^c = 1/(h w) * sum_ij  d y^c / d A^k_ij          (channel weights)
     L^c       = ReLU( sum_k alpha_k^c A^k )                 (h x w map)
 
-where y^c is the class score before the softmax/sigmoid. The engine hooks the layers to
-explain, runs ONE forward that yields both the class scores and the activations, and
-takes the gradients of the scores with respect to those activations only
-(``torch.autograd.grad``): no parameter gradients are computed or accumulated, and the
-user's model is left exactly as it was (hooks removed, ``requires_grad`` restored), even
-when something raises.
+where y^c is the class score before the softmax/sigmoid. The engine starts from ONE
+:func:`visaudit.tasks.model.hooks.hooked_forward` that yields both the class scores and
+the activations, and takes the gradients of the scores with respect to those activations
+only (``torch.autograd.grad``); every gradient method of the registry
+(:mod:`visaudit.tasks.explain.registry`, weight functions in
+:mod:`visaudit.tasks.explain.cam_family`) shares them. :func:`score_maps` places a map's
+peak and its energy inside a box.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-
-class GuidedSwitch:
-    """Shared flag read by every guided gate at backward time (see :class:`_GuidedGate`)."""
-
-    def __init__(self) -> None:
-        self.on = False
-
-
-class _GuidedGate(torch.autograd.Function):
-    """Identity in the forward; in the backward, while ``switch.on``, the incoming gradient
-    is clamped at zero. Placed after every ``nn.ReLU``, whose own backward multiplies by
-    (input > 0), it turns the backward into Guided Backpropagation (Springenberg et al. 2015)::
-
-        R_l = (f_l > 0) * (R_{l+1} > 0) * R_{l+1}
-
-    and with the switch off it is plain backpropagation, so ONE forward serves both
-    Grad-CAM (plain gradients) and guided backprop (guided gradients)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, switch: GuidedSwitch) -> torch.Tensor:
-        ctx.switch = switch
-        return x.clone()  # a fresh tensor: later in-place ops (ReLU(inplace), +=) stay legal
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return (grad.clamp(min=0) if ctx.switch.on else grad), None
-
-
-@dataclass
-class HookedForward:
-    """Class scores (with the graph back to the activations) and the hooked activations."""
-
-    scores: torch.Tensor  # (N, K)
-    activations: dict[str, torch.Tensor]  # layer -> (N, C, h, w), part of the graph
-    inputs: torch.Tensor | None = None  # the input leaf, when the forward was run guided
-    switch: GuidedSwitch | None = None
-
-
-@contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Turn off ``requires_grad`` on every parameter for the duration, then restore the flags.
-
-    With frozen parameters the forward records a graph only from the first hooked
-    activation onwards, so nothing before the explained layer is kept for backward.
-    """
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for parameter, _ in flags:
-            parameter.requires_grad_(False)
-        yield
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
-
-
-def hooked_forward(
-    model: nn.Module, inputs: torch.Tensor, layers: list[str], guided: bool = False
-) -> HookedForward:
-    """Run the model once, capturing the outputs of ``layers`` as differentiable activations.
-
-    The first hooked output met during the forward is detached into a leaf that requires
-    grad; later ones are already in the graph. Each hook hands a clone downstream, so an
-    in-place op after the layer (``ReLU(inplace=True)``) cannot alter the captured values.
-
-    With ``guided`` the graph starts at the input (a leaf that requires grad) and a
-    :class:`_GuidedGate` follows every ``nn.ReLU`` module, off until guided backprop asks.
-    Models that call ``F.relu`` instead of ``nn.ReLU`` modules cannot be guided.
-    """
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("Grad-CAM needs autograd; call it outside torch.inference_mode()")
-    modules = dict(model.named_modules())
-    missing = [name for name in layers if name not in modules]
-    if missing:
-        raise ValueError(f"layers not found in the model: {missing}")
-    captured: dict[str, torch.Tensor] = {}
-
-    def make_hook(name: str) -> Any:
-        def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-            if not output.requires_grad:
-                output = output.detach().requires_grad_(True)
-            captured[name] = output
-            return output.clone()
-
-        return hook
-
-    switch = GuidedSwitch() if guided else None
-    if guided:
-        relus = [module for module in model.modules() if isinstance(module, nn.ReLU)]
-        if not relus:
-            raise ValueError(
-                "guided backprop needs nn.ReLU modules; this model has none (it may call F.relu): "
-                "use the gradcam family instead"
-            )
-        inputs = inputs.detach().requires_grad_(True)
-
-    def gate(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        return _GuidedGate.apply(output, switch)
-
-    # Layer hooks first: a hooked ReLU is captured before its gate, so Grad-CAM sees plain values.
-    handles = [modules[name].register_forward_hook(make_hook(name)) for name in layers]
-    if guided:
-        handles += [module.register_forward_hook(gate) for module in relus]
-    try:
-        with frozen_parameters(model), torch.enable_grad():
-            scores = model(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    not_reached = [name for name in layers if name not in captured]
-    if not_reached:
-        raise ValueError(f"layers never ran in the forward pass: {not_reached}")
-    return HookedForward(scores, captured, inputs if guided else None, switch)
+from visaudit.tasks.explain.registry import GRADIENT_METHODS, GUIDED_METHODS, INPUT_LAYER
+from visaudit.tasks.model.hooks import HookedForward
 
 
 def target_rounds(sample: torch.Tensor) -> torch.Tensor:
@@ -147,61 +35,6 @@ def target_rounds(sample: torch.Tensor) -> torch.Tensor:
     counts = torch.bincount(sample)
     starts = torch.cumsum(counts, 0) - counts
     return torch.arange(sample.numel(), device=sample.device) - starts[sample]
-
-
-EPS = 1e-7
-
-
-def _weighted(weights: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-    return (weights[:, :, None, None] * acts).sum(dim=1)
-
-
-def _gradcam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """alpha_k = mean_ij g_kij;  L = sum_k alpha_k A_k  (Selvaraju et al. 2017)."""
-    return _weighted(g.mean(dim=(2, 3)), a)
-
-
-def _gradcam_pp(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM++ (Chattopadhay et al. 2018), with the exponential-score closed form:
-    a_kij = g^2 / (2 g^2 + sum_ij(A_k) g^3);  alpha_k = sum_ij a_kij ReLU(g_kij)."""
-    g2 = g.pow(2)
-    denominator = 2 * g2 + a.sum(dim=(2, 3), keepdim=True) * g2 * g + 1e-6
-    aij = torch.where(g != 0, g2 / denominator, torch.zeros_like(g))
-    return _weighted((aij * F.relu(g)).sum(dim=(2, 3)), a)
-
-
-def _xgradcam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """XGrad-CAM (Fu et al. 2020): alpha_k = sum_ij (A_kij / sum_ij A_k) g_kij."""
-    return _weighted((g * a).sum(dim=(2, 3)) / (a.sum(dim=(2, 3)) + EPS), a)
-
-
-def _layercam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """LayerCAM (Jiang et al. 2021): L = sum_k ReLU(g_k) * A_k, weighted per position."""
-    return (F.relu(g) * a).sum(dim=1)
-
-
-def _hirescam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """HiResCAM (Draelos & Carin 2020): L = sum_k g_k * A_k, element-wise (no averaging)."""
-    return (g * a).sum(dim=1)
-
-
-def _counterfactual(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Counterfactual Grad-CAM (Grad-CAM paper, sec. 5): negated gradients, the regions
-    whose removal would make the model MORE confident in the class."""
-    return _weighted(-g.mean(dim=(2, 3)), a)
-
-
-GRADIENT_METHODS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "gradcam": _gradcam,
-    "gradcam++": _gradcam_pp,
-    "xgradcam": _xgradcam,
-    "layercam": _layercam,
-    "hirescam": _hirescam,
-    "counterfactual": _counterfactual,
-}
-# Input-space methods: maps at the input's resolution, keyed (method, INPUT_LAYER) by explain().
-GUIDED_METHODS = ("guided_backprop", "guided_gradcam")
-INPUT_LAYER = "input"
 
 
 def explain(
@@ -281,30 +114,6 @@ def explain(
 def grad_cam(forward: HookedForward, sample: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Grad-CAM maps, layer -> (M, h, w); see :func:`explain`."""
     return {layer: m for (_, layer), m in explain(forward, sample, target, ("gradcam",)).items()}
-
-
-def linear_head(model: nn.Module, forward: HookedForward, layer: str) -> torch.Tensor | None:
-    """The (K, C) weights of a global-average-pool + linear head on ``layer``, if the model has one.
-
-    Checked numerically on the batch at hand: scores == W mean_ij(A) + b for some
-    ``nn.Linear``. Models with anything else between the layer and the classifier
-    (DenseNet's final ReLU, VGG's MLP) have no such head, and CAM does not apply to them.
-    """
-    acts = forward.activations[layer].detach()
-    pooled = acts.mean(dim=(2, 3))
-    scores = forward.scores.detach()
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.shape == (scores.shape[1], pooled.shape[1]):
-            predicted = F.linear(pooled, module.weight, module.bias)
-            if torch.allclose(predicted, scores, rtol=1e-3, atol=1e-4 * scores.abs().max().item()):
-                return module.weight.detach()
-    return None
-
-
-def class_activation_maps(acts: torch.Tensor, weights: torch.Tensor, sample: torch.Tensor,
-                          target: torch.Tensor) -> torch.Tensor:
-    """CAM (Zhou et al. 2016): L = ReLU(sum_k w_k^c A_k) with the linear head's weights; no gradients."""
-    return F.relu(torch.einsum("mc,mchw->mhw", weights[target].float(), acts.detach()[sample].float()))
 
 
 def upsample(maps: torch.Tensor, size: int) -> torch.Tensor:

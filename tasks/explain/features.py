@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torch import nn
 
+from visaudit.tasks.model.hooks import forward_hooks
+
 INDEX_NAME = "features.json"
 FILTER_PATCH_PX = 24  # each kernel is drawn this many pixels a side (nearest-neighbour)
 
@@ -59,11 +61,8 @@ def layer_activations(model: nn.Module, inputs: torch.Tensor, layer: str) -> tor
     """The (N, C, h, w) output of ``layer`` for a batch; the hook is removed whatever happens."""
     captured: list[torch.Tensor] = []
     module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda _m, _i, out: captured.append(out.detach().clone()))
-    try:
+    with forward_hooks([(module, lambda _m, _i, out: captured.append(out.detach().clone()))]):
         model(inputs)
-    finally:
-        handle.remove()
     return captured[0]
 
 

@@ -11,11 +11,12 @@ and a baseline b (zero, a mean colour, or a blurred copy of the image)::
     x_ij          = x * (1 - m_ij) + b * m_ij                        (muted copy)
     D[n, k, i, j] = s_k(x_n) - s_k(x_n,ij)                           (drop, EVERY class k)
 
-where s is the model's output: probabilities (softmax, or sigmoid for multi-label models)
-or logits. Each forward of a muted copy yields the scores of all K classes, so the map of
-any target class (predicted, true, named, every multi-label positive) costs no extra
-forward. The grid map D[n, k] (gh x gw) is what is stored; the pixel-resolution map is
-Captum's: the mean drop over the windows that cover the pixel::
+where s is the model's output: probabilities through its head (softmax, or sigmoid for
+multi-label models; :class:`visaudit.tasks.model.head.Head`) or logits. Each forward of a
+muted copy yields the scores of all K classes, so the map of any target class (predicted,
+true, named, every multi-label positive) costs no extra forward. The grid map D[n, k]
+(gh x gw) is what is stored; the pixel-resolution map is Captum's: the mean drop over the
+windows that cover the pixel::
 
     A[n, k, y, x] = sum_{ij: (y,x) in w_ij} D[n, k, i, j] / #{ij: (y,x) in w_ij}
 
@@ -30,10 +31,9 @@ train/eval flags are restored afterwards, even when something raises.
 
 Scores:
 
-- :func:`spearman`: batched Spearman rank correlation (ties get their average rank),
-  the Grad-CAM paper's faithfulness measure between Grad-CAM pooled to the occlusion grid
-  (:func:`pool_to_grid`) and the occlusion map (:func:`faithfulness`).
-- :func:`deletion_insertion`: RISE deletion and insertion AUC (Petsiuk et al. 2018).
+- :func:`faithfulness`: the Grad-CAM paper's faithfulness measure, the Spearman rank
+  correlation (:func:`visaudit.tasks.explain.ranks.spearman`) between Grad-CAM pooled to
+  the occlusion grid (:func:`pool_to_grid`) and the occlusion map.
 - :func:`box_scores`: energy inside the box and pointing-game hit of occlusion maps, via
   :func:`visaudit.tasks.explain.cam.score_maps` on the positive part of the pixel-resolution map.
 """
@@ -41,27 +41,30 @@ Scores:
 from __future__ import annotations
 
 import math
-import os
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from visaudit.tasks.explain.cam import MapScores, score_maps
+from visaudit.tasks.explain.perturb import (
+    BASELINES,
+    baseline_images,
+    check_chunk,
+    check_inputs,
+    check_output,
+    chunk_for,
+    cover,
+    take,
+    to_scores,
+)
+from visaudit.tasks.explain.ranks import spearman
+from visaudit.tasks.model.head import Head
+from visaudit.tasks.model.hooks import eval_mode
 
-BASELINES = ("zero", "mean", "blur")
-OUTPUTS = ("probability", "logit")
-ACTIVATIONS = ("softmax", "sigmoid")
 DEFAULT_GRID = 7
-# Muted copies + activations of one chunk stay under 64 MiB on the CPU: chunks that fit the
-# caches run faster. Measured (2 cores, 4 images, 7x7 grid at 224 px): resnet50 6.6-7.7 s with
-# chunks of 1-4 images, 10.4 s with 16, 14.2 s with 76 (the 1 GiB budget); resnet18 2.5-3.2 s
-# against 4.3 s.
-CPU_BUDGET_BYTES = 64 << 20
-CUDA_FREE_FRACTION = 0.5  # share of the free device memory one chunk may use
 
 Pair = tuple[int, int]
 
@@ -94,6 +97,7 @@ class Geometry:
 
     @property
     def count(self) -> int:
+        """Windows per image: gh * gw."""
         return self.grid[0] * self.grid[1]
 
 
@@ -168,134 +172,11 @@ class OcclusionResult:
     geometry: Geometry
     baseline: str
     output: str  # "probability" | "logit"
-    activation: str  # "softmax" | "sigmoid" (for probabilities)
+    head: Head  # softmax or sigmoid (for probabilities)
 
     def maps(self, sample: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Grid maps of (image, class) pairs: ``drops[sample, target]``, (M, gh, gw)."""
         return self.drops[sample.to(self.drops.device), target.to(self.drops.device)]
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode for the duration, then restore each module's own flag."""
-    flags = [(module, module.training) for module in model.modules()]
-    try:
-        model.eval()
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
-
-
-def _check_inputs(inputs: torch.Tensor) -> None:
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
-        shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-        raise ValueError(f"inputs must be a (N, C, H, W) tensor, got {shape}")
-    if not inputs.is_floating_point():
-        raise ValueError(f"inputs must be floating point (normalised images), got {inputs.dtype}")
-
-
-def _check_output(output: str, activation: str) -> None:
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-
-
-def _check_chunk(chunk_size: int | None) -> None:
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None (automatic), got {chunk_size!r}")
-
-
-def _to_scores(logits: torch.Tensor, output: str, activation: str) -> torch.Tensor:
-    if logits.dim() != 2:
-        raise ValueError(f"the model must return (N, K) class scores, got shape {tuple(logits.shape)}")
-    if output == "logit":
-        return logits.float()
-    return torch.softmax(logits.float(), dim=1) if activation == "softmax" else torch.sigmoid(logits.float())
-
-
-def blurred(inputs: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
-    """A strongly Gaussian-blurred copy (sigma default min(H, W)/16 px, kernel 2*ceil(3 sigma)+1)."""
-    import torchvision.transforms.functional as TF
-
-    h, w = inputs.shape[-2:]
-    sigma = float(sigma) if sigma is not None else max(min(h, w) / 16.0, 1.0)
-    kernel = 2 * math.ceil(3 * sigma) + 1
-    largest = 2 * min(h, w) - 1  # reflect padding needs kernel // 2 < the image side
-    kernel = min(kernel, largest if largest % 2 else largest - 1)
-    return TF.gaussian_blur(inputs, [kernel, kernel], [sigma, sigma])
-
-
-def baseline_images(inputs: torch.Tensor, spec: OcclusionSpec) -> torch.Tensor:
-    """The fill for muted pixels, broadcastable to ``inputs``: (1|N, C, 1|H, 1|W).
-
-    zero -> 0;  mean -> per-image per-channel mean of ``inputs`` (or ``spec.mean``);
-    blur -> :func:`blurred` copy of each image.
-    """
-    n, c = inputs.shape[:2]
-    if spec.baseline == "zero":
-        return inputs.new_zeros((1, c, 1, 1))
-    if spec.baseline == "mean":
-        if spec.mean is None:
-            return inputs.mean(dim=(2, 3), keepdim=True)
-        if len(spec.mean) != c:
-            raise ValueError(f"mean has {len(spec.mean)} values but the inputs have {c} channels")
-        return torch.tensor(spec.mean, dtype=inputs.dtype, device=inputs.device).view(1, c, 1, 1)
-    return blurred(inputs, spec.blur_sigma)
-
-
-def _cover(length: int, window: int, stride: int, count: int, device: torch.device) -> torch.Tensor:
-    """(count, length) bool: window i covers positions [i*stride, i*stride + window)."""
-    pos = torch.arange(length, device=device)
-    start = torch.arange(count, device=device)[:, None] * stride
-    return (pos[None] >= start) & (pos[None] < start + window)
-
-
-def _take(base: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Rows ``index`` of a per-image tensor, or the shared one when it has a single row."""
-    return base if base.shape[0] == 1 else base[index]
-
-
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free * CUDA_FREE_FRACTION)
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        available = 4 * CPU_BUDGET_BYTES
-    return int(min(CPU_BUDGET_BYTES, available // 4))
-
-
-def _probe(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Forward ``x`` (one image) and measure the largest module output, in bytes per image."""
-    largest = [0]
-
-    def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor):
-            largest[0] = max(largest[0], output.numel() * output.element_size() // max(1, output.shape[0]))
-
-    handles = [module.register_forward_hook(hook) for module in model.modules()]
-    try:
-        logits = model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return logits, largest[0]
-
-
-def auto_chunk(per_image_input: int, per_image_activation: int, device: torch.device) -> int:
-    """Images per forward such that muted copies plus live activations fit the budget:
-
-    chunk * (2 * C*H*W*bytes + 4 * largest activation per image) <= budget
-    (CUDA: half the free memory, torch.cuda.mem_get_info; CPU: min(64 MiB, available / 4)).
-    """
-    per_image = 2 * per_image_input + 4 * per_image_activation
-    return max(1, _available_bytes(device) // max(1, per_image))
 
 
 def _base_forward(
@@ -303,9 +184,7 @@ def _base_forward(
 ) -> tuple[torch.Tensor, int]:
     """Logits of the unmuted images, and the chunk size to use (measured on the first image if automatic)."""
     n = inputs.shape[0]
-    first, largest = _probe(model, inputs[:1]) if chunk_size is None else (None, 0)
-    if chunk_size is None:
-        chunk_size = auto_chunk(inputs[0].numel() * inputs.element_size(), largest, inputs.device)
+    chunk_size, first = chunk_for(model, inputs, chunk_size)
     parts = [first] if first is not None else []
     for start in range(1 if first is not None else 0, n, chunk_size):
         parts.append(model(inputs[start : start + chunk_size]))
@@ -321,34 +200,36 @@ def occlusion_maps(
     spec: OcclusionSpec | None = None,
     chunk_size: int | None = None,
     output: Literal["probability", "logit"] = "probability",
-    activation: Literal["softmax", "sigmoid"] = "softmax",
+    head: Head = Head(multi_label=False),
 ) -> OcclusionResult:
     """Drop of every class's score for every muted window of every image.
 
     ``inputs`` (N, C, H, W) normalised images; returns an :class:`OcclusionResult` with
     ``base_scores`` (N, K) and ``drops`` (N, K, gh, gw) (float32, on the inputs' device):
     ``drops[n, k, i, j] = s_k(x_n) - s_k(x_n with window (i, j) muted)``, with s the
-    softmax/sigmoid probabilities (``output="probability"``) or the logits.
+    probabilities through ``head`` (``output="probability"``: softmax, or sigmoid for a
+    multi-label model) or the logits.
 
     The N * gh * gw muted copies are built and run ``chunk_size`` at a time (automatic:
-    see :func:`auto_chunk`); results do not depend on the chunk size beyond float rounding.
+    see :func:`visaudit.tasks.explain.perturb.chunk_for`); results do not depend on the chunk
+    size beyond float rounding.
     """
     spec = spec or OcclusionSpec()
-    _check_inputs(inputs)
-    _check_output(output, activation)
-    _check_chunk(chunk_size)
+    check_inputs(inputs)
+    check_output(output, head)
+    check_chunk(chunk_size)
     n, c, h, w = inputs.shape
     geo = spec.geometry((h, w))
     gh, gw = geo.grid
     count = geo.count
     device = inputs.device
-    rows = _cover(h, geo.window[0], geo.stride[0], gh, device)  # (gh, H)
-    cols = _cover(w, geo.window[1], geo.stride[1], gw, device)  # (gw, W)
+    rows = cover(h, geo.window[0], geo.stride[0], gh, device)  # (gh, H)
+    cols = cover(w, geo.window[1], geo.stride[1], gw, device)  # (gw, W)
     with eval_mode(model), torch.inference_mode():
         x = inputs.detach()
-        base = baseline_images(x, spec).to(x.dtype)
+        base = baseline_images(x, spec.baseline, spec.mean, spec.blur_sigma).to(x.dtype)
         logits, chunk = _base_forward(model, x, chunk_size)
-        base_scores = _to_scores(logits, output, activation)
+        base_scores = to_scores(logits, output, head)
         k = base_scores.shape[1]
         flat = torch.empty((n * count, k), dtype=torch.float32, device=device)
         total = n * count
@@ -356,11 +237,11 @@ def occlusion_maps(
             pair = torch.arange(start, min(start + chunk, total), device=device)
             image, window = pair // count, pair % count
             mask = rows[window // gw][:, :, None] & cols[window % gw][:, None, :]  # (c, H, W)
-            muted = torch.where(mask[:, None], _take(base, image), x[image])
-            scores = _to_scores(model(muted), output, activation)
+            muted = torch.where(mask[:, None], take(base, image), x[image])
+            scores = to_scores(model(muted), output, head)
             flat[start : start + pair.numel()] = base_scores[image] - scores
         drops = flat.view(n, count, k).permute(0, 2, 1).reshape(n, k, gh, gw)
-    return OcclusionResult(base_scores.clone(), drops.clone(), geo, spec.baseline, output, activation)
+    return OcclusionResult(base_scores.clone(), drops.clone(), geo, spec.baseline, output, head)
 
 
 def to_pixels(
@@ -390,8 +271,8 @@ def to_pixels(
     if tuple(grid_maps.shape[-2:]) != geo.grid:
         raise ValueError(f"maps have a {tuple(grid_maps.shape[-2:])} grid, the spec gives {geo.grid}")
     device = grid_maps.device
-    r = _cover(geo.size[0], geo.window[0], geo.stride[0], geo.grid[0], device).to(grid_maps.dtype)  # (gh, H)
-    col = _cover(geo.size[1], geo.window[1], geo.stride[1], geo.grid[1], device).to(grid_maps.dtype)  # (gw, W)
+    r = cover(geo.size[0], geo.window[0], geo.stride[0], geo.grid[0], device).to(grid_maps.dtype)  # (gh, H)
+    col = cover(geo.size[1], geo.window[1], geo.stride[1], geo.grid[1], device).to(grid_maps.dtype)  # (gw, W)
     summed = torch.einsum("iy,...ij,jx->...yx", r, grid_maps, col)
     counts = r.sum(0)[:, None] * col.sum(0)[None, :]
     return summed / counts
@@ -406,42 +287,6 @@ def pool_to_grid(cam_maps: torch.Tensor, grid: int | Sequence[int]) -> torch.Ten
         raise ValueError(f"cam_maps must be (M, h, w), got shape {tuple(cam_maps.shape)}")
     size = _pair(grid if isinstance(grid, int) else tuple(grid), "grid")
     return F.adaptive_avg_pool2d(cam_maps[:, None].float(), size)[:, 0]
-
-
-def rankdata(values: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..n along the last dim, ties given their average rank (scipy's ``rankdata``), batched."""
-    order = values.argsort(dim=-1, stable=True)
-    ordered = values.gather(-1, order)
-    n = values.shape[-1]
-    pos = torch.arange(n, device=values.device).expand_as(ordered)
-    new = torch.ones_like(ordered, dtype=torch.bool)
-    new[..., 1:] = ordered[..., 1:] != ordered[..., :-1]  # first element of each tie group
-    first = torch.where(new, pos, torch.zeros_like(pos)).cummax(dim=-1).values
-    last_flag = torch.ones_like(new)
-    last_flag[..., :-1] = new[..., 1:]  # last element of each tie group
-    last = torch.where(last_flag, pos, torch.full_like(pos, n)).flip(-1).cummin(dim=-1).values.flip(-1)
-    ranks_sorted = (first + last).to(torch.float64) / 2 + 1
-    return torch.empty_like(ranks_sorted).scatter_(-1, order, ranks_sorted)
-
-
-def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Spearman's rho per row: Pearson correlation of the (average-tie) ranks.
-
-    ``a``, ``b`` (M, n) or (n,); returns (M,) (or a scalar), float64; NaN where a row is constant.
-
-    rho = sum (R_a - mean R_a)(R_b - mean R_b) / sqrt(sum (R_a - mean)^2 sum (R_b - mean)^2)
-    """
-    if a.shape != b.shape:
-        raise ValueError(f"a and b must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.dim() not in (1, 2) or a.shape[-1] < 2:
-        raise ValueError(f"spearman needs (M, n) or (n,) with n >= 2, got shape {tuple(a.shape)}")
-    ra = rankdata(a.detach().to(torch.float64))
-    rb = rankdata(b.detach().to(torch.float64).to(a.device))
-    ra = ra - ra.mean(dim=-1, keepdim=True)
-    rb = rb - rb.mean(dim=-1, keepdim=True)
-    denominator = (ra.pow(2).sum(-1) * rb.pow(2).sum(-1)).sqrt()
-    rho = (ra * rb).sum(-1) / denominator
-    return torch.where(denominator > 0, rho, torch.full_like(rho, float("nan")))
 
 
 def faithfulness(cam_maps: torch.Tensor, occlusion_grid_maps: torch.Tensor) -> torch.Tensor:
@@ -465,97 +310,3 @@ def box_scores(
     Peak row/col are in input pixels."""
     pixels = to_pixels(grid_maps, spec, input_size).clamp(min=0)
     return score_maps(pixels, boxes.to(pixels.device), input_size)
-
-
-@dataclass
-class DeletionInsertion:
-    """RISE curves (probability of the target after each step) and their normalised AUCs."""
-
-    deletion_auc: torch.Tensor  # (N,)
-    insertion_auc: torch.Tensor  # (N,)
-    deletion_curve: torch.Tensor  # (N, steps + 1)
-    insertion_curve: torch.Tensor  # (N, steps + 1)
-
-
-def auc(curve: torch.Tensor) -> torch.Tensor:
-    """Trapezoid area under curves (..., T+1) sampled at 0, 1/T, ..., 1: in [0, 1] for probabilities.
-
-    AUC = (sum_t p_t - (p_0 + p_T) / 2) / T
-    """
-    steps = curve.shape[-1] - 1
-    return (curve.sum(-1) - (curve[..., 0] + curve[..., -1]) / 2) / steps
-
-
-def deletion_insertion(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    saliency: torch.Tensor,
-    target: torch.Tensor,
-    steps: int = 32,
-    baseline: str = "zero",
-    insertion_baseline: str = "blur",
-    chunk_size: int | None = None,
-    output: Literal["probability", "logit"] = "probability",
-    activation: Literal["softmax", "sigmoid"] = "softmax",
-) -> DeletionInsertion:
-    """RISE deletion and insertion (Petsiuk et al. 2018), batched over images and steps.
-
-    Pixels are ranked by ``saliency`` (N, h, w), upsampled bilinearly to the input, most
-    salient first (ties in raster order). At step t = 0..T the first k_t = round(t H W / T)
-    pixels are
-      deletion:  replaced by ``baseline`` (RISE: zero), starting from the image;
-      insertion: taken from the image, starting from ``insertion_baseline`` (RISE: blur);
-    and p_t = probability (or logit) of ``target[n]``. AUC = :func:`auc` of p: a faithful
-    saliency gives a LOW deletion AUC and a HIGH insertion AUC. The N (T+1) x 2 perturbed
-    copies run in chunks (automatic like :func:`occlusion_maps`).
-    """
-    _check_inputs(inputs)
-    _check_output(output, activation)
-    _check_chunk(chunk_size)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
-    for name, value in (("baseline", baseline), ("insertion_baseline", insertion_baseline)):
-        if value not in BASELINES:
-            raise ValueError(f"{name} must be one of {BASELINES}, got {value!r}")
-    n, c, h, w = inputs.shape
-    if saliency.dim() != 3 or saliency.shape[0] != n:
-        raise ValueError(f"saliency must be (N, h, w) with N = {n}, got shape {tuple(saliency.shape)}")
-    if target.shape != (n,):
-        raise ValueError(f"target must be (N,) = ({n},) class indices, got shape {tuple(target.shape)}")
-    device = inputs.device
-    up = F.interpolate(saliency[:, None].float().to(device), size=(h, w), mode="bilinear", align_corners=False)
-    order = up.flatten(1).argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(h * w, device=device).expand(n, -1))
-    rank = rank.view(n, h, w)
-    kept = torch.round(torch.arange(steps + 1, device=device, dtype=torch.float64) * (h * w) / steps).long()
-    target = target.to(device)
-    with eval_mode(model), torch.inference_mode():
-        x = inputs.detach()
-        fills = {
-            "deletion": baseline_images(x, OcclusionSpec(baseline=baseline)).to(x.dtype),
-            "insertion": baseline_images(x, OcclusionSpec(baseline=insertion_baseline)).to(x.dtype),
-        }
-        if chunk_size is None:
-            _, largest = _probe(model, x[:1])
-            chunk_size = auto_chunk(x[0].numel() * x.element_size(), largest, device)
-        per_mode = n * (steps + 1)
-        curves = torch.empty((2 * per_mode,), dtype=torch.float32, device=device)
-        for start in range(0, 2 * per_mode, chunk_size):
-            pair = torch.arange(start, min(start + chunk_size, 2 * per_mode), device=device)
-            insertion = pair >= per_mode
-            local = pair % per_mode
-            image, step = local // (steps + 1), local % (steps + 1)
-            muted = rank[image] < kept[step][:, None, None]  # (c, H, W): the first k_t pixels
-            # deletion: muted -> fill; insertion: muted -> image, the rest -> fill
-            take_image = torch.where(insertion[:, None, None], muted, ~muted)[:, None]
-            fill = torch.where(
-                insertion[:, None, None, None],
-                _take(fills["insertion"], image).expand(-1, c, h, w),
-                _take(fills["deletion"], image).expand(-1, c, h, w),
-            )
-            batch = torch.where(take_image, x[image], fill)
-            scores = _to_scores(model(batch), output, activation)
-            curves[start : start + pair.numel()] = scores.gather(1, target[image][:, None])[:, 0]
-        deletion = curves[:per_mode].view(n, steps + 1).clone()
-        insertion_curve = curves[per_mode:].view(n, steps + 1).clone()
-    return DeletionInsertion(auc(deletion), auc(insertion_curve), deletion, insertion_curve)

@@ -1,9 +1,10 @@
 """``visaudit explain``: one image, one panel PNG, like the seeds' Colab walkthrough.
 
 For each target class a row: the image, Grad-CAM over it, Guided Backpropagation,
-Guided Grad-CAM and counterfactual Grad-CAM; beside them the model's top-5. Every map
-comes from ONE hooked forward of the image and one plain plus one guided backward per
-target round (see :func:`visaudit.tasks.explain.cam.explain`).
+Guided Grad-CAM and counterfactual Grad-CAM; beside them the model's top-5 probabilities
+(softmax, or sigmoid for a multi-label model). Every map comes from ONE hooked forward of
+the image and one plain plus one guided backward per target round (see
+:func:`visaudit.tasks.explain.cam.explain`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+
 from visaudit.tasks.data.images import decode, normalise, to_batch
-from visaudit.tasks.explain import cam
+from visaudit.tasks.explain.cam import explain
 from visaudit.tasks.explain.overlay import overlay_pixels
+from visaudit.tasks.explain.registry import INPUT_LAYER, method_title
+from visaudit.tasks.model.head import Head
+from visaudit.tasks.model.hooks import hooked_forward
 from visaudit.tasks.model.loading import LoadedModel, default_preprocess
 
 PANEL_METHODS = ("gradcam", "guided_backprop", "guided_gradcam", "counterfactual")
@@ -48,8 +53,13 @@ def explain_image(
     targets: list[str] | None = None,
     resize: int | None = None,
     crop: int | None = None,
+    multi_label: bool = False,
 ) -> PanelResult:
-    """Explain one image for the predicted class (or each named target) and save the panel."""
+    """Explain one image for the predicted class (or each named target) and save the panel.
+
+    The top-5 are the model's probabilities through its head: softmax, or the sigmoid of
+    each class when ``multi_label``.
+    """
     if len(classes) != loaded.num_classes:
         raise ValueError(f"the model has {loaded.num_classes} outputs but {len(classes)} class names were given")
     unknown = [t for t in targets or [] if t not in classes]
@@ -59,25 +69,25 @@ def explain_image(
     decoded = decode(uri, pre)
     inputs = normalise(to_batch([decoded], loaded.device), pre)
     layer = loaded.layers[-1]
-    forward = cam.hooked_forward(loaded.model, inputs, [layer], guided=True)
-    probs = torch.softmax(forward.scores.detach().float(), dim=1)[0]
+    forward = hooked_forward(loaded.model, inputs, [layer], guided=True)
+    probs = Head(multi_label).probabilities(forward.scores.detach())[0]
     top_score, top_index = probs.topk(min(TOP_K, probs.numel()))
     top = [(classes[int(i)], float(s)) for s, i in zip(top_score, top_index)]
     wanted = [classes.index(t) for t in targets] if targets else [int(top_index[0])]
     sample = torch.zeros(len(wanted), dtype=torch.long, device=loaded.device)
-    maps = cam.explain(forward, sample, torch.tensor(wanted, device=loaded.device), PANEL_METHODS)
+    maps = explain(forward, sample, torch.tensor(wanted, device=loaded.device), PANEL_METHODS)
     maps = {key: value.detach().float().cpu().numpy() for key, value in maps.items()}
 
     size = decoded.pixels.shape[0]
-    columns = ["image", "Grad-CAM", "Guided Backprop", "Guided Grad-CAM", "Counterfactual"]
+    columns = ["image", *(method_title(method) for method in PANEL_METHODS)]
     figure = Figure(figsize=(2.2 * (len(columns) + 1), 2.4 * len(wanted)), dpi=100)
     axes = figure.subplots(len(wanted), len(columns) + 1, squeeze=False)
     for row, class_index in enumerate(wanted):
         pictures = [
             decoded.pixels,
             overlay_pixels(maps[("gradcam", layer)][row], decoded.pixels, size, None),
-            gradient_image(maps[("guided_backprop", cam.INPUT_LAYER)][row]),
-            gradient_image(maps[("guided_gradcam", cam.INPUT_LAYER)][row]),
+            gradient_image(maps[("guided_backprop", INPUT_LAYER)][row]),
+            gradient_image(maps[("guided_gradcam", INPUT_LAYER)][row]),
             overlay_pixels(maps[("counterfactual", layer)][row], decoded.pixels, size, None),
         ]
         for column, (title, picture) in enumerate(zip(columns, pictures)):

@@ -21,8 +21,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from visaudit.tasks.explain import cam
-from visaudit.tasks.explain.occlusion import spearman
+from visaudit.tasks.explain.cam import explain
+from visaudit.tasks.explain.guided import guided_saliency
+from visaudit.tasks.explain.ranks import spearman
+from visaudit.tasks.explain.registry import GUIDED_METHODS, INPUT_LAYER, METHODS
+from visaudit.tasks.model.hooks import hooked_forward
 
 
 def cascade(model: nn.Module, stages: list[str]) -> list[list[str]]:
@@ -64,17 +67,16 @@ class SanityResult:
 
 def maps_for(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, layer: str,
              methods: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """method -> (N, L) flattened maps of each image for its ``target`` class, from one forward."""
-    from visaudit.tasks.audit.shard import guided_saliency
-
-    guided = any(m in cam.GUIDED_METHODS for m in methods)
-    forward = cam.hooked_forward(model, inputs, [layer], guided=guided)
+    """method -> (N, L) flattened maps of each image for its ``target`` class, from one forward
+    (guided maps as stored: :func:`visaudit.tasks.explain.guided.guided_saliency`)."""
+    guided = any(m in GUIDED_METHODS for m in methods)
+    forward = hooked_forward(model, inputs, [layer], guided=guided)
     sample = torch.arange(inputs.shape[0], device=inputs.device)
-    maps = cam.explain(forward, sample, target, methods)
+    maps = explain(forward, sample, target, methods)
     out = {}
     for method in methods:
-        if method in cam.GUIDED_METHODS:
-            out[method] = guided_saliency(maps[(method, cam.INPUT_LAYER)]).flatten(1).detach()
+        if method in GUIDED_METHODS:
+            out[method] = guided_saliency(maps[(method, INPUT_LAYER)]).flatten(1).detach()
         else:
             out[method] = maps[(method, layer)].flatten(1).detach()
     return out
@@ -102,7 +104,7 @@ def sanity_check(model: nn.Module, inputs: torch.Tensor, layer: str, stages: lis
                 "step": step,
                 "randomised": "+".join(modules),
                 "method": method,
-                "layer": cam.INPUT_LAYER if method in cam.GUIDED_METHODS else layer,
+                "layer": METHODS[method].stored_layer(layer),
                 "spearman_mean": float(valid.mean()) if valid.numel() else float("nan"),
                 "spearman_std": float(valid.std()) if valid.numel() > 1 else float("nan"),
                 "images": int(valid.numel()),

@@ -1,9 +1,10 @@
-"""Model loading: torchvision architecture + weights, or a user factory; layer discovery.
+"""Model loading: torchvision architecture + weights, or a user factory.
 
 A model is described by a :class:`ModelSpec` (plain strings, so it can travel between
 Prefect tasks and processes) and built once per process by :func:`load_model`.
 Checkpoints load with ``torch.load(weights_only=True)``; a full pickle is refused unless
-the user says they trust it.
+the user says they trust it. Which layer is explained is chosen by
+:mod:`visaudit.tasks.model.layers`.
 """
 
 from __future__ import annotations
@@ -24,15 +25,8 @@ import torch
 from torch import nn
 
 from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
-
-
-_POOLING = (
-    nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.FractionalMaxPool2d,
-)
-
-
-class ModelError(ValueError):
-    """The model cannot be built or loaded; the message names the file and the fix."""
+from visaudit.tasks.model.errors import ModelError
+from visaudit.tasks.model.layers import check_layer, default_layer, probe
 
 
 @dataclass(frozen=True)
@@ -53,6 +47,7 @@ class ModelSpec:
 
     @property
     def name(self) -> str:
+        """The architecture or factory named, for messages and fingerprints."""
         return self.arch or self.factory or "model"
 
 
@@ -98,7 +93,7 @@ def load_model(spec: ModelSpec, device_name: str = "auto", input_size: int = 224
     layer_shapes, num_classes = probe(model, device, size)
     if spec.layer is not None:
         layers = [spec.layer]
-        _check_layer(model, spec.layer, layer_shapes)
+        check_layer(model, spec.layer, layer_shapes)
     else:
         layers = [default_layer(layer_shapes, model)]
     return LoadedModel(model, device, num_classes, layers, preprocess, categories, fingerprint, layer_shapes)
@@ -138,6 +133,7 @@ def _read_weights(spec: ModelSpec) -> tuple[dict[str, torch.Tensor] | nn.Module 
 
 
 def _is_file_spec(weights: str) -> bool:
+    """Whether ``weights`` names a file (rather than a torchvision weights name such as ``IMAGENET1K_V1``)."""
     return weights.endswith((".pt", ".pth", ".bin", ".ckpt")) or "/" in weights or Path(weights).exists()
 
 
@@ -153,6 +149,7 @@ def classifier_size(state: dict[str, torch.Tensor]) -> int | None:
 def _build_torchvision(
     spec: ModelSpec, state: dict[str, torch.Tensor] | nn.Module | None
 ) -> tuple[nn.Module, Preprocess | None, list[str] | None]:
+    """A torchvision architecture, with its preprocessing and class names when built from named weights."""
     import torchvision
 
     names = torchvision.models.list_models(module=torchvision.models)
@@ -186,6 +183,7 @@ def _build_torchvision(
 
 
 def _build_factory(spec: ModelSpec, state: dict[str, torch.Tensor] | nn.Module | None) -> nn.Module:
+    """The user's factory's model (given ``num_classes`` from the weights when it takes it)."""
     if isinstance(state, nn.Module):
         return state
     function = import_factory(spec.factory or "")
@@ -253,85 +251,6 @@ def _load_state(model: nn.Module, state: dict[str, torch.Tensor] | nn.Module, sp
             "check --arch/--model matches the architecture the weights were saved from"
         )
     model.load_state_dict(state)
-
-
-def probe(model: nn.Module, device: torch.device, size: int) -> tuple[dict[str, tuple[int, int]], int]:
-    """Run one dummy forward; return the spatial output size of every module with a 4-D
-    output (in execution order) and the number of classes (the output width)."""
-    shapes: dict[str, tuple[int, int]] = {}
-    handles = []
-
-    def record(name: str) -> Callable[..., None]:
-        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor) and output.dim() == 4:
-                shapes.pop(name, None)  # re-insert so the order is execution order
-                shapes[name] = (int(output.shape[2]), int(output.shape[3]))
-
-        return hook
-
-    for name, module in model.named_modules():
-        if name:
-            handles.append(module.register_forward_hook(record(name)))
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(1, 3, size, size, device=device))
-    except Exception as exc:
-        raise ModelError(f"the model failed on a {size}x{size} input ({type(exc).__name__}: {exc})") from exc
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ModelError(f"the model must return class scores of shape (batch, classes); it returned {shape}")
-    return shapes, int(out.shape[1])
-
-
-def default_layer(layer_shapes: dict[str, tuple[int, int]], model: nn.Module) -> str:
-    """The last module (in execution order) with a spatial output, pooling aside: the last conv stage.
-
-    When a container and its last child emit the same output, the container's hook fires
-    last, so ``layer4`` (resnet) or ``features`` (vgg, densenet, mobilenet) is chosen;
-    a pooling head such as VGG's 7x7 ``avgpool`` is not a stage.
-    """
-    modules = dict(model.named_modules())
-    spatial = [
-        name
-        for name, (h, w) in layer_shapes.items()
-        if h * w > 1 and not isinstance(modules[name], _POOLING)
-    ]
-    if not spatial:
-        raise ModelError("no layer with a spatial output found; name one with --layer")
-    return spatial[-1]
-
-
-def stage_layers(layer_shapes: dict[str, tuple[int, int]], model: nn.Module, count: int = 4) -> list[str]:
-    """The backbone's stages for the layer-by-layer view: for each spatial resolution, the last
-    module (pooling aside) that outputs it, keeping the ``count`` deepest, shallow to deep.
-
-    ResNets give ``layer1..layer4``; VGG, DenseNet and MobileNet give the last module of each
-    resolution inside ``features``.
-    """
-    modules = dict(model.named_modules())
-    last_at: dict[tuple[int, int], str] = {}
-    for name, shape in layer_shapes.items():
-        if shape[0] * shape[1] > 1 and not isinstance(modules[name], _POOLING):
-            last_at.pop(shape, None)
-            last_at[shape] = name
-    return list(last_at.values())[-count:]
-
-
-def _check_layer(model: nn.Module, layer: str, layer_shapes: dict[str, tuple[int, int]]) -> None:
-    names = dict(model.named_modules())
-    if layer not in names:
-        close = difflib.get_close_matches(layer, list(layer_shapes), n=3, cutoff=0.4)
-        hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ModelError(f"--layer {layer!r}: no such module in the model{hint}")
-    h, w = layer_shapes.get(layer, (0, 0))
-    if h * w <= 1:
-        raise ModelError(
-            f"--layer {layer!r}: its output is not a spatial (N,C,H,W) map, so it cannot be explained; "
-            f"spatial layers include {', '.join([n for n, s in layer_shapes.items() if s[0] * s[1] > 1][-3:])}"
-        )
 
 
 def default_preprocess(loaded: LoadedModel, resize: int | None, crop: int | None) -> Preprocess:

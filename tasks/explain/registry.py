@@ -1,0 +1,163 @@
+"""The explanation methods, one entry each: its name, its display title, its kind and its check.
+
+Kinds:
+
+- ``gradient``     a CAM-family method computed from the gradients at the explained layer;
+                   its entry carries the weight function ``(A, g) -> L``
+                   (:mod:`visaudit.tasks.explain.cam_family`) that
+                   :func:`visaudit.tasks.explain.cam.explain` applies;
+- ``guided``       an input-space method from the guided backward (maps keyed at
+                   :data:`INPUT_LAYER`);
+- ``cam``          CAM from the model's global-average-pool + linear head (no gradients);
+- ``occlusion``    muting windows (:mod:`visaudit.tasks.explain.occlusion`);
+- ``impressions``  class impressions synthesised from noise (:mod:`visaudit.tasks.explain.impressions`).
+
+A new CAM variant is one weight function in ``cam_family`` and one :class:`Method` entry
+here: the audit's method list, the CLI's and the report's titles all read this registry.
+:func:`check_methods` refuses, before any image is read, a method the model cannot support.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from visaudit.tasks.explain import cam_family
+from visaudit.tasks.model.errors import ModelError
+from visaudit.tasks.model.hooks import hooked_forward, relu_modules
+from visaudit.tasks.model.loading import LoadedModel
+
+Kind = Literal["gradient", "guided", "cam", "occlusion", "impressions"]
+WeightFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Check = Callable[[LoadedModel, list[str], int], None]
+
+INPUT_LAYER = "input"  # the layer input-space (guided) maps are keyed at
+
+
+def _probe_input(loaded: LoadedModel, count: int, size: int) -> torch.Tensor:
+    """``count`` seeded noise images of ``size`` pixels a side on the model's device, for the checks' forwards."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(count, 3, size, size, generator=generator).to(loaded.device)
+
+
+def check_gradients_reach(loaded: LoadedModel, layers: list[str], size: int) -> None:
+    """Gradient methods need the class scores to depend, through autograd, on each explained
+    layer; a model that detaches its backbone (or runs it under no_grad) is refused early."""
+    forward = hooked_forward(loaded.model, _probe_input(loaded, 1, size), layers)
+    acts = [forward.activations[name] for name in layers]
+    blocked = [name for name, a in zip(layers, acts) if not a.requires_grad]
+    if forward.scores.requires_grad and not blocked:
+        grads = torch.autograd.grad(forward.scores.sum(), acts, allow_unused=True)
+        blocked = [name for name, g in zip(layers, grads) if g is None]
+    elif not blocked:
+        blocked = list(layers)
+    if blocked:
+        raise ModelError(
+            f"--layer {blocked[-1]!r}: the class scores do not depend on this layer through autograd (the model "
+            "detaches its output or runs it under torch.no_grad), so gradient methods cannot explain it; "
+            "remove the .detach()/no_grad from the model's forward, choose a later layer with --layer, "
+            "or use --methods occlusion"
+        )
+
+
+def check_cam_applies(loaded: LoadedModel, layers: list[str], size: int) -> None:
+    """CAM needs a global-average-pool + linear head on the explained layer (the last of
+    ``layers``); say so early if not."""
+    layer = layers[-1]
+    forward = hooked_forward(loaded.model, _probe_input(loaded, 2, size), [layer])
+    if cam_family.linear_head(loaded.model, forward, layer) is None:
+        raise ModelError(
+            f"CAM does not apply to this model: its head on {layer!r} is not global-average-pool + linear; "
+            "use --methods gradcam (Grad-CAM equals CAM on such heads)"
+        )
+
+
+def check_relu_modules(loaded: LoadedModel, layers: list[str], size: int) -> None:
+    """Guided backprop gates ``nn.ReLU`` modules; a model without any (it calls ``F.relu``) is refused."""
+    if not relu_modules(loaded.model):
+        raise ModelError(
+            "guided backprop needs nn.ReLU modules and this model has none (it may call F.relu); "
+            "drop guided_backprop/guided_gradcam from --methods"
+        )
+
+
+@dataclass(frozen=True)
+class Method:
+    """One explanation method: ``weights`` for the ``gradient`` kind (only), and the ``check``
+    of what the model must offer beyond gradients reaching the layers (see :func:`check_methods`)."""
+
+    name: str
+    title: str
+    kind: Kind
+    weights: WeightFunction | None = None
+    check: Check | None = None
+
+    def __post_init__(self) -> None:
+        if (self.kind == "gradient") != (self.weights is not None):
+            raise ValueError(f"method {self.name!r}: a weight function goes with the 'gradient' kind, and only with it")
+
+    @property
+    def needs_gradients(self) -> bool:
+        """Whether the method backpropagates to the explained layer (the gradient and guided kinds)."""
+        return self.kind in ("gradient", "guided")
+
+    def stored_layer(self, layer: str) -> str:
+        """The layer the method's maps are keyed at: :data:`INPUT_LAYER` for guided maps, else ``layer``."""
+        return INPUT_LAYER if self.kind == "guided" else layer
+
+
+REGISTRY: tuple[Method, ...] = (
+    Method("gradcam", "Grad-CAM", "gradient", weights=cam_family.gradcam),
+    Method("gradcam++", "Grad-CAM++", "gradient", weights=cam_family.gradcam_pp),
+    Method("xgradcam", "XGrad-CAM", "gradient", weights=cam_family.xgradcam),
+    Method("layercam", "LayerCAM", "gradient", weights=cam_family.layercam),
+    Method("hirescam", "HiResCAM", "gradient", weights=cam_family.hirescam),
+    Method("counterfactual", "Counterfactual", "gradient", weights=cam_family.counterfactual),
+    Method("cam", "CAM", "cam", check=check_cam_applies),
+    Method("guided_backprop", "Guided Backprop", "guided", check=check_relu_modules),
+    Method("guided_gradcam", "Guided Grad-CAM", "guided", check=check_relu_modules),
+    Method("occlusion", "Occlusion", "occlusion"),
+    Method("impressions", "Class impressions", "impressions"),
+)
+METHODS: dict[str, Method] = {method.name: method for method in REGISTRY}
+GRADIENT_METHODS: dict[str, WeightFunction] = {m.name: m.weights for m in REGISTRY if m.weights is not None}
+GUIDED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kind == "guided")
+
+
+def method_names() -> tuple[str, ...]:
+    """Every method's name, in the registry's order."""
+    return tuple(METHODS)
+
+
+def method_title(name: str) -> str:
+    """The method's display title ("Grad-CAM"); a name the registry does not know (a method
+    stored by another version) is its own title."""
+    method = METHODS.get(name)
+    return method.title if method is not None else name
+
+
+def check_method_names(methods: Sequence[str]) -> None:
+    """Refuse names that are not methods (ValueError listing the available ones)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(method_names())}")
+
+
+def check_methods(loaded: LoadedModel, methods: Sequence[str], layers: list[str], input_size: int) -> None:
+    """Refuse, before any image is read, methods the model cannot support.
+
+    ``layers`` are the hooked layers, shallow to deep, the explained layer last (more than
+    one: the layer-by-layer Grad-CAM view). Checks, in this order: the names are known;
+    the class scores depend through autograd on every layer (when a method needs gradients,
+    or for the layer-by-layer view); then each requested method's own check, once, in
+    registry order (CAM's linear head, guided backprop's ``nn.ReLU`` modules). Unknown names
+    raise ValueError, an unsupported model :class:`ModelError`.
+    """
+    check_method_names(methods)
+    requested = [method for method in REGISTRY if method.name in set(methods)]
+    if any(method.needs_gradients for method in requested) or len(layers) > 1:
+        check_gradients_reach(loaded, layers, input_size)
+    for check in dict.fromkeys(method.check for method in requested if method.check is not None):
+        check(loaded, layers, input_size)
