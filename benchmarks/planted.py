@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from visaudit.tasks.demo.recipe import DemoRecipe, generate_dataset, train_model
+from visaudit.tasks.demo.network import train_model
+from visaudit.tasks.demo.recipe import DemoRecipe, generate_dataset
 
 BIAS_KINDS = ("attention_off_object", "attention_fixed_location", "shortcut_property", "slice_gap")
 
@@ -144,7 +145,7 @@ def audit_case(
     classes_file.parent.mkdir(parents=True, exist_ok=True)
     classes_file.write_text("\n".join(recipe.classes) + "\n")
     request = AuditRequest(
-        source=str(source), out_dir=str(out_dir), model="visaudit.tasks.demo.recipe:build_model", weights=str(weights),
+        source=str(source), out_dir=str(out_dir), model="visaudit.tasks.demo.network:build_model", weights=str(weights),
         classes_file=str(classes_file), resize=recipe.image_size, crop=recipe.image_size,
         layer="features.stage3", methods=list(methods), pdf=pdf, batch_size=64, sanity_images=8,
     )

@@ -6,7 +6,6 @@ never a traceback.
 
 from __future__ import annotations
 
-import json
 import os
 
 # Prefect reads its settings at import time: quiet by default, no analytics, patient start.
@@ -18,13 +17,24 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 from pydantic import ValidationError
 
-from visaudit.tasks.model.loading import ModelError
-from visaudit.tasks.data.sources import DataSourceError
+from visaudit.flows.options import (
+    group_parameters,
+    request_parameters,
+    request_values,
+    validation_message,
+    with_options,
+)
+from visaudit.tasks.audit.plan import RunPlan, prepare_run
+from visaudit.tasks.audit.record import RunRecord
+from visaudit.tasks.audit.request import FLAT_KEYS, AuditRequest, ModelSettings
+from visaudit.tasks.data.sources import DataSourceError, read_class_file
+from visaudit.tasks.model.errors import ModelError
+from visaudit.tasks.model.loading import load_model
 
 app = typer.Typer(
     help="Audit image classifiers: predictions, Grad-CAM, Parquet tables, and a PDF report of bias and failure modes.",
@@ -37,46 +47,26 @@ DEFAULT_OUT = Path("visaudit-out")
 USER_ERRORS = (DataSourceError, ModelError, ValueError, FileNotFoundError)
 
 
-def fail(message: str) -> None:
+def fail(message: str) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
 
 
-def _validation_message(exc: ValidationError) -> str:
-    return "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+def build_request(values: dict[str, Any]) -> AuditRequest:
+    """The request from parsed options or a config's keys; a bad value ends with one line."""
+    try:
+        request = AuditRequest.model_validate(request_values(values))
+        request.model.spec()
+    except ValidationError as exc:
+        fail(validation_message(exc))
+    except (ModelError, ValueError) as exc:
+        fail(str(exc))
+    return request
 
 
-def parse_thresholds(items: list[str]) -> dict[str, float]:
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep:
-            fail(f"--threshold {item!r}: expected NAME=VALUE, e.g. --threshold confident_error_confidence=0.95")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            fail(f"--threshold {item!r}: {value!r} is not a number")
-    return out
-
-
-def parse_impression_options(items: list[str]) -> dict[str, Any]:
-    """``NAME=VALUE`` pairs; VALUE is read as JSON (numbers, lists such as ``[0.8, 1.2]``),
-    else kept as text (``objective=logit``)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            fail(f"--impression-option {item!r}: expected NAME=VALUE, e.g. --impression-option lr=0.1")
-        try:
-            out[name.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[name.strip()] = value.strip()
-    return out
-
-
-def execute(request: "AuditRequest", quiet: bool = False) -> Path:  # noqa: F821
+def execute(request: AuditRequest, quiet: bool = False) -> Path:
     """Validate and plan (clean errors), then run the flow with a progress bar; returns the run folder."""
-    from visaudit.flows.audit import prepare_run, run_audit
+    from visaudit.flows.audit import run_audit
 
     try:
         plan = prepare_run(request)
@@ -108,7 +98,7 @@ def execute(request: "AuditRequest", quiet: bool = False) -> Path:  # noqa: F821
     return Path(plan.out_dir) / "runs" / plan.run_id
 
 
-def _progress(plan: "RunPlan", stop: threading.Event) -> None:  # noqa: F821
+def _progress(plan: RunPlan, stop: threading.Event) -> None:
     """Show shards as they land in the run's staging folder."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -127,16 +117,12 @@ def _progress(plan: "RunPlan", stop: threading.Event) -> None:  # noqa: F821
 
 
 def _print_result(run_dir: Path) -> None:
-    import json
-
-    record = json.loads((run_dir / "run.json").read_text())
-    metrics = record.get("metrics", {})
-    accuracy = metrics.get("accuracy")
-    typer.echo(
-        f"audited {metrics.get('audited')} of {metrics.get('images')} images"
-        f" ({metrics.get('unreadable')} unreadable)"
-        + (f", accuracy {accuracy:.1%}" if accuracy is not None else "")
-    )
+    metrics = RunRecord.load(run_dir).metrics
+    if metrics is not None:
+        typer.echo(
+            f"audited {metrics.audited} of {metrics.images} images ({metrics.unreadable} unreadable)"
+            + (f", accuracy {metrics.accuracy:.1%}" if metrics.accuracy is not None else "")
+        )
     for name in ("report.pdf", "report.html"):
         if (run_dir / name).exists():
             typer.echo(f"report: {run_dir / name}")
@@ -144,126 +130,26 @@ def _print_result(run_dir: Path) -> None:
 
 
 @app.command()
+@with_options(request_parameters())
 def run(
-    source: Annotated[str, typer.Argument(help="Class-per-folder directory, or a .csv/.parquet manifest (path or URL).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (tables/ and runs/).")] = DEFAULT_OUT,
-    arch: Annotated[Optional[str], typer.Option(help="torchvision architecture name, e.g. resnet18.")] = None,
-    model: Annotated[
-        Optional[str], typer.Option(help="Model factory 'package.module:function' or 'path/to/file.py:function'.")
-    ] = None,
-    weights: Annotated[
-        Optional[str], typer.Option(help="state_dict file, or a torchvision weights name such as IMAGENET1K_V1.")
-    ] = None,
-    layer: Annotated[Optional[str], typer.Option(help="Layer to explain (default: the last spatial conv stage).")] = None,
-    classes: Annotated[
-        Optional[Path], typer.Option(help="File with class names, one per line, in the model's output order.")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    shard_size: Annotated[int, typer.Option(help="Images per Prefect task.")] = 256,
-    resize: Annotated[Optional[int], typer.Option(help="Resize the shorter side to this (default: weights' or 256).")] = None,
-    crop: Annotated[Optional[int], typer.Option(help="Centre crop size (default: weights' or 224).")] = None,
-    multi_label: Annotated[
-        Optional[bool], typer.Option("--multi-label/--multi-class", help="Sigmoid or softmax model (default: from the labels).")
-    ] = None,
-    methods: Annotated[
-        str,
-        typer.Option(
-            help="Comma-separated: gradcam, gradcam++, xgradcam, layercam, hirescam, counterfactual, cam, "
-            "guided_backprop, guided_gradcam, occlusion, impressions."
-        ),
-    ] = "gradcam",
-    layer_by_layer: Annotated[
-        bool, typer.Option(help="Also Grad-CAM at each of the 4 deepest stages (same backward pass).")
-    ] = False,
-    targets: Annotated[
-        str, typer.Option(help="Classes to explain per image, comma-separated: predicted, true, top<k>.")
-    ] = "predicted,true",
-    target_class: Annotated[
-        list[str], typer.Option(help="Also explain this class for every image (repeatable).")
-    ] = [],  # noqa: B006 - typer needs a literal default
-    threshold: Annotated[
-        list[str], typer.Option(help="Override a finding threshold, NAME=VALUE (repeatable).")
-    ] = [],  # noqa: B006 - typer needs a literal default
-    templates: Annotated[Optional[Path], typer.Option(help="Folder with your own report.html.j2 and report.css.")] = None,
-    pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="Also render the PDF.")] = True,
-    run_id: Annotated[Optional[str], typer.Option(help="Resume or name a run (default: a new id).")] = None,
-    trust_checkpoint: Annotated[
-        bool, typer.Option(help="Allow weights files that are full pickles (they can run code).")
-    ] = False,
-    occlusion_grid: Annotated[int, typer.Option(help="Occlusion: windows per side (window = stride = size / grid).")] = 7,
-    occlusion_window: Annotated[Optional[int], typer.Option(help="Occlusion: window in pixels (instead of a grid).")] = None,
-    occlusion_stride: Annotated[Optional[int], typer.Option(help="Occlusion: stride in pixels (default: the window).")] = None,
-    occlusion_baseline: Annotated[str, typer.Option(help="Occlusion: what a muted window holds: zero, mean, blur.")] = "zero",
-    rise_images: Annotated[
-        int, typer.Option(help="With occlusion: images for RISE deletion/insertion of Grad-CAM and occlusion (0 = off).")
-    ] = 16,
-    impression_class: Annotated[
-        list[str], typer.Option(help="Impressions: synthesise this class (repeatable; default: every class up to the cap).")
-    ] = [],  # noqa: B006 - typer needs a literal default
-    impression_max_classes: Annotated[int, typer.Option(help="Impressions: most classes, the most frequent first.")] = 16,
-    impression_iterations: Annotated[int, typer.Option(help="Impressions: gradient-ascent steps.")] = 200,
-    impression_tv_weight: Annotated[float, typer.Option(help="Impressions: Total Variation weight (0 = off).")] = 10.0,
-    impression_seed: Annotated[int, typer.Option(help="Impressions: random seed (same seed, same images).")] = 0,
-    impression_option: Annotated[
-        list[str], typer.Option(help="Impressions: any other parameter, NAME=VALUE (repeatable; see README).")
-    ] = [],  # noqa: B006 - typer needs a literal default
-    sanity_check: Annotated[
-        bool, typer.Option("--sanity-check/--no-sanity-check", help="Model-randomisation check of the methods.")
-    ] = True,
-    sanity_images: Annotated[int, typer.Option(help="Images used by the sanity check.")] = 16,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
-    allow_outside_paths: Annotated[
-        bool, typer.Option(help="Let a manifest's relative paths leave its folder (../); only for manifests you trust.")
-    ] = False,
-    runner: Annotated[str, typer.Option(help="Where shard tasks run: threads (one device) or dask.")] = "threads",
-    precision: Annotated[
-        str, typer.Option(help="auto: bf16 autocast on CUDA (maps in float32), fp32 on the CPU; or fp32.")
-    ] = "auto",
-    gpu_decode: Annotated[
-        bool, typer.Option("--gpu-decode/--no-gpu-decode", help="On CUDA, decode JPEG files on the GPU (nvJPEG).")
-    ] = True,
-    dask_address: Annotated[Optional[str], typer.Option(help="An existing Dask scheduler (tcp://host:8786).")] = None,
-    dask_workers: Annotated[int, typer.Option(help="LocalCluster worker processes (default 2; one per GPU).")] = 2,
     cron: Annotated[
         Optional[str], typer.Option(help="Serve on this cron schedule instead of running once (see `serve`).")
     ] = None,
     timezone: Annotated[str, typer.Option(help="Time zone of --cron, e.g. Europe/Paris.")] = "UTC",
     deployment: Annotated[str, typer.Option(help="Name of the served deployment.")] = "nightly",
+    **options: Any,
 ) -> None:
     """Audit a model on a data source once (or, with --cron, on a schedule)."""
-    from visaudit.flows.audit import AuditRequest
-
-    try:
-        request = AuditRequest(
-            source=source, out_dir=str(out), arch=arch, model=model, weights=weights, layer=layer,
-            classes_file=str(classes) if classes else None, run_id=run_id, device=device,
-            batch_size=batch_size, shard_size=shard_size, resize=resize, crop=crop, multi_label=multi_label,
-            methods=[m.strip() for m in methods.split(",") if m.strip()], thresholds=parse_thresholds(threshold),
-            layer_by_layer=layer_by_layer, targets=[t.strip() for t in targets.split(",") if t.strip()],
-            target_classes=target_class, occlusion_grid=occlusion_grid, occlusion_window=occlusion_window,
-            occlusion_stride=occlusion_stride, occlusion_baseline=occlusion_baseline, sanity_check=sanity_check, sanity_images=sanity_images,
-            rise_images=rise_images, impression_classes=impression_class, impression_max_classes=impression_max_classes,
-            impression_iterations=impression_iterations, impression_tv_weight=impression_tv_weight,
-            impression_seed=impression_seed, impression_options=parse_impression_options(impression_option),
-            template_dir=str(templates) if templates else None, pdf=pdf, trust_checkpoint=trust_checkpoint,
-            allow_outside_paths=allow_outside_paths, runner=runner, dask_address=dask_address, dask_workers=dask_workers,
-            precision=precision, gpu_decode=gpu_decode,
-        )
-        request.model_spec()
-    except ValidationError as exc:
-        fail(_validation_message(exc))
-    except ModelError as exc:
-        fail(str(exc))
+    request = build_request(options)
     if cron is not None:
         serve_request(request, cron, timezone, deployment)
         return
     _print_result(execute(request, quiet))
 
 
-def serve_request(request: "AuditRequest", cron: str, timezone: str, name: str) -> None:  # noqa: F821
+def serve_request(request: AuditRequest, cron: str, timezone: str, name: str) -> None:
     """Check the request once (a bad source or model fails now, not at 2 a.m.), then serve it."""
-    from visaudit.flows.audit import prepare_run
     from visaudit.flows.schedule import check_schedule, serve_audit
 
     try:
@@ -305,23 +191,24 @@ def serve(
         raise typer.Exit(code)
 
 
-def request_from_config(path: Path) -> "AuditRequest":  # noqa: F821
-    """An AuditRequest from a TOML file whose keys are AuditRequest fields (e.g. source, out_dir, arch)."""
+def request_from_config(path: Path) -> AuditRequest:
+    """An AuditRequest from a TOML file whose keys are the run options' names (``source``, ``out``,
+    ``arch``, ``classes``, ``methods = "gradcam,occlusion"`` ...) or the request's own fields, flat
+    or in their groups' tables (``[model]``, ``[compute]`` ...)."""
     import tomllib
-
-    from visaudit.flows.audit import AuditRequest
 
     try:
         raw = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as exc:
         fail(f"{path}: {exc}")
-    unknown = sorted(set(raw) - set(AuditRequest.model_fields))
-    if unknown:
-        fail(f"{path}: unknown keys {unknown}; known: {', '.join(sorted(AuditRequest.model_fields))}")
     try:
-        return AuditRequest(**raw)
+        return AuditRequest.model_validate(raw)
     except ValidationError as exc:
-        fail(f"{path}: {_validation_message(exc)}")
+        unknown = [".".join(map(str, e["loc"])) for e in exc.errors() if e["type"] == "extra_forbidden"]
+        if unknown:
+            known = sorted({"source", "out", "run_id", "threshold", *FLAT_KEYS})
+            fail(f"{path}: unknown keys {unknown}; known: {', '.join(known)}")
+        fail(f"{path}: {validation_message(exc)}")
 
 
 @app.command()
@@ -334,29 +221,13 @@ def demo(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Build the planted-bias demo (data + a small CNN trained on the CPU) and audit it."""
-    from visaudit.flows.audit import AuditRequest
-    from visaudit.tasks.demo import recipe as demo_data
+    from visaudit.flows.demo import demo_request, prepare_demo
 
-    recipe = demo_data.load_recipe()
     started = time.perf_counter()
-    typer.echo(f"generating the demo dataset in {cache} ...", err=True)
-    data_dir = demo_data.generate_dataset(recipe, cache / "data")
-    typer.echo("training the demo model on the CPU (cached after the first time) ...", err=True)
-    metrics = demo_data.train_model(data_dir, recipe, cache / "model.pt", log=lambda line: typer.echo(line, err=True))
-    classes_file = cache / "classes.txt"
-    classes_file.write_text("\n".join(recipe.classes) + "\n")
-    typer.echo(
-        f"model ready: held-out accuracy {metrics['test_accuracy']:.1%} "
-        f"({time.perf_counter() - started:.0f} s so far)",
-        err=True,
-    )
-    request = AuditRequest(
-        source=str(data_dir / "test.csv"), out_dir=str(out), model="visaudit.tasks.demo.recipe:build_model",
-        weights=str(cache / "model.pt"), classes_file=str(classes_file), resize=recipe.image_size,
-        crop=recipe.image_size, batch_size=64, shard_size=100, pdf=pdf,
-        layer="features.stage3", methods=["gradcam", "counterfactual", "guided_gradcam", "impressions"], layer_by_layer=True,
-    )
-    _print_result(execute(request, quiet))
+    prepared = prepare_demo(cache, log=lambda line: typer.echo(line, err=True))
+    typer.echo(f"model ready: held-out accuracy {prepared.test_accuracy:.1%} "
+               f"({time.perf_counter() - started:.0f} s so far)", err=True)
+    _print_result(execute(demo_request(prepared, out, pdf), quiet))
     typer.echo(f"demo finished in {time.perf_counter() - started:.0f} s")
 
 
@@ -378,45 +249,32 @@ def report(
 
 
 @app.command()
+@with_options(group_parameters(ModelSettings))
 def explain(
     image: Annotated[str, typer.Argument(help="Image file or URL.")],
-    arch: Annotated[Optional[str], typer.Option(help="torchvision architecture name, e.g. resnet18.")] = None,
-    model: Annotated[
-        Optional[str], typer.Option(help="Model factory 'package.module:function' or 'path/to/file.py:function'.")
-    ] = None,
-    weights: Annotated[
-        Optional[str], typer.Option(help="state_dict file, or a torchvision weights name such as IMAGENET1K_V1.")
-    ] = None,
-    layer: Annotated[Optional[str], typer.Option(help="Layer to explain (default: the last spatial conv stage).")] = None,
-    classes: Annotated[
-        Optional[Path], typer.Option(help="File with class names, one per line, in the model's output order.")
-    ] = None,
     target: Annotated[
         list[str], typer.Option(help="Class to explain (repeatable; default: the predicted class).")
     ] = [],  # noqa: B006 - typer needs a literal default
     out: Annotated[Path, typer.Option("--out", "-o", help="Panel PNG to write.")] = Path("explain.png"),
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
-    resize: Annotated[Optional[int], typer.Option(help="Resize the shorter side to this (default: weights' or 256).")] = None,
-    crop: Annotated[Optional[int], typer.Option(help="Centre crop size (default: weights' or 224).")] = None,
-    trust_checkpoint: Annotated[
-        bool, typer.Option(help="Allow weights files that are full pickles (they can run code).")
-    ] = False,
+    **options: Any,
 ) -> None:
     """Explain one image: a panel PNG with Grad-CAM, guided backprop, Guided Grad-CAM, counterfactual, top-5."""
-    from visaudit.tasks.model.loading import ModelSpec, load_model
     from visaudit.tasks.explain.panel import explain_image
-    from visaudit.tasks.data.sources import read_class_file
 
     try:
-        spec = ModelSpec(arch=arch, factory=model, weights=weights, layer=layer, trust_checkpoint=trust_checkpoint)
-        loaded = load_model(spec, device, crop or 224)
-        if classes:
-            names = read_class_file(classes)
+        settings = ModelSettings.model_validate(options)
+    except ValidationError as exc:
+        fail(validation_message(exc, ModelSettings))
+    try:
+        loaded = load_model(settings.spec(), settings.device, settings.input_size)
+        if settings.classes_file:
+            names = read_class_file(Path(settings.classes_file))
         elif loaded.categories:
             names = loaded.categories
         else:
             names = [f"class {i}" for i in range(loaded.num_classes)]
-        result = explain_image(image, loaded, names, out, target or None, resize, crop)
+        result = explain_image(image, loaded, names, out, target or None, settings.resize, settings.crop,
+                               multi_label=bool(settings.multi_label))
     except (*USER_ERRORS, OSError) as exc:
         fail(f"{image}: {exc}" if isinstance(exc, OSError) else str(exc))
     for name, value in result.top:

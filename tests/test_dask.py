@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import make_shapes, sorted_tables
 
 pytest.importorskip("prefect_dask")
@@ -19,8 +17,7 @@ pytest.importorskip("prefect_dask")
 def test_dask_local_cluster_gives_the_same_tables(tmp_path, tiny_model_file) -> None:
     manifest = make_shapes(tmp_path / "data", {"red": 6, "green": 6, "blue": 6})
     model, weights = tiny_model_file
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
     env.pop("PREFECT_API_URL", None)
     outputs = {}

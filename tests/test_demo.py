@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from visaudit.tasks.demo import network
 from visaudit.tasks.demo import recipe as demo
 
 
@@ -68,7 +69,7 @@ def test_background_bias_is_planted() -> None:
 
 
 def test_model_shapes_and_cam_layer() -> None:
-    model = demo.build_model(4).eval()
+    model = network.build_model(4).eval()
     features = {}
     model.features.stage3.register_forward_hook(lambda _m, _i, out: features.setdefault("stage3", out))
     with torch.no_grad():
@@ -80,11 +81,11 @@ def test_model_shapes_and_cam_layer() -> None:
 def test_training_writes_loadable_weights_and_is_cached(recipe, dataset, tmp_path) -> None:
     weights = tmp_path / "model.pt"
     lines: list[str] = []
-    metrics = demo.train_model(dataset, recipe, weights, log=lines.append)
+    metrics = network.train_model(dataset, recipe, weights, log=lines.append)
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["epochs"] == 1
-    model = demo.build_model(len(recipe.classes))
+    model = network.build_model(len(recipe.classes))
     model.load_state_dict(torch.load(weights, weights_only=True))
-    again = demo.train_model(dataset, recipe, weights, log=lines.append)
+    again = network.train_model(dataset, recipe, weights, log=lines.append)
     assert again == metrics and any("reusing" in line for line in lines)
 
 
@@ -97,15 +98,15 @@ def test_bad_recipe_is_rejected(tmp_path) -> None:
 
 def test_fgsm_adversarial_stays_within_epsilon_and_raises_the_loss() -> None:
     torch.manual_seed(0)
-    model = demo.build_model(4).eval()
+    model = network.build_model(4).eval()
     pixels = torch.rand(6, 3, 48, 48)
     labels = torch.tensor([0, 1, 2, 3, 0, 1])
     loss_fn = torch.nn.CrossEntropyLoss()
     epsilon = 4 / 255
-    moved = demo.fgsm_adversarial(model, pixels, labels, epsilon, loss_fn)
+    moved = network.fgsm_adversarial(model, pixels, labels, epsilon, loss_fn)
     assert (moved - pixels).abs().max() <= epsilon + 1e-6 and moved.min() >= 0 and moved.max() <= 1
     with torch.no_grad():
-        assert loss_fn(model(demo.normalise(moved)), labels) > loss_fn(model(demo.normalise(pixels)), labels)
+        assert loss_fn(model(network.normalise(moved)), labels) > loss_fn(model(network.normalise(pixels)), labels)
     assert all(p.grad is None for p in model.parameters()), "the attack must not touch the parameters' gradients"
 
 

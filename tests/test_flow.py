@@ -321,7 +321,7 @@ def test_layer_by_layer_keeps_one_stage_per_resolution(tmp_path) -> None:
     from visaudit.flows.audit import AuditRequest, prepare_run
 
     manifest = make_shapes(tmp_path / "data", {"red": 2, "green": 2, "blue": 2, "gray": 2}, size=96)
-    plan = prepare_run(AuditRequest(source=str(manifest), out_dir=str(tmp_path / "out"), model="visaudit.tasks.demo.recipe:build_model",
+    plan = prepare_run(AuditRequest(source=str(manifest), out_dir=str(tmp_path / "out"), model="visaudit.tasks.demo.network:build_model",
                                     layer="features.stage3", layer_by_layer=True, crop=96, resize=96))
     # the `features` container outputs stage3's 12x12 map again: it must not appear as a stage of its own
     assert plan.layers == ["features.stem", "features.stage1", "features.stage2", "features.stage3"]

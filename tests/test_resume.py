@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from conftest import make_shapes, sorted_tables
+
 from visaudit.tasks.data.storage import read_table, staging_dir
 
 TABLES = ("predictions", "explanations", "signals", "occlusion", "findings")
@@ -27,9 +27,7 @@ def _command(manifest: Path, model: Path, weights: Path, out: Path, run_id: str)
 
 
 def _env() -> dict[str, str]:
-    root = Path(__file__).resolve().parents[1]
-    return {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
+    return {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
 
 
 def _failure_summary(stderr: str) -> str:

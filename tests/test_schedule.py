@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import make_shapes
 from typer.testing import CliRunner
 
-from conftest import make_shapes
 from visaudit.flows.cli import app
 from visaudit.tasks.data.storage import read_table
 
@@ -42,12 +41,11 @@ def test_served_schedule_runs_an_audit_into_the_tables(tmp_path, tiny_model_file
     manifest = make_shapes(tmp_path / "data", {"red": 4, "green": 4, "blue": 4})
     model, weights = tiny_model_file
     out = tmp_path / "out"
-    root = Path(__file__).resolve().parents[1]
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))  # a server of its own, fresh database
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with prefect_server() as url:
         env = {**os.environ, "PREFECT_API_URL": url, "PREFECT_RUNNER_POLL_FREQUENCY": "1",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PYTHONPATH": str(root)}
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
         served = subprocess.Popen(
             [sys.executable, "-m", "visaudit.flows.cli", "serve", str(manifest), "--out", str(out), "--model", f"{model}:build",
              "--weights", str(weights), "--crop", "48", "--resize", "48", "--no-pdf", "--no-sanity-check",

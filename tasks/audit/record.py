@@ -1,7 +1,7 @@
 """The run record, ``runs/<run_id>/run.json``: what was audited, how, with what, and how long it took.
 
-One typed model, written by the audit's commit and read by the report and the command
-line; records written by older versions load with their missing fields at their defaults.
+One typed model, written by the commit (``audit.commit``) and read by the report and the command line;
+records written by older versions load with their missing fields at their defaults.
 """
 
 from __future__ import annotations
@@ -85,3 +85,4 @@ class RunRecord(BaseModel):
         tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2), encoding="utf-8")
         os.replace(tmp, path)
         return path
+

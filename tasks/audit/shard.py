@@ -16,12 +16,16 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from visaudit.tasks.explain import cam
-from visaudit.tasks.explain import occlusion
-from visaudit.tasks.explain import signals
 from visaudit.tasks.data import storage
-from visaudit.tasks.data.schema import table_schema
 from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many, normalise, to_batch
+from visaudit.tasks.data.labels import label_matrix
+from visaudit.tasks.data.schema import table_schema
+from visaudit.tasks.explain import cam, occlusion, signals
+from visaudit.tasks.explain.cam_family import class_activation_maps, linear_head
+from visaudit.tasks.explain.guided import guided_saliency
+from visaudit.tasks.explain.registry import GRADIENT_METHODS, GUIDED_METHODS, INPUT_LAYER
+from visaudit.tasks.model.head import Head
+from visaudit.tasks.model.hooks import hooked_forward
 from visaudit.tasks.model.loading import LoadedModel
 
 TOP_K = 5
@@ -61,17 +65,6 @@ class ShardResult:
     unreadable: int
     seconds: dict[str, float] = field(default_factory=dict)
     reused: bool = False
-
-
-def label_matrix(labels: list[list[str]], classes: tuple[str, ...]) -> np.ndarray:
-    """(N, K) boolean: which known classes each image is labelled with."""
-    position = {name: i for i, name in enumerate(classes)}
-    matrix = np.zeros((len(labels), len(classes)), dtype=bool)
-    for row, names in enumerate(labels):
-        for name in names:
-            if name in position:
-                matrix[row, position[name]] = True
-    return matrix
 
 
 def audit_shard(
@@ -190,22 +183,21 @@ def _run_batch(
     device = loaded.device
     pixels = to_batch(decoded, device)
     inputs = normalise(pixels, settings.preprocess)
-    guided = tuple(m for m in settings.methods if m in cam.GUIDED_METHODS)
+    guided = tuple(m for m in settings.methods if m in GUIDED_METHODS)
     fast = device.type == "cuda" and settings.precision == "auto"
     if device.type == "cuda":
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
-        forward = cam.hooked_forward(loaded.model, inputs, settings.layers, guided=bool(guided))
+        forward = hooked_forward(loaded.model, inputs, settings.layers, guided=bool(guided))
     scores = forward.scores.detach().float()
     labels = torch.from_numpy(label_matrix(rows["labels"].tolist(), settings.classes)).to(device)
     has_label = labels.any(dim=1)
+    probs = Head(settings.multi_label).probabilities(scores)
     if settings.multi_label:
-        probs = torch.sigmoid(scores)
         predicted = probs >= settings.label_threshold
         loss = F.binary_cross_entropy_with_logits(scores, labels.float(), reduction="none").mean(dim=1)
         correct = (predicted == labels).all(dim=1).float()
     else:
-        probs = torch.softmax(scores, dim=1)
         predicted = F.one_hot(probs.argmax(dim=1), probs.shape[1]).bool()
         single = labels.sum(dim=1) == 1
         target = labels.float().argmax(dim=1)
@@ -219,7 +211,7 @@ def _run_batch(
 
     pairs = target_matrix(probs, predicted, labels, settings).nonzero()  # sorted by image, then class
     sample, target_cls = pairs[:, 0], pairs[:, 1]
-    gradient_methods = tuple(m for m in settings.methods if m in cam.GRADIENT_METHODS)
+    gradient_methods = tuple(m for m in settings.methods if m in GRADIENT_METHODS)
     stage_methods = ("gradcam",) if settings.stages else ()
     needed = tuple(dict.fromkeys(gradient_methods + stage_methods + guided))
     all_maps = cam.explain(forward, sample, target_cls, needed) if needed else {}
@@ -229,15 +221,15 @@ def _run_batch(
         if layer == settings.layer and method in gradient_methods or layer != settings.layer and method == "gradcam"
     }
     for method in guided:
-        maps[(method, cam.INPUT_LAYER)] = guided_saliency(all_maps[(method, cam.INPUT_LAYER)])
+        maps[(method, INPUT_LAYER)] = guided_saliency(all_maps[(method, INPUT_LAYER)])
     if "cam" in settings.methods:
-        weights = cam.linear_head(loaded.model, forward, settings.layer)
+        weights = linear_head(loaded.model, forward, settings.layer)
         if weights is None:
             raise ValueError(
                 f"CAM does not apply: the model's head on {settings.layer!r} is not global-average-pool + "
                 "linear; use gradcam (which equals CAM on such heads)"
             )
-        maps[("cam", settings.layer)] = cam.class_activation_maps(
+        maps[("cam", settings.layer)] = class_activation_maps(
             forward.activations[settings.layer], weights, sample, target_cls
         )
     boxes = _input_boxes(rows, decoded, device)[sample]
@@ -246,8 +238,7 @@ def _run_batch(
     occluded = occlusion_scores = faithful = None
     if "occlusion" in settings.methods:
         spec = settings.occlusion or occlusion.OcclusionSpec()
-        activation = "sigmoid" if settings.multi_label else "softmax"
-        muted = occlusion.occlusion_maps(loaded.model, inputs, spec, activation=activation)
+        muted = occlusion.occlusion_maps(loaded.model, inputs, spec, head=Head(settings.multi_label))
         occluded = muted.maps(sample, target_cls)
         occlusion_scores = occlusion.box_scores(occluded, boxes, settings.preprocess.crop, spec)
         gradcam = all_maps.get(("gradcam", settings.layer))
@@ -279,18 +270,6 @@ def box_tolerance(input_size: int, map_height: int) -> float:
     """Half a map cell, in input pixels: the box tolerance of a map's box scores (16 px for a
     7x7 map at 224 px, close to the pointing game's 15 px)."""
     return input_size / (2 * map_height)
-
-
-GUIDED_STORED_SIZE = 56  # guided maps are stored pooled to at most this many pixels a side
-
-
-def guided_saliency(gradients: torch.Tensor) -> torch.Tensor:
-    """(M, 3, H, W) input gradients -> (M, h, w) stored map: max_c |g_c| per pixel, average-pooled
-    to at most GUIDED_STORED_SIZE a side, so a table row stays small (56x56 floats at 224 px)."""
-    saliency = gradients.abs().amax(dim=1, keepdim=True)
-    h, w = saliency.shape[-2:]
-    scale = max(1, -(-max(h, w) // GUIDED_STORED_SIZE))
-    return F.avg_pool2d(saliency, scale, ceil_mode=True)[:, 0] if scale > 1 else saliency[:, 0]
 
 
 def _input_boxes(rows: pd.DataFrame, decoded: list[Decoded], device: torch.device) -> torch.Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from visaudit.tasks.audit.shard import label_matrix
+from visaudit.tasks.data.labels import label_matrix
 from visaudit.tasks.data.sources import attribute_pairs
 from visaudit.tasks.findings.calibration import reliability_of
 from visaudit.tasks.findings.metrics import judged_rows

@@ -1,0 +1,110 @@
+"""The end of a run: its record written, its staged tables and figures moved into place at once.
+
+Until :func:`commit` renames the staging folders, readers see nothing of the run; after it,
+they see all of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from visaudit.tasks.audit.plan import RunPlan
+from visaudit.tasks.audit.record import DataInfo, ModelInfo, RunRecord
+from visaudit.tasks.audit.steps import FEATURES_DIR, IMPRESSIONS_DIR
+from visaudit.tasks.data import storage
+from visaudit.tasks.data.records import MetricRow, metric_frame
+from visaudit.tasks.findings.metrics import RunMetrics, summary_metrics
+
+RUN_METRICS = ("images", "audited", "unreadable", "accuracy", "top5_accuracy", "ece")  # per-run trend rows
+
+
+def series_key(model_fingerprint: str, source: str) -> str:
+    """Which runs form one trend: the same model weights on the same data source."""
+    return json.dumps({"model": model_fingerprint, "source": source}, sort_keys=True)
+
+
+def run_metric_rows(metrics: RunMetrics, findings: pd.DataFrame, series: str) -> list[MetricRow]:
+    """The run's headline numbers as ``metrics`` rows (``detail`` = the series key, so that
+    nightly runs of one model on one source line up as a trend)."""
+    counts = findings["severity"].value_counts()
+    values: dict[str, float | None] = {name: getattr(metrics, name) for name in RUN_METRICS}
+    values |= {f"findings_{level}": int(counts.get(level, 0)) for level in ("high", "medium", "low")}
+    return [MetricRow(metric=name, detail=series, value=value, images=metrics.audited) for name, value in values.items()]
+
+
+def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, float]) -> RunRecord:
+    """The record of a finished run (its metrics computed from its predictions)."""
+    import prefect
+    import torchvision
+
+    request = plan.request
+    parameters: dict[str, Any] = {
+        "methods": request.explain.methods,
+        "device": request.model.device,
+        "batch_size": request.compute.batch_size,
+        "shard_size": request.compute.shard_size,
+        "thresholds": request.finding_thresholds().as_dict(),
+    }
+    if "impressions" in request.explain.methods:
+        chosen = request.impressions.classes or f"up to {request.impressions.max_classes}"
+        parameters["impressions"] = {"classes": chosen, **request.impressions.settings(plan.preprocess.crop).as_dict()}
+    metrics = summary_metrics(predictions, plan.multi_label)
+    return RunRecord(
+        run_id=plan.run_id,
+        started=plan.started,
+        finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=ModelInfo(name=request.model.arch or request.model.model, weights=request.model.weights,
+                        fingerprint=plan.model_fingerprint, task="multilabel" if plan.multi_label else "multiclass",
+                        layers=plan.layers, num_classes=len(plan.classes)),
+        data=DataInfo(source=request.source, fingerprint=plan.data_fingerprint, images=plan.images,
+                      unreadable=metrics.unreadable),
+        classes=plan.classes,
+        preprocess=asdict(plan.preprocess),
+        parameters=parameters,
+        versions={"visaudit": _version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+                  "prefect": prefect.__version__, "python": platform.python_version()},
+        timings=timings,
+        metrics=metrics,
+    )
+
+
+def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
+    """Make the run visible: write run.json, move staged tables and figures into place, drop the plan."""
+    out_dir = Path(plan.out_dir)
+    predictions = storage.read_staged("predictions", out_dir, plan.run_id)
+    run_dir = out_dir / "runs" / plan.run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = build_record(plan, predictions, timings)
+    for folder in (FEATURES_DIR, IMPRESSIONS_DIR):  # figures made at audit time (they need the model)
+        staged = plan.folder / folder
+        if staged.is_dir():
+            shutil.rmtree(run_dir / folder, ignore_errors=True)
+            os.replace(staged, run_dir / folder)
+    findings = storage.read_staged("findings", out_dir, plan.run_id)
+    series = series_key(plan.model_fingerprint, plan.request.source)
+    assert record.metrics is not None
+    storage.write_part(metric_frame(run_metric_rows(record.metrics, findings, series)), "metrics", out_dir,
+                       plan.run_id, "run")
+    record.save(run_dir)
+    storage.commit_run(out_dir, plan.run_id)
+    shutil.rmtree(plan.folder, ignore_errors=True)
+    return run_dir
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("visaudit")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,196 @@
+"""The plan of a run: the request validated, the data indexed, the model checked, the shards cut.
+
+:func:`prepare_run` does it once and saves the plan beside the run's staged parts, so a
+restarted run (same ``--run-id``) reuses the plan and the shards already done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import NamedTuple
+
+import pandas as pd
+from pydantic import BaseModel
+
+from visaudit.tasks.audit.request import AuditRequest
+from visaudit.tasks.audit.shard import ShardSettings
+from visaudit.tasks.data.images import Preprocess
+from visaudit.tasks.data.sources import build_index, class_names_from_index, read_class_file, write_index
+from visaudit.tasks.explain.impression_settings import choose_classes
+from visaudit.tasks.explain.registry import check_method_names, check_methods
+from visaudit.tasks.model.errors import ModelError
+from visaudit.tasks.model.layers import stage_layers
+from visaudit.tasks.model.loading import LoadedModel, default_preprocess, load_model
+
+PLAN_NAME = "plan.json"
+INDEX_NAME = "index.parquet"
+
+
+class Shard(NamedTuple):
+    """Rows ``start:stop`` of the run's index, audited as one Prefect task named ``name``."""
+
+    name: str
+    start: int
+    stop: int
+
+
+class RunPlan(BaseModel):
+    """The validated plan of a run, saved beside its staged parts so a restart reuses it."""
+
+    run_id: str
+    out_dir: str
+    request: AuditRequest
+    classes: list[str]
+    preprocess: Preprocess
+    multi_label: bool
+    layers: list[str]  # hooked layers, shallow to deep; the explained layer last
+    model_fingerprint: str
+    data_fingerprint: str
+    images: int
+    shards: list[Shard]
+    started: str
+
+    @property
+    def folder(self) -> Path:
+        return plan_dir(Path(self.out_dir), self.run_id)
+
+    @property
+    def layer(self) -> str:
+        """The explained layer."""
+        return self.layers[-1]
+
+    def load_model(self, device: str | None = None) -> LoadedModel:
+        """The run's model (cached per process), on ``device`` or the requested one."""
+        model = self.request.model
+        return load_model(model.spec(), device or model.device, model.input_size)
+
+    def shard_settings(self) -> ShardSettings:
+        request = self.request
+        return ShardSettings(
+            classes=tuple(self.classes),
+            preprocess=self.preprocess,
+            multi_label=self.multi_label,
+            batch_size=request.compute.batch_size,
+            decode_workers=request.compute.decode_workers,
+            methods=tuple(request.explain.methods),
+            layer=self.layer,
+            stages=tuple(self.layers[:-1]),
+            targets=tuple(request.explain.targets),
+            target_classes=tuple(request.explain.target_classes),
+            occlusion=request.occlusion.spec() if "occlusion" in request.explain.methods else None,
+            precision=request.compute.precision,
+            gpu_decode=request.compute.gpu_decode,
+        )
+
+    def save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f"{PLAN_NAME}.tmp"
+        tmp.write_text(self.model_dump_json(indent=2))
+        os.replace(tmp, self.folder / PLAN_NAME)
+
+
+def new_run_id() -> str:
+    """Sortable, never all digits (so Hive partitioning reads it as a string)."""
+    return f"r{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+
+
+def plan_dir(out_dir: Path, run_id: str) -> Path:
+    """Hidden folder holding a run's plan and index until the run is committed."""
+    return Path(out_dir) / "runs" / f".staging-{run_id}"
+
+
+def load_plan(folder: Path) -> RunPlan:
+    return RunPlan.model_validate_json((Path(folder) / PLAN_NAME).read_text())
+
+
+def prepare_run(request: AuditRequest) -> RunPlan:
+    """Validate the request, index the data, load the model once, and save the plan.
+
+    Raises :class:`DataSourceError` or :class:`ModelError` with a one-line message for bad
+    input. A plan saved by an earlier attempt of the same run is reused as is.
+    """
+    run_id = request.run_id or new_run_id()
+    folder = plan_dir(Path(request.out_dir), run_id)
+    if (folder / PLAN_NAME).exists():
+        return load_plan(folder)
+    check_method_names(request.explain.methods)
+    index = build_index(request.source, allow_outside=request.data.allow_outside_paths)
+    loaded = load_model(request.model.spec(), request.model.device, request.model.input_size)
+    preprocess = default_preprocess(loaded, request.model.resize, request.model.crop)
+    classes = _class_names(request, loaded, index)
+    if unknown_targets := [c for c in request.explain.target_classes if c not in classes]:
+        raise ValueError(f"--target-class {unknown_targets}: not among the model's classes ({', '.join(classes[:8])}, ...)")
+    layers = _explained_layers(loaded, request.explain.layer_by_layer)
+    _check_methods(request, loaded, layers, preprocess.crop, classes)
+    multi_label = request.model.multi_label
+    if multi_label is None:
+        multi_label = bool((index["labels"].map(len) > 1).any())
+    size = request.compute.shard_size
+    plan = RunPlan(
+        run_id=run_id,
+        out_dir=str(Path(request.out_dir).resolve()),
+        request=request.model_copy(update={"run_id": run_id}),
+        classes=list(classes),
+        preprocess=preprocess,
+        multi_label=multi_label,
+        layers=layers,
+        model_fingerprint=loaded.fingerprint,
+        data_fingerprint=_fingerprint(index),
+        images=len(index),
+        shards=[Shard(f"{i // size:05d}", i, min(i + size, len(index))) for i in range(0, len(index), size)],
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    write_index(index, folder / INDEX_NAME)
+    plan.save()
+    return plan
+
+
+def _class_names(request: AuditRequest, loaded: LoadedModel, index: pd.DataFrame) -> list[str]:
+    """The model's class names: the user's file, else the weights', else the data's labels."""
+    if request.model.classes_file:
+        classes = read_class_file(Path(request.model.classes_file))
+    elif loaded.categories:
+        classes = loaded.categories
+    else:
+        classes = class_names_from_index(index)
+    if len(classes) != loaded.num_classes:
+        raise ModelError(
+            f"the model has {loaded.num_classes} outputs but {len(classes)} class names were found "
+            f"({', '.join(classes[:6])}{', ...' if len(classes) > 6 else ''}); pass --classes FILE "
+            "with the model's class names, one per line, in output order"
+        )
+    return list(classes)
+
+
+def _explained_layers(loaded: LoadedModel, layer_by_layer: bool) -> list[str]:
+    """The hooked layers, shallow to deep: one stage per resolution (layer-by-layer), then the
+    explained layer, which stands for its own resolution."""
+    layer = loaded.layers[-1]
+    if not layer_by_layer:
+        return [layer]
+    shapes = loaded.layer_shapes
+    return [s for s in stage_layers(shapes, loaded.model) if s != layer and shapes[s] != shapes.get(layer)] + [layer]
+
+
+def _check_methods(request: AuditRequest, loaded: LoadedModel, layers: list[str], size: int,
+                   classes: list[str]) -> None:
+    """Fail now, with the fix, for a method that cannot run on this model or these settings."""
+    methods = request.explain.methods
+    check_methods(loaded, methods, layers, size)
+    if "occlusion" in methods:
+        request.occlusion.spec().geometry(size)  # a window that does not fit fails here
+    if "impressions" in methods:
+        choose_classes(classes, request.impressions.classes, request.impressions.max_classes)  # unknown names
+        request.impressions.settings(size)  # and bad options fail here
+
+
+def _fingerprint(index: pd.DataFrame) -> str:
+    """The data's fingerprint: its image URIs and labels, in order."""
+    rows = index[["uri"]].assign(labels=index["labels"].map(";".join))
+    return hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes()).hexdigest()
+

@@ -1,0 +1,289 @@
+"""What a run is asked to do: the :class:`AuditRequest`, in settings groups.
+
+Each group is one concern (the model, the compute, the explanations, occlusion, the sanity
+check, class impressions, the report). Every field carries the description the command line
+shows and the name of its option (``flag``), so ``visaudit run``'s options are generated from
+these classes (``visaudit.flows.options``) instead of being copied by hand.
+
+A request can be written nested (``{"model": {"arch": "resnet18"}}``) or flat, with the run
+options' names or the fields' own (``arch="resnet18"``, ``classes="c.txt"`` or
+``classes_file="c.txt"``, ``methods="gradcam,occlusion"``): flat keys are routed into their
+group, so a TOML config and a Python caller use the names the command line uses.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from visaudit.tasks.explain.impression_settings import ImpressionSettings, settings_for_input
+from visaudit.tasks.explain.occlusion import OcclusionSpec
+from visaudit.tasks.findings.thresholds import Thresholds
+from visaudit.tasks.model.loading import ModelSpec
+
+
+def option(default: Any = None, description: str = "", *, flag: str | None = None, key: str | None = None,
+           form: str | None = None, **constraints: Any) -> Any:
+    """A settings field with its command-line ``flag`` (default: the field name with dashes),
+    its flat ``key`` in configs (default: the field name) and its ``form`` on the command line:
+    ``"comma"`` (a comma-separated list), ``"repeat"`` (a repeatable option), ``"pairs"``
+    (repeatable NAME=VALUE), ``"switch:--on/--off"`` (a boolean with two spellings)."""
+    extra = {name: value for name, value in (("flag", flag), ("key", key), ("form", form)) if value}
+    factory = {"default_factory": list} if default == [] else {"default_factory": dict} if default == {} else {}
+    return Field(**({"default": default} if not factory else factory), description=description,
+                 json_schema_extra=extra or None, **constraints)
+
+
+def _split(value: Any) -> Any:
+    """A comma-separated string as a list (configs and the command line write lists that way)."""
+    return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+
+class Settings(BaseModel):
+    """A settings group: unknown keys are errors; ``title`` heads its options in ``--help``."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    title: ClassVar[str] = ""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_names(cls, data: Any) -> Any:
+        """Keys may be the fields' flat names (``classes`` for ``classes_file``, ``occlusion_grid``...)."""
+        if not isinstance(data, dict):
+            return data
+        names = {flat: field for field in cls.model_fields for flat in flat_names(cls, field)}
+        return {key if key in cls.model_fields else names.get(key.replace("-", "_"), key): value
+                for key, value in data.items()}
+
+
+class ModelSettings(Settings):
+    """The model to audit and how its inputs are prepared."""
+
+    title: ClassVar[str] = "Model"
+    arch: str | None = option(None, "torchvision architecture name, e.g. resnet18.")
+    model: str | None = option(None, "Model factory 'package.module:function' or 'path/to/file.py:function'.")
+    weights: str | None = option(None, "state_dict file, or a torchvision weights name such as IMAGENET1K_V1.")
+    layer: str | None = option(None, "Layer to explain (default: the last spatial conv stage).")
+    classes_file: str | None = option(None, "File with class names, one per line, in the model's output order.",
+                                      flag="classes")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
+    resize: int | None = option(None, "Resize the shorter side to this (default: weights' or 256).", ge=8)
+    crop: int | None = option(None, "Centre crop size (default: weights' or 224).", ge=8)
+    multi_label: bool | None = option(None, "Sigmoid or softmax model (default: from the labels).",
+                                      form="switch:--multi-label/--multi-class")
+    trust_checkpoint: bool = option(False, "Allow weights files that are full pickles (they can run code).")
+
+    def spec(self) -> ModelSpec:
+        """The loader's view of the model (a bad combination is a ModelError)."""
+        return ModelSpec(arch=self.arch, factory=self.model, weights=self.weights, layer=self.layer,
+                         trust_checkpoint=self.trust_checkpoint)
+
+    @property
+    def input_size(self) -> int:
+        """The input size the model is probed at before its preprocessing is known."""
+        return self.crop or 224
+
+
+class ComputeSettings(Settings):
+    """Where and how fast the work runs."""
+
+    title: ClassVar[str] = "Compute"
+    batch_size: int = option(32, "Images per forward pass.", ge=1, le=4096)
+    shard_size: int = option(256, "Images per Prefect task.", ge=1, le=1_000_000)
+    decode_workers: int = option(4, "Threads decoding images.", ge=1, le=64)
+    precision: str = option("auto", "auto: bf16 autocast on CUDA (maps in float32), fp32 on the CPU; or fp32.",
+                            pattern="^(auto|fp32)$")
+    gpu_decode: bool = option(True, "On CUDA, decode JPEG files on the GPU (nvJPEG).",
+                              form="switch:--gpu-decode/--no-gpu-decode")
+    runner: str = option("threads", "Where shard tasks run: threads (one device) or dask.", pattern="^(threads|dask)$")
+    dask_address: str | None = option(None, "An existing Dask scheduler (tcp://host:8786).")
+    dask_workers: int = option(2, "LocalCluster worker processes (default 2; one per GPU).", ge=1, le=1024)
+
+
+class DataSettings(Settings):
+    """How the data source is read."""
+
+    title: ClassVar[str] = "Data"
+    allow_outside_paths: bool = option(
+        False, "Let a manifest's relative paths leave its folder (../); only for manifests you trust.")
+
+
+class ExplainSettings(Settings):
+    """Which explanations are computed, for which classes."""
+
+    title: ClassVar[str] = "Explanations"
+    methods: list[str] = option(["gradcam"], "Comma-separated explanation methods (see the README's Methods).",
+                                form="comma")
+    layer_by_layer: bool = option(False, "Also Grad-CAM at each of the 4 deepest stages (same backward pass).")
+    targets: list[str] = option(["predicted", "true"], "Classes to explain per image: predicted, true, top<k>.",
+                                form="comma")
+    target_classes: list[str] = option([], "Also explain this class for every image (repeatable).",
+                                       flag="target-class", form="repeat")
+
+    _split_lists = field_validator("methods", "targets", mode="before")(lambda cls, value: _split(value))
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, targets: list[str]) -> list[str]:
+        if bad := [t for t in targets if t not in ("predicted", "true") and not re.fullmatch(r"top\d+", t)]:
+            raise ValueError(f"{bad}: use predicted, true and/or top<k> (e.g. top3)")
+        return targets
+
+
+class OcclusionSettings(Settings):
+    """Occlusion muting and the RISE deletion/insertion scores that go with it."""
+
+    title: ClassVar[str] = "Occlusion"
+    grid: int = option(7, "Occlusion: windows per side (window = stride = size / grid).", key="occlusion_grid",
+                       flag="occlusion-grid", ge=1, le=64)
+    window: int | None = option(None, "Occlusion: window in pixels (instead of a grid).", key="occlusion_window",
+                                flag="occlusion-window", ge=1)
+    stride: int | None = option(None, "Occlusion: stride in pixels (default: the window).", key="occlusion_stride",
+                                flag="occlusion-stride", ge=1)
+    baseline: str = option("zero", "Occlusion: what a muted window holds: zero, mean, blur.",
+                           key="occlusion_baseline", flag="occlusion-baseline", pattern="^(zero|mean|blur)$")
+    rise_images: int = option(16, "With occlusion: images for RISE deletion/insertion of Grad-CAM and occlusion "
+                              "(0 = off).", ge=0, le=1024)
+
+    def spec(self) -> OcclusionSpec:
+        """The occlusion geometry: a window in pixels when given, else the grid."""
+        if self.window is not None:
+            return OcclusionSpec(window=self.window, stride=self.stride, baseline=self.baseline)
+        if self.stride is not None:
+            raise ValueError("--occlusion-stride needs --occlusion-window")
+        return OcclusionSpec(grid=self.grid, baseline=self.baseline)
+
+
+class SanitySettings(Settings):
+    """The model-randomisation sanity check of the methods (Adebayo et al. 2018)."""
+
+    title: ClassVar[str] = "Sanity check"
+    enabled: bool = option(True, "Model-randomisation check of the methods.", key="sanity_check",
+                           form="switch:--sanity-check/--no-sanity-check")
+    images: int = option(16, "Images used by the sanity check.", key="sanity_images", flag="sanity-images",
+                         ge=2, le=256)
+
+
+class ImpressionRequest(Settings):
+    """Class impressions: which classes, and the optimisation's main parameters."""
+
+    title: ClassVar[str] = "Class impressions"
+    classes: list[str] = option([], "Impressions: synthesise this class (repeatable; default: every class up to the "
+                                "cap).", key="impression_classes", flag="impression-class", form="repeat")
+    max_classes: int = option(16, "Impressions: most classes, the most frequent first.",
+                              key="impression_max_classes", flag="impression-max-classes", ge=1, le=1000)
+    iterations: int = option(200, "Impressions: gradient-ascent steps.", key="impression_iterations",
+                             flag="impression-iterations", ge=1, le=100_000)
+    tv_weight: float = option(10.0, "Impressions: Total Variation weight (0 = off).", key="impression_tv_weight",
+                              flag="impression-tv-weight", ge=0, le=1e6)
+    seed: int = option(0, "Impressions: random seed (same seed, same images).", key="impression_seed",
+                       flag="impression-seed")
+    options: dict[str, Any] = option({}, "Impressions: any other parameter, NAME=VALUE (repeatable; see README).",
+                                     key="impression_options", flag="impression-option", form="pairs")
+
+    def settings(self, image_size: int) -> ImpressionSettings:
+        """The impressions' settings at the model's input size; a bad option is a ValueError."""
+        dedicated = {"iterations": "--impression-iterations", "tv_weight": "--impression-tv-weight",
+                     "seed": "--impression-seed", "image_size": "--crop (the model's input size)"}
+        if clash := [name for name in self.options if name in dedicated]:
+            raise ValueError(f"impression option(s) {clash} have their own setting: "
+                             f"{', '.join(dedicated[name] for name in clash)}")
+        known = set(ImpressionSettings.__dataclass_fields__) - set(dedicated)
+        if unknown := sorted(set(self.options) - known):
+            raise ValueError(f"unknown impression option(s) {unknown}; available: {', '.join(sorted(known))}")
+        return settings_for_input(image_size, iterations=self.iterations, tv_weight=self.tv_weight, seed=self.seed,
+                                  **self.options)
+
+
+class ReportSettings(Settings):
+    """How the report is rendered."""
+
+    title: ClassVar[str] = "Report"
+    template_dir: str | None = option(None, "Folder with your own report.html.j2 and report.css.", flag="templates")
+    pdf: bool = option(True, "Also render the PDF.", form="switch:--pdf/--no-pdf")
+
+
+GROUPS: dict[str, type[Settings]] = {
+    "model": ModelSettings, "compute": ComputeSettings, "data": DataSettings, "explain": ExplainSettings,
+    "occlusion": OcclusionSettings, "sanity": SanitySettings, "impressions": ImpressionRequest,
+    "report": ReportSettings,
+}
+
+
+def flat_names(group: type[Settings], field: str) -> set[str]:
+    """The flat names a group's field answers to: its key (default: the field's name) and its
+    flag (dashes as underscores)."""
+    extra = group.model_fields[field].json_schema_extra or {}
+    assert isinstance(extra, dict)
+    key = str(extra.get("key", field))
+    return {key, str(extra.get("flag", key)).replace("-", "_")}
+
+
+def _flat_keys() -> dict[str, tuple[str, str]]:
+    keys: dict[str, tuple[str, str]] = {}
+    for group_name, group in GROUPS.items():
+        for field in group.model_fields:
+            for name in flat_names(group, field):
+                if keys.setdefault(name, (group_name, field)) != (group_name, field):
+                    raise AssertionError(f"flat name {name!r} is claimed twice")
+    return keys
+
+
+FLAT_KEYS: dict[str, tuple[str, str]] = _flat_keys()  # flat name -> (group, field)
+
+
+class AuditRequest(BaseModel):
+    """Everything a run needs, as plain values (the flow's parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="Class-per-folder directory, or a .csv/.parquet manifest (path or URL).")
+    out_dir: str = option("visaudit-out", "Output folder (tables/ and runs/).", flag="out")
+    run_id: str | None = option(None, "Resume or name a run (default: a new id).")
+    thresholds: dict[str, float] = option({}, "Override a finding threshold, NAME=VALUE (repeatable).",
+                                          flag="threshold", form="pairs")
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    compute: ComputeSettings = Field(default_factory=ComputeSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    explain: ExplainSettings = Field(default_factory=ExplainSettings)
+    occlusion: OcclusionSettings = Field(default_factory=OcclusionSettings)
+    sanity: SanitySettings = Field(default_factory=SanitySettings)
+    impressions: ImpressionRequest = Field(default_factory=ImpressionRequest)
+    report: ReportSettings = Field(default_factory=ReportSettings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route_flat_keys(cls, data: Any) -> Any:
+        """Flat keys (``arch``, ``impression_iterations``, ``classes``...) go to their group."""
+        if not isinstance(data, dict):
+            return data
+        routed: dict[str, Any] = {}
+        for key, value in data.items():
+            name = key.replace("-", "_")
+            top = {"out": "out_dir", "threshold": "thresholds"}.get(name, name)
+            if name in FLAT_KEYS and (top not in cls.model_fields or not isinstance(value, (dict, BaseModel))):
+                group, field = FLAT_KEYS[name]
+                routed.setdefault(group, {})[field] = value
+            elif top in cls.model_fields:
+                if top in GROUPS and isinstance(value, BaseModel):
+                    value = value.model_dump()
+                if top in GROUPS and isinstance(value, dict):
+                    routed.setdefault(top, {}).update(value)
+                else:
+                    routed[top] = value
+            else:
+                routed[key] = value  # refused below, with its name
+        return routed
+
+    @field_validator("thresholds")
+    @classmethod
+    def _known_thresholds(cls, thresholds: dict[str, float]) -> dict[str, float]:
+        known = set(Thresholds.__dataclass_fields__)
+        if bad := [k for k in thresholds if k not in known]:
+            raise ValueError(f"unknown threshold(s) {bad}; available: {', '.join(sorted(known))}")
+        return thresholds
+
+    def finding_thresholds(self) -> Thresholds:
+        return Thresholds(**self.thresholds)

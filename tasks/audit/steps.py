@@ -1,0 +1,220 @@
+"""The steps of a run after planning, each a plain function of the plan (the flow wraps each
+in a Prefect task): audit a shard, the sanity check, deletion/insertion, class impressions,
+findings, feature views. Each reads what earlier steps staged and stages its own rows.
+
+Every step loads the model through the per-process cache (:meth:`RunPlan.load_model`), so
+tasks pass only the plan and names, never models or tensors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from visaudit.tasks.audit.plan import INDEX_NAME, RunPlan, load_plan
+from visaudit.tasks.audit.shard import ShardResult, audit_shard
+from visaudit.tasks.data import storage
+from visaudit.tasks.data.images import Decoded, decode_many, normalise, to_batch
+from visaudit.tasks.data.records import MetricRow, metric_frame
+from visaudit.tasks.data.sources import read_index
+from visaudit.tasks.explain import cam, occlusion, rise
+from visaudit.tasks.explain.colour_impressions import colour_impressions
+from visaudit.tasks.explain.features import write_feature_views
+from visaudit.tasks.explain.impression_output import impression_cam, impression_table, save_pngs
+from visaudit.tasks.explain.impression_settings import choose_classes
+from visaudit.tasks.explain.impressions import class_impressions
+from visaudit.tasks.explain.registry import GRADIENT_METHODS, GUIDED_METHODS
+from visaudit.tasks.explain.sanity import sanity_check
+from visaudit.tasks.findings.compute import compute_findings
+from visaudit.tasks.findings.fixed_location import location_candidates, location_metric_rows, probe_location
+from visaudit.tasks.findings.inputs import FindingInputs
+from visaudit.tasks.model.head import Head
+from visaudit.tasks.model.hooks import hooked_forward
+from visaudit.tasks.model.layers import stage_layers
+from visaudit.tasks.model.loading import LoadedModel
+
+IMPRESSIONS_DIR = "impressions"  # figures made at audit time (they need the model), moved into the run at commit
+FEATURES_DIR = "features"
+FEATURE_IMAGES = 4
+
+
+def run_shard(plan_folder: str, shard: str, start: int, stop: int) -> ShardResult:
+    """Audit one shard of the planned run (the model comes from the per-process cache)."""
+    plan = load_plan(Path(plan_folder))
+    loaded = plan.load_model(worker_device(plan.request.model.device))
+    rows = read_index(Path(plan_folder) / INDEX_NAME, start, stop)
+    return audit_shard(rows, loaded, plan.shard_settings(), Path(plan.out_dir), plan.run_id, shard)
+
+
+def worker_device(device: str) -> str:
+    """On a Dask worker of a multi-GPU LocalCluster, the worker's own GPU (worker i -> cuda:i
+    modulo the GPUs); elsewhere the device as asked."""
+    if device not in ("auto", "cuda") or torch.cuda.device_count() < 2:
+        return device
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+    except (ImportError, ValueError):
+        return device
+    return f"cuda:{int(name) % torch.cuda.device_count()}" if str(name).isdigit() else device
+
+
+def load_inputs(plan: RunPlan, loaded: LoadedModel, uris: list[str]) -> torch.Tensor:
+    """The readable images among ``uris``, preprocessed, as one batch on the device."""
+    pre = plan.preprocess
+    workers = plan.request.compute.decode_workers
+    decoded = [d for d in decode_many(uris, pre, workers) if isinstance(d, Decoded)]
+    if not decoded:
+        return torch.zeros(0, 3, pre.crop, pre.crop, device=loaded.device)
+    return normalise(to_batch(decoded, loaded.device), pre)
+
+
+def sample_inputs(plan: RunPlan, loaded: LoadedModel, count: int) -> torch.Tensor:
+    """The first ``count`` readable images of the run, preprocessed, as one batch on the device."""
+    index = read_index(plan.folder / INDEX_NAME)
+    batches = []
+    found = 0
+    for start in range(0, len(index), count):
+        batch = load_inputs(plan, loaded, index["uri"].iloc[start : start + count].tolist())
+        batches.append(batch)
+        found += len(batch)
+        if found >= count:
+            break
+    return torch.cat(batches)[:count] if batches else load_inputs(plan, loaded, [])
+
+
+def sanity(plan: RunPlan) -> int:
+    """Model-randomisation sanity check of the run's methods; staged as ``metrics`` rows."""
+    request = plan.request
+    methods = tuple(m for m in request.explain.methods if m in GRADIENT_METHODS or m in GUIDED_METHODS)
+    if not request.sanity.enabled or not methods:
+        return 0
+    loaded = plan.load_model()
+    inputs = sample_inputs(plan, loaded, request.sanity.images)
+    if inputs.shape[0] < 2:
+        return 0
+    stages = stage_layers(loaded.layer_shapes, loaded.model)
+    result = sanity_check(loaded.model, inputs, plan.layer, stages, methods)
+    rows = [MetricRow(metric="sanity_spearman", method=row.method, layer=row.layer, detail=f"{row.step}:{row.randomised}",
+                      value=row.spearman_mean, images=int(row.images)) for row in result.itertuples()]
+    storage.write_part(metric_frame(rows), "metrics", Path(plan.out_dir), plan.run_id, "sanity")
+    return len(rows)
+
+
+def deletion_insertion(plan: RunPlan) -> int:
+    """RISE deletion and insertion AUC of Grad-CAM and occlusion for the predicted class, on
+    the first ``rise_images`` readable images; staged as ``metrics`` rows (mean per method)."""
+    request = plan.request
+    if "occlusion" not in request.explain.methods or request.occlusion.rise_images < 1:
+        return 0
+    loaded = plan.load_model()
+    inputs = sample_inputs(plan, loaded, request.occlusion.rise_images)
+    if inputs.shape[0] == 0:
+        return 0
+    head = Head(plan.multi_label)
+    forward = hooked_forward(loaded.model, inputs, [plan.layer])
+    target = forward.scores.detach().argmax(dim=1)
+    sample = torch.arange(inputs.shape[0], device=inputs.device)
+    saliency = {
+        "gradcam": cam.grad_cam(forward, sample, target)[plan.layer].detach(),
+        "occlusion": occlusion.occlusion_maps(loaded.model, inputs, request.occlusion.spec(), head=head)
+        .maps(sample, target)
+        .clamp(min=0),
+    }
+    rows = []
+    for method, maps in saliency.items():
+        scores = rise.deletion_insertion(loaded.model, inputs, maps, target, head=head)
+        for metric, values in (("deletion_auc", scores.deletion_auc), ("insertion_auc", scores.insertion_auc)):
+            rows.append(MetricRow(metric=metric, method=method, layer=plan.layer if method == "gradcam" else "input",
+                                  detail="predicted class", value=float(values.mean()), images=int(values.numel())))
+    storage.write_part(metric_frame(rows), "metrics", Path(plan.out_dir), plan.run_id, "rise")
+    return len(rows)
+
+
+def impressions(plan: RunPlan) -> int:
+    """Class impressions (one batch over the chosen classes) with their Grad-CAM and colour
+    impressions; PNGs beside the plan, rows staged as ``impressions``. Returns how many."""
+    request = plan.request
+    if "impressions" not in request.explain.methods:
+        return 0
+    index = read_index(plan.folder / INDEX_NAME)
+    counts = index["labels"].explode().value_counts().to_dict()
+    classes = choose_classes(plan.classes, request.impressions.classes, request.impressions.max_classes, counts)
+    pre = plan.preprocess
+    loaded = plan.load_model()
+    options = request.impressions.settings(pre.crop)
+    result = class_impressions(loaded.model, classes, options, pre.mean, pre.std, loaded.device,
+                               multi_label=plan.multi_label)
+    colours = colour_impressions(loaded.model, classes, options, pre.mean, pre.std, loaded.device,
+                                 multi_label=plan.multi_label) if options.colour_levels else None
+    located = impression_cam(loaded.model, result.images, classes, plan.layer, pre.mean, pre.std)
+    paths = save_pngs(result, plan.classes, plan.folder / IMPRESSIONS_DIR)
+    table = impression_table(result, located, plan.classes, [f"{IMPRESSIONS_DIR}/{path.name}" for path in paths],
+                             colours)
+    storage.write_part(table, "impressions", Path(plan.out_dir), plan.run_id, "00000")
+    return len(table)
+
+
+def find(plan: RunPlan) -> int:
+    """Compute findings over the run's staged tables and stage them; returns how many.
+
+    The fixed-location detector also needs the model: its candidate spots are probed by
+    muting them on sample images of the class (``findings.fixed_location``).
+    """
+    out_dir = Path(plan.out_dir)
+    staged = {t: storage.read_staged(t, out_dir, plan.run_id)
+              for t in ("predictions", "explanations", "signals", "occlusion", "metrics", "impressions")}
+    thresholds = plan.request.finding_thresholds()
+    predictions, explanations = staged["predictions"], staged["explanations"]
+    audited = predictions[predictions["error"].isna()]
+    candidates = location_candidates(audited, explanations[explanations["layer"] == plan.layer], thresholds)
+    probes = {}
+    if candidates:
+        loaded = plan.load_model()
+        uris = predictions.set_index("image_id")["uri"]
+        for candidate in candidates:
+            inputs = load_inputs(plan, loaded, uris.loc[list(candidate.sample_ids)].tolist())
+            if len(inputs) >= 2:
+                probes[candidate.class_name] = probe_location(
+                    loaded.model, inputs, plan.classes.index(candidate.class_name),
+                    candidate.x, candidate.y, plan.multi_label, thresholds.fixed_location_patch_ratio,
+                )
+    findings = compute_findings(FindingInputs(
+        predictions=predictions, explanations=explanations, classes=plan.classes, multi_label=plan.multi_label,
+        layer=plan.layer, signals=staged["signals"], occlusion=staged["occlusion"], metrics=staged["metrics"],
+        impressions=staged["impressions"], locations=(candidates, probes),
+    ), thresholds)
+    if probes:  # every probed candidate's numbers, flagged or not, for the record
+        rows = metric_frame(location_metric_rows(candidates, probes, plan.layer))
+        storage.write_part(rows, "metrics", out_dir, plan.run_id, "locations")
+    storage.write_part(findings, "findings", out_dir, plan.run_id, "00000")
+    return len(findings)
+
+
+def feature_views(plan: RunPlan) -> int:
+    """First-layer filters and the most active channels of a few shown images (finding
+    evidence first, then the most confident failures), written beside the plan."""
+    out_dir = Path(plan.out_dir)
+    findings = storage.read_staged("findings", out_dir, plan.run_id)
+    predictions = storage.read_staged("predictions", out_dir, plan.run_id)
+    readable = predictions[predictions["error"].isna()]
+    failures = readable[readable["correct"].eq(False).fillna(False).astype(bool)].sort_values(
+        "confidence", ascending=False, kind="stable"
+    )
+    candidates = [ids[0] for ids in findings["evidence"] if ids is not None and len(ids)]
+    candidates += failures["image_id"].tolist() + readable["image_id"].tolist()
+    chosen = list(dict.fromkeys(candidates))[:FEATURE_IMAGES]
+    if not chosen:
+        return 0
+    uris = readable.set_index("image_id").loc[chosen, "uri"].tolist()
+    decoded = [d for d in decode_many(uris, plan.preprocess) if isinstance(d, Decoded)]
+    if len(decoded) != len(chosen):
+        return 0  # an image changed since its shard read it: skip the view rather than mislabel it
+    loaded = plan.load_model()
+    inputs = normalise(to_batch(decoded, loaded.device), plan.preprocess)
+    index = write_feature_views(
+        loaded.model, inputs, [d.pixels for d in decoded], chosen, plan.layer, plan.folder / FEATURES_DIR
+    )
+    return len(index["images"])
