@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from visaudit.tasks.data.images import Preprocess
-from visaudit.tasks.model.loading import ModelSpec, load_model
 from visaudit.tasks.audit.shard import ShardSettings, audit_shard
+from visaudit.tasks.data.images import Preprocess
 from visaudit.tasks.data.sources import build_index
+from visaudit.tasks.model.loading import ModelSpec, load_model
 
 
 def write_jpegs(root: Path, count: int, size: int = 256) -> None:
@@ -115,9 +115,9 @@ def decode_rates(uris: list[str], pre: Preprocess, device: torch.device) -> dict
 def agreement(loaded, settings: ShardSettings, uris: list[str]) -> dict[str, float]:
     """Grad-CAM of the predicted class under bf16 autocast against fp32, on real decoded images:
     per-map Pearson correlation (median, minimum) and the share of maps with the same peak cell."""
+    from visaudit.tasks.data.images import Decoded, decode_many, normalise, to_batch
     from visaudit.tasks.explain import cam
     from visaudit.tasks.model.hooks import hooked_forward
-    from visaudit.tasks.data.images import Decoded, decode_many, normalise, to_batch
 
     decoded = [d for d in decode_many(uris, settings.preprocess, 8) if isinstance(d, Decoded)]
     x = normalise(to_batch(decoded, loaded.device), settings.preprocess)

@@ -34,11 +34,11 @@ import torchvision
 from torch import nn
 
 from benchmarks.timing import time_all
+from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD
 from visaudit.tasks.explain.colour_impressions import colour_impressions
 from visaudit.tasks.explain.impression_settings import ImpressionSettings
 from visaudit.tasks.explain.impressions import class_impressions
 from visaudit.tasks.model.hooks import frozen_parameters
-from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 
 def small_cnn() -> nn.Module:

@@ -20,8 +20,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 import planted
-from visaudit.tasks.demo.recipe import load_recipe
+
 from visaudit.tasks.data.storage import read_table
+from visaudit.tasks.demo.recipe import load_recipe
 
 
 def main() -> None:

@@ -9,14 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_shapes
 from pypdf import PdfReader
 from typer.testing import CliRunner
 
 from visaudit.flows.cli import app
 from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD
 from visaudit.tasks.data.storage import SCHEMAS, read_table
-
-from conftest import make_shapes
 
 runner = CliRunner()
 

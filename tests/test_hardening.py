@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import make_shapes
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import make_shapes
 from visaudit.flows.cli import app
 from visaudit.tasks.data.images import Preprocess, decode
 from visaudit.tasks.data.sources import DataSourceError, build_index

@@ -8,9 +8,9 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import sample_photos
 from PIL import Image
 
-from conftest import sample_photos
 from visaudit.tasks.data.images import Preprocess, _decode_jpegs_on_gpu, decode, to_batch
 
 

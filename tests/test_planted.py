@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import planted
 import pytest
 
-import planted
 from visaudit.tasks.demo.recipe import load_recipe
 
 

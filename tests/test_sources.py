@@ -8,10 +8,9 @@ import threading
 
 import pandas as pd
 import pytest
+from conftest import make_shapes
 
 from visaudit.tasks.data.sources import DataSourceError, build_index, class_names_from_index, read_bytes
-
-from conftest import make_shapes
 
 
 def test_folder_index(tmp_path) -> None:

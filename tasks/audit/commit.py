@@ -20,9 +20,10 @@ import torch
 
 from visaudit.tasks.audit.plan import RunPlan
 from visaudit.tasks.audit.record import DataInfo, ModelInfo, RunRecord
-from visaudit.tasks.audit.steps import FEATURES_DIR, IMPRESSIONS_DIR
+from visaudit.tasks.audit.steps import IMPRESSIONS_DIR
 from visaudit.tasks.data import storage
 from visaudit.tasks.data.records import MetricRow, metric_frame
+from visaudit.tasks.explain.features import FEATURES_DIR
 from visaudit.tasks.findings.metrics import RunMetrics, summary_metrics
 
 RUN_METRICS = ("images", "audited", "unreadable", "accuracy", "top5_accuracy", "ece")  # per-run trend rows

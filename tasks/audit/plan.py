@@ -7,7 +7,6 @@ restarted run (same ``--run-id``) reuses the plan and the shards already done.
 from __future__ import annotations
 
 import hashlib
-import os
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +17,7 @@ from pydantic import BaseModel
 
 from visaudit.tasks.audit.request import AuditRequest
 from visaudit.tasks.audit.shard import ShardSettings
+from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.data.images import Preprocess
 from visaudit.tasks.data.sources import build_index, class_names_from_index, read_class_file, write_index
 from visaudit.tasks.explain.impression_settings import choose_classes
@@ -87,10 +87,7 @@ class RunPlan(BaseModel):
         )
 
     def save(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f"{PLAN_NAME}.tmp"
-        tmp.write_text(self.model_dump_json(indent=2))
-        os.replace(tmp, self.folder / PLAN_NAME)
+        write_atomically(self.folder / PLAN_NAME, lambda tmp: tmp.write_text(self.model_dump_json(indent=2)))
 
 
 def new_run_id() -> str:

@@ -7,12 +7,12 @@ records written by older versions load with their missing fields at their defaul
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.data.images import Preprocess
 from visaudit.tasks.findings.metrics import RunMetrics
 
@@ -81,8 +81,7 @@ class RunRecord(BaseModel):
     def save(self, run_dir: Path) -> Path:
         """Write ``run_dir/run.json`` atomically (a temporary file, then a rename)."""
         path = Path(run_dir) / RECORD_NAME
-        tmp = path.with_name(f".{RECORD_NAME}.tmp")
-        tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2), encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(self.model_dump(mode="json"), indent=2),
+                                                          encoding="utf-8"))
         return path
 

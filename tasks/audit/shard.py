@@ -328,63 +328,65 @@ def _occlusion_rows(batch: pd.DataFrame, result: BatchResult, settings: ShardSet
     spec = settings.occlusion or occlusion.OcclusionSpec()
     geometry = spec.geometry(settings.preprocess.crop)
     maps, scores = result.occlusion, result.occlusion_scores
-    m, h, w = maps.shape
+    m = maps.shape[0]
     faithfulness = result.faithfulness if result.faithfulness is not None else np.full(m, np.nan, dtype=np.float32)
     return pd.DataFrame(
         {
             "image_id": batch["image_id"].to_numpy()[result.pairs[:, 0]],
-            "target": np.array(settings.classes, dtype=object)[result.pairs[:, 1]],
-            "target_index": result.pairs[:, 1].astype(np.int32),
-            "is_predicted": result.is_predicted,
-            "is_label": result.is_label,
-            "height": np.full(m, h, dtype=np.int32),
-            "width": np.full(m, w, dtype=np.int32),
-            "heatmap": list(maps.reshape(m, -1)),
+            **_map_columns(result, settings, maps),
             "window": np.full(m, geometry.window[0], dtype=np.int32),
             "stride": np.full(m, geometry.stride[0], dtype=np.int32),
             "baseline": spec.baseline,
             "peak_x": ((scores.peak_col.cpu().numpy() + 0.5) / settings.preprocess.crop).astype(np.float32),
             "peak_y": ((scores.peak_row.cpu().numpy() + 0.5) / settings.preprocess.crop).astype(np.float32),
-            "energy_in_box": scores.energy_in_box.cpu().numpy(),
-            "box_area_fraction": scores.box_area_fraction.cpu().numpy(),
-            "pointing_hit": pd.array(
-                [None if np.isnan(v) else bool(v) for v in scores.pointing_hit.cpu().numpy()], dtype="boolean"
-            ),
+            **_box_columns(scores),
             "gradcam_spearman": faithfulness,
         }
     )
 
 
+def _map_columns(result: BatchResult, settings: ShardSettings, maps: np.ndarray) -> dict[str, object]:
+    """The columns every stored map has: its (image, class) pair's target and the map itself."""
+    m, h, w = maps.shape
+    return {
+        "target": np.array(settings.classes, dtype=object)[result.pairs[:, 1]],
+        "target_index": result.pairs[:, 1].astype(np.int32),
+        "is_predicted": result.is_predicted,
+        "is_label": result.is_label,
+        "height": np.full(m, h, dtype=np.int32),
+        "width": np.full(m, w, dtype=np.int32),
+        "heatmap": list(maps.reshape(m, -1)),
+    }
+
+
+def _box_columns(scores: cam.MapScores) -> dict[str, object]:
+    """A map's scores against the image's box (NaN / null without a box)."""
+    return {
+        "energy_in_box": scores.energy_in_box.cpu().numpy(),
+        "box_area_fraction": scores.box_area_fraction.cpu().numpy(),
+        "pointing_hit": pd.array([None if np.isnan(v) else bool(v) for v in scores.pointing_hit.cpu().numpy()],
+                                 dtype="boolean"),
+    }
+
+
 def _explanation_rows(batch: pd.DataFrame, result: BatchResult, settings: ShardSettings) -> pd.DataFrame:
     image_ids = batch["image_id"].to_numpy()[result.pairs[:, 0]]
-    targets = np.array(settings.classes, dtype=object)[result.pairs[:, 1]]
     frames = []
     for (method, layer), maps in result.maps.items():
         scores = result.scores[(method, layer)]
-        m, h, w = maps.shape
+        columns = _map_columns(result, settings, maps)
         frames.append(
             pd.DataFrame(
                 {
                     "image_id": image_ids,
                     "method": method,
                     "layer": layer,
-                    "target": targets,
-                    "target_index": result.pairs[:, 1].astype(np.int32),
-                    "is_predicted": result.is_predicted,
-                    "is_label": result.is_label,
-                    "height": np.full(m, h, dtype=np.int32),
-                    "width": np.full(m, w, dtype=np.int32),
-                    "heatmap": list(maps.reshape(m, -1)),
+                    **columns,
                     "peak_row": scores.peak_row.cpu().numpy().astype(np.int32),
                     "peak_col": scores.peak_col.cpu().numpy().astype(np.int32),
                     "peak_x": scores.peak_x.cpu().numpy(),
                     "peak_y": scores.peak_y.cpu().numpy(),
-                    "energy_in_box": scores.energy_in_box.cpu().numpy(),
-                    "box_area_fraction": scores.box_area_fraction.cpu().numpy(),
-                    "pointing_hit": pd.array(
-                        [None if np.isnan(v) else bool(v) for v in scores.pointing_hit.cpu().numpy()],
-                        dtype="boolean",
-                    ),
+                    **_box_columns(scores),
                 }
             )
         )

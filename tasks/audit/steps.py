@@ -20,7 +20,7 @@ from visaudit.tasks.data.records import MetricRow, metric_frame
 from visaudit.tasks.data.sources import read_index
 from visaudit.tasks.explain import cam, occlusion, rise
 from visaudit.tasks.explain.colour_impressions import colour_impressions
-from visaudit.tasks.explain.features import write_feature_views
+from visaudit.tasks.explain.features import FEATURES_DIR, write_feature_views
 from visaudit.tasks.explain.impression_output import impression_cam, impression_table, save_pngs
 from visaudit.tasks.explain.impression_settings import choose_classes
 from visaudit.tasks.explain.impressions import class_impressions
@@ -35,7 +35,6 @@ from visaudit.tasks.model.layers import stage_layers
 from visaudit.tasks.model.loading import LoadedModel
 
 IMPRESSIONS_DIR = "impressions"  # figures made at audit time (they need the model), moved into the run at commit
-FEATURES_DIR = "features"
 FEATURE_IMAGES = 4
 
 

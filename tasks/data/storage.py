@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import pandas as pd
@@ -23,6 +22,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.data.schema import SCHEMAS, table_schema
 
 PARTITIONING = ds.partitioning(pa.schema([pa.field("run_id", pa.string())]), flavor="hive")
@@ -48,9 +48,7 @@ def write_part(df: pd.DataFrame, table: str, out_dir: Path, run_id: str, part: s
     folder = staging_dir(out_dir, table, run_id)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"part-{part}.parquet"
-    tmp = folder / f".part-{part}.{uuid.uuid4().hex}.tmp"
-    pq.write_table(arrow, tmp, compression="zstd")
-    os.replace(tmp, final)
+    write_atomically(final, lambda tmp: pq.write_table(arrow, tmp, compression="zstd"))
     return final
 
 

@@ -1,4 +1,5 @@
-"""The demo: a shapes dataset with planted biases, a small CNN and its CPU trainer.
+"""The demo's data: a shapes dataset with planted biases, generated from a recipe (its model and
+trainer are in ``network``).
 
 The recipe (``data/demo.toml``) fixes everything, so the same recipe always gives the
 same image bytes. Biases are planted for the audit to find: the ``mark_class`` images

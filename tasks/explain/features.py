@@ -14,7 +14,6 @@ folder with an index ``features.json``; the report only reads them.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +21,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.model.hooks import forward_hooks
 
+FEATURES_DIR = "features"  # under the run folder
 INDEX_NAME = "features.json"
 FILTER_PATCH_PX = 24  # each kernel is drawn this many pixels a side (nearest-neighbour)
 
@@ -105,7 +106,5 @@ def write_feature_views(
             entries.append({"channel": int(channel), "mean": float(mean), "path": path})
         save_png(pixels[n], folder / f"{n:02d}-image.png")
         index["images"].append({"image_id": image_id, "image": f"{n:02d}-image.png", "channels": entries})
-    tmp = folder / f".{INDEX_NAME}.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, folder / INDEX_NAME)
+    write_atomically(folder / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
     return index

@@ -14,10 +14,8 @@ import pandas as pd
 
 from visaudit.tasks.audit.record import RunRecord
 from visaudit.tasks.data.storage import read_table
-from visaudit.tasks.explain.features import INDEX_NAME
+from visaudit.tasks.explain.features import FEATURES_DIR, INDEX_NAME
 from visaudit.tasks.report.formatting import names
-
-FEATURES_DIR = "features"  # runs/<run_id>/features/: the feature views drawn at audit time
 
 
 @dataclass(frozen=True)
