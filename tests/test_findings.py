@@ -52,7 +52,8 @@ def test_each_detector_fires_on_its_signal() -> None:
     assert ("attention_off_object", "dog") in kinds
     assert ("attention_off_object", "cat") not in kinds
     off = findings[findings["kind"] == "attention_off_object"].iloc[0]
-    assert off["value"] == np.float64(0.15 / 0.2) and off["threshold"] == 1.5
+    assert off["value"] == 0.0 and off["threshold"] == 0.5  # no dog map beats a uniform one in the box
+    assert off["severity"] == "high" and "0 of 20 images" in off["message"]
     confident = findings[findings["kind"] == "confident_error"].iloc[0]
     assert confident["value"] == 6 / 20 and len(confident["evidence"]) == 6
     assert set(confident["evidence"]) <= set(preds["image_id"])

@@ -2,10 +2,13 @@
 
 It compares 8x8 thumbnails of the model input (``signals.thumbnail``) by RMS difference
 (at most ``duplicate_pixel_rms``), and reports the pairs' embedding similarity beside it;
-a pair that crosses the ``split`` attribute (train/test) is leakage. Thumbnails, not
-embeddings, decide: on the demo, the penultimate embeddings of distinct images come
-closer than those of an image and its JPEG re-encode, while thumbnails keep them ten
-times apart.
+a pair that crosses the ``split`` attribute (train/test) is leakage. Thumbnails find the
+pairs: on the demo, the penultimate embeddings of distinct images come closer than those
+of an image and its JPEG re-encode, while thumbnails keep them ten times apart. The
+embeddings can still veto: plain, low-detail images (flat backgrounds, small objects) can
+share an 8x8 thumbnail while the model sees them differently (distinct images drawn with
+separate seeds, cosine ~0.5), so a pair needs embedding cosine similarity of at least
+``duplicate_min_cosine`` too (a JPEG re-encode keeps ~0.997).
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
     embeddings = np.stack(frame["embedding"].to_numpy()).astype(np.float64)
     embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     sims = (embeddings[i] * embeddings[j]).sum(axis=1)
+    same = sims >= t.duplicate_min_cosine
+    if not same.any():
+        return []
+    i, j, rms, sims = i[same], j[same], rms[same], sims[same]
     splits = frame["attributes"].map(_split_of).to_numpy()
     labels = frame["labels"].map(lambda ls: ",".join(ls) if ls is not None else "").to_numpy()
     pairs = pd.DataFrame({"a": i, "b": j, "rms": rms, "sim": sims}).sort_values("rms", kind="stable")
@@ -101,9 +108,11 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
                 threshold=1.0,
                 message=(
                     f"{len(group)} pairs of images {where} are near-duplicates (their 8x8 thumbnails differ by "
-                    f"at most {t.duplicate_pixel_rms} RMS; median embedding cosine similarity "
-                    f"{np.median(group['sim']):.4f}), {images} images in all ({share:.1%})"
-                    + (f"; {disagree} pairs carry different labels, so at least one label of each is wrong" if disagree else "")
+                    f"at most {t.duplicate_pixel_rms} RMS and their embeddings agree, cosine similarity at least "
+                    f"{t.duplicate_min_cosine}, median {np.median(group['sim']):.4f}), {images} images in all "
+                    f"({share:.1%})"
+                    + (f"; {disagree} pairs carry different labels: the same image under two labels, so at least one "
+                       "label of each such pair is wrong" if disagree else "")
                     + f". {why} Evidence lists the pairs side by side, most similar first."
                 ),
                 evidence=tuple(evidence),

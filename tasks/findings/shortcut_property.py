@@ -101,50 +101,72 @@ def shortcut_property(
     by_prediction = np.stack([one_feature_balanced_accuracy(frame[p].to_numpy(float), prediction) for p in names])
     found = []
     enough = np.minimum(truth.sum(axis=0), (~truth).sum(axis=0)) >= max(t.min_class_images, 2 * FOLDS)
+    flagged: list[int] = []
     for k, name in enumerate(classes):
         best = np.maximum(by_label[:, k], by_prediction[:, k])
         j = int(best.argmax())
         if not enough[k] or best[j] < t.shortcut_balanced_accuracy:
             continue
-        prop = names[j]
-        others = [PROPERTY_WORDS[names[i]] for i in np.argsort(-best) if i != j and best[i] >= t.shortcut_balanced_accuracy]
-        values = frame[prop].to_numpy(float)
-        inside, outside = float(np.median(values[truth[:, k]])), float(np.median(values[~truth[:, k]]))
-        direction = np.sign(inside - outside) or 1.0
-        evidence = frame.assign(
-            _fooled=prediction[:, k] & ~truth[:, k], _mine=truth[:, k], _score=direction * values
-        )
-        evidence = evidence[evidence["_fooled"] | evidence["_mine"]].sort_values(
-            ["_fooled", "_score"], ascending=False, kind="stable"
-        )
-        follows = by_prediction[j, k] > by_label[j, k]
-        found.append(
-            Finding(
-                kind="shortcut_property",
-                severity=severity(float(best[j]), 0.9, 0.8),
-                class_name=name,
-                slice=f"property={prop}",
-                metric="balanced_accuracy",
-                value=float(best[j]),
-                threshold=t.shortcut_balanced_accuracy,
-                message=(
-                    f"The {PROPERTY_WORDS[prop]} of an image alone tells '{name}' from the other classes with "
-                    f"cross-validated balanced accuracy {by_label[j, k]:.2f} for the labels and "
-                    f"{by_prediction[j, k]:.2f} for the model's predictions (chance 0.50): median "
-                    f"{inside:.3g} for '{name}' against {outside:.3g} for the rest"
-                    + (f"; also {', '.join(others)}" if others else "")
-                    + ". "
-                    + ("The model follows this property more than the labels do, so it has learnt it. "
-                       if follows else "")
-                    + "A property this simple should not identify a class: the data has a shortcut the model "
-                    f"can use instead of the object. Balance the {PROPERTY_WORDS[prop]} across classes in "
-                    "training (collect or augment), and check the images the model assigns to this class "
-                    "on that property alone (evidence: wrongly predicted first)."
-                ),
-                evidence=tuple(evidence["image_id"].head(t.evidence)),
-            )
-        )
+        twin = next((f for f in flagged if np.array_equal(truth[:, f], ~truth[:, k])), None)
+        if twin is not None:  # two classes that split the data: one cause, already reported
+            continue
+        flagged.append(k)
+        found.append(_finding(frame, names, j, k, classes, truth, prediction, by_label, by_prediction, best, t))
     return found
+
+
+def _finding(
+    frame: pd.DataFrame, names: list[str], j: int, k: int, classes: list[str], truth: np.ndarray,
+    prediction: np.ndarray, by_label: np.ndarray, by_prediction: np.ndarray, best: np.ndarray, t: Thresholds,
+) -> Finding:
+    """The finding for class k and property j. Whether the data has the shortcut (the labels
+    follow the property) or only the model does (its predictions follow it, the labels do
+    not) decides the message and the medians quoted (of the class's images, or of the images
+    predicted as the class, against the rest)."""
+    name, prop = classes[k], names[j]
+    in_data = by_label[j, k] >= t.shortcut_balanced_accuracy
+    members = truth[:, k] if in_data else prediction[:, k]
+    others = [PROPERTY_WORDS[names[i]] for i in np.argsort(-best) if i != j and best[i] >= t.shortcut_balanced_accuracy]
+    values = frame[prop].to_numpy(float)
+    inside, outside = float(np.median(values[members])), float(np.median(values[~members]))
+    direction = np.sign(inside - outside) or 1.0
+    evidence = frame.assign(_fooled=prediction[:, k] & ~truth[:, k], _mine=truth[:, k], _score=direction * values)
+    evidence = evidence[evidence["_fooled"] | evidence["_mine"]].sort_values(
+        ["_fooled", "_score"], ascending=False, kind="stable"
+    )
+    pair = (f" (with two classes, this splits '{classes[1 - k]}' from '{name}' too)"
+            if len(classes) == 2 and (truth.sum(axis=1) == 1).all() else "")
+    who = f"'{name}'" if in_data else f"the images the model calls '{name}'"
+    if in_data:
+        verdict = ("A property this simple should not identify a class: the data has a shortcut the model can use "
+                   "instead of the object"
+                   + (", and the model follows it more than the labels do, so it has learnt it"
+                      if by_prediction[j, k] > by_label[j, k] else "")
+                   + f". Balance the {PROPERTY_WORDS[prop]} across classes in training (collect or augment)")
+    else:
+        verdict = (f"The labels of these images do not follow it (below the {t.shortcut_balanced_accuracy:.2f} flag), "
+                   "the model's predictions do: the model has learnt the property as a cue for the class from its "
+                   "training data, and applies it here where it does not hold. Balance the "
+                   f"{PROPERTY_WORDS[prop]} across classes in training")
+    return Finding(
+        kind="shortcut_property",
+        severity=severity(float(best[j]), 0.9, 0.8),
+        class_name=name,
+        slice=f"property={prop}",
+        metric="balanced_accuracy",
+        value=float(best[j]),
+        threshold=t.shortcut_balanced_accuracy,
+        message=(
+            f"The {PROPERTY_WORDS[prop]} of an image alone tells '{name}' from the other classes{pair} with "
+            f"cross-validated balanced accuracy {by_label[j, k]:.2f} for the labels and "
+            f"{by_prediction[j, k]:.2f} for the model's predictions (chance 0.50): median "
+            f"{inside:.3g} for {who} against {outside:.3g} for the rest"
+            + (f"; also {', '.join(others)}" if others else "")
+            + f". {verdict}, and check the images the model assigns to this class on that property alone "
+            "(evidence: wrongly predicted first)."
+        ),
+        evidence=tuple(evidence["image_id"].head(t.evidence)),
+    )
 
 
 DETECTOR = Detector(

@@ -9,9 +9,11 @@ spot radius and patch sizes), stay in the detector's module.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
+_UNIT = ("_share", "_confidence", "_probability")  # thresholds that are fractions of 1
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,8 @@ class Thresholds:
     confused_pair_share: float = 0.10  # flag true->predicted pairs taking this share of the true class
     confused_pair_min_count: int = 3  # ... and at least this many images
     imbalance_ratio: float = 0.5  # flag a class whose share is below this fraction of the uniform share 1/K
-    off_object_lift: float = 1.5  # flag a class whose median energy-in-box is below lift x box-area fraction
+    off_object_share: float = 0.5  # flag a class when, surely (Wilson upper end), fewer than this share of its
+    # maps put more energy in the object box than a uniform map (normalised excess > 0)
     min_class_images: int = 5  # classes with fewer audited images are not judged by per-class rates
     evidence: int = 8  # evidence image ids kept per finding (label errors and duplicates keep all)
     sanity_max_spearman: float = 0.5  # a method whose maps keep this rank correlation after the
@@ -34,9 +37,11 @@ class Thresholds:
     slice_confidence: float = 0.95  # family-wise level of the gap intervals (Bonferroni over slices)
     min_slice_images: int = 20  # smaller slices are not judged
     max_slice_values: int = 50  # attributes with more distinct values (ids, free text) are not sliced
+    min_group_images: int = 10  # (class, attribute value) groups with fewer images are not judged
     label_error_share: float = 0.02  # flag a class when confident learning flags this share of its labels
     label_error_min_count: int = 2  # ... and at least this many of them
     duplicate_pixel_rms: float = 0.02  # RMS difference of 8x8 thumbnails (pixels in [0, 1]) of near-duplicates
+    duplicate_min_cosine: float = 0.9  # ... whose embeddings also agree at least this much (a JPEG re-encode: ~0.997)
     faithfulness_min_spearman: float = 0.2  # a class whose median Grad-CAM/occlusion rank correlation is lower
     fixed_location_share: float = 0.5  # share of a class's map peaks in one spot
     fixed_location_patch_ratio: float = 0.5  # attended patches' spread vs. patches elsewhere (lower = same content)
@@ -45,6 +50,15 @@ class Thresholds:
     colour_shortcut_probability: float = 0.9  # a plain image of one colour alone gets its class this probability
     colour_nearer_borders: float = 0.75  # ... and it is a background shortcut when the class's images' median
     # border distance to that colour (RGB, 0..255) is at most this share of the other images'
+
+    def __post_init__(self) -> None:
+        """Refuse a threshold that is not a finite number in its range (NaN would silently
+        pass or fail every comparison): rank correlations in [-1, 1], shares, confidences and
+        probabilities in [0, 1], everything else at least 0."""
+        for name, value in asdict(self).items():
+            low, high = (-1.0, 1.0) if name.endswith("spearman") else (0.0, 1.0 if name.endswith(_UNIT) else math.inf)
+            if isinstance(value, bool) or not math.isfinite(value) or not low <= value <= high:
+                raise ValueError(f"threshold {name}={value!r}: must be a finite number in [{low:g}, {high:g}]")
 
     def as_dict(self) -> dict[str, float]:
         """Every threshold by name (run.json records them)."""
