@@ -26,9 +26,9 @@ def test_arch_with_weights_file_sets_num_classes(tmp_path) -> None:
 )
 def test_default_layer_is_last_spatial_stage(arch: str, layer: str) -> None:
     model = torchvision.models.get_model(arch, weights=None, num_classes=3).eval()
-    shapes, classes = probe(model, torch.device("cpu"), 64)
-    assert classes == 3
-    assert default_layer(shapes, model) == layer
+    found = probe(model, torch.device("cpu"), 64)
+    assert found.num_classes == 3
+    assert default_layer(found.shapes, model) == layer
 
 
 def test_factory_file_and_module(tiny_model_file) -> None:

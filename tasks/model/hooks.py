@@ -20,6 +20,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from visaudit.tasks.model.layout import Layout, from_map, infer_layout, to_map, token_grid
+
 ForwardHook = Callable[[nn.Module, Any, Any], Any]
 
 
@@ -102,7 +104,7 @@ class HookedForward:
     """Class scores (with the graph back to the activations) and the hooked activations."""
 
     scores: torch.Tensor  # (N, K)
-    activations: dict[str, torch.Tensor]  # layer -> (N, C, h, w), part of the graph
+    activations: dict[str, torch.Tensor]  # layer -> (N, C, h, w) map, part of the graph
     inputs: torch.Tensor | None = None  # the input leaf, when the forward was run guided
     switch: GuidedSwitch | None = None
 
@@ -113,8 +115,11 @@ def hooked_forward(
     """Run the model once, capturing the outputs of ``layers`` as differentiable activations.
 
     The first hooked output met during the forward is detached into a leaf that requires
-    grad; later ones are already in the graph. Each hook hands a clone downstream, so an
-    in-place op after the layer (``ReLU(inplace=True)``) cannot alter the captured values.
+    grad; later ones are already in the graph. Each output is read as a map
+    (:mod:`visaudit.tasks.model.layout`: transformer tokens and channels-last outputs become
+    (N, C, h, w)) and the hook hands downstream a tensor rebuilt from that map (a clone for a
+    CNN map), so gradients reach the map and an in-place op after the layer
+    (``ReLU(inplace=True)``) cannot alter the captured values.
 
     With ``guided`` the graph starts at the input (a leaf that requires grad) and a
     :class:`_GuidedGate` follows every ``nn.ReLU`` module, off until guided backprop asks.
@@ -127,13 +132,16 @@ def hooked_forward(
     if missing:
         raise ValueError(f"layers not found in the model: {missing}")
     captured: dict[str, torch.Tensor] = {}
+    grid = token_grid(model, (int(inputs.shape[-2]), int(inputs.shape[-1])))
 
     def make_hook(name: str) -> ForwardHook:
         def hook(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+            layout = infer_layout(output.shape, grid) or Layout("nchw", (0, 0))  # not a map: passed as is
             if not output.requires_grad:
                 output = output.detach().requires_grad_(True)
-            captured[name] = output
-            return output.clone()
+            acts = to_map(output, layout)
+            captured[name] = acts
+            return from_map(acts, output, layout)
 
         return hook
 

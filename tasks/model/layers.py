@@ -1,37 +1,77 @@
-"""Layer choice: which module's output a map explains.
+"""Layer choice: which module's output a map explains, and why.
 
-:func:`probe` runs one dummy forward and records the spatial size of every module's 4-D
-output, in execution order; :func:`default_layer` picks the last conv stage from it,
-:func:`stage_layers` the stages of the layer-by-layer view, and :func:`check_layer`
-refuses a named layer that is missing or not spatial, with the names it could have meant.
+:func:`probe` runs one dummy forward and records the :class:`~visaudit.tasks.model.layout.Layout`
+of every module whose output is a map (a CNN's (N, C, h, w), a channels-last (N, h, w, C),
+a transformer's (N, k + h*w, C) tokens), in execution order. :func:`choose_layer` picks the
+explained layer with its reason:
+
+- the last module with a spatial map (pooling and modules that only reshape or drop out
+  aside): the last conv stage of a CNN (``layer4``, ``features``), the final norm of a
+  channels-last model (Swin), the last stage of ConvNeXt;
+- for a token model, the deepest token output whose PATCH tokens still reach the class
+  scores, measured by one backward: in a class-token ViT only the class token goes to the
+  head after the last block's attention, so every later patch token has zero gradient
+  and the choice is the last block's first LayerNorm (``ln_1``, ``norm1``,
+  ``layernorm_before``), the layer pytorch-grad-cam documents for ViT
+  (``model.blocks[-1].norm1``). A mean-pooled token model keeps its last token output.
+
+:func:`stage_layers` gives the layer-by-layer view (one layer per resolution on a CNN, one
+per block on a transformer) and :func:`check_layer` refuses a named layer that is missing
+or not a map, with the names it could have meant.
 """
 
 from __future__ import annotations
 
 import difflib
+import re
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torchvision.ops.misc import Permute
 
 from visaudit.tasks.model.errors import ModelError
-from visaudit.tasks.model.hooks import ForwardHook, forward_hooks
+from visaudit.tasks.model.hooks import ForwardHook, eval_mode, forward_hooks, hooked_forward
+from visaudit.tasks.model.layout import Layout, infer_layout, token_grid
 
 _POOLING = (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.FractionalMaxPool2d,
 )
+_NO_OP = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Unflatten, nn.Softmax, Permute)
 
 
-def probe(model: nn.Module, device: torch.device, size: int) -> tuple[dict[str, tuple[int, int]], int]:
-    """Run one dummy forward; return the spatial output size of every module with a 4-D
-    output (in execution order) and the number of classes (the output width)."""
-    shapes: dict[str, tuple[int, int]] = {}
+@dataclass(frozen=True)
+class Probe:
+    """What one dummy forward showed: each map-like module's layout (execution order) and the class count."""
+
+    layouts: dict[str, Layout]
+    num_classes: int
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Module -> the (h, w) of its map."""
+        return {name: layout.grid for name, layout in self.layouts.items()}
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """The explained layer and the one-line reason it was chosen (recorded in run.json and the report)."""
+
+    name: str
+    reason: str
+
+
+def probe(model: nn.Module, device: torch.device, size: int) -> Probe:
+    """Run one dummy ``size`` x ``size`` forward; record every module's map layout and the class count."""
+    layouts: dict[str, Layout] = {}
+    grid = token_grid(model, (size, size))
 
     def record(name: str) -> ForwardHook:
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor) and output.dim() == 4:
-                shapes.pop(name, None)  # re-insert so the order is execution order
-                shapes[name] = (int(output.shape[2]), int(output.shape[3]))
+            if isinstance(output, torch.Tensor) and (layout := infer_layout(output.shape, grid)) is not None:
+                layouts.pop(name, None)  # re-insert so the order is execution order
+                layouts[name] = layout
 
         return hook
 
@@ -44,21 +84,22 @@ def probe(model: nn.Module, device: torch.device, size: int) -> tuple[dict[str, 
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"the model must return class scores of shape (batch, classes); it returned {shape}")
-    return shapes, int(out.shape[1])
+    return Probe(layouts, int(out.shape[1]))
 
 
 def _spatial(layer_shapes: dict[str, tuple[int, int]], model: nn.Module) -> list[str]:
-    """Modules with a spatial (h w > 1) output, pooling aside, in execution order: the candidate stages."""
+    """Modules with a spatial (h w > 1) map, pooling and no-op modules aside, in execution order."""
     modules = dict(model.named_modules())
-    return [name for name, (h, w) in layer_shapes.items() if h * w > 1 and not isinstance(modules[name], _POOLING)]
+    return [name for name, (h, w) in layer_shapes.items()
+            if h * w > 1 and not isinstance(modules[name], _POOLING + _NO_OP)]
 
 
 def default_layer(layer_shapes: dict[str, tuple[int, int]], model: nn.Module) -> str:
-    """The last module (in execution order) with a spatial output, pooling aside: the last conv stage.
+    """The last module (in execution order) with a spatial map, pooling and no-op modules aside.
 
     When a container and its last child emit the same output, the container's hook fires
     last, so ``layer4`` (resnet) or ``features`` (vgg, densenet, mobilenet) is chosen;
-    a pooling head such as VGG's 7x7 ``avgpool`` is not a stage.
+    a pooling head such as VGG's 7x7 ``avgpool`` is not a stage, nor Swin's final ``permute``.
     """
     spatial = _spatial(layer_shapes, model)
     if not spatial:
@@ -66,18 +107,85 @@ def default_layer(layer_shapes: dict[str, tuple[int, int]], model: nn.Module) ->
     return spatial[-1]
 
 
-def stage_layers(layer_shapes: dict[str, tuple[int, int]], model: nn.Module, count: int = 4) -> list[str]:
-    """The backbone's stages for the layer-by-layer view: for each spatial resolution, the last
-    module (pooling aside) that outputs it, keeping the ``count`` deepest, shallow to deep.
+def choose_layer(model: nn.Module, found: Probe, device: torch.device, size: int) -> LayerChoice:
+    """The explained layer and its reason (see the module docstring)."""
+    last = default_layer(found.shapes, model)
+    layout = found.layouts[last]
+    if layout.kind == "nchw":
+        return LayerChoice(last, "the last module with a spatial map before the pooled head (the last conv stage)")
+    if layout.kind == "nhwc":
+        return LayerChoice(last, "the last spatial map before the pooled head; its channels-last "
+                                 "(N, H, W, C) output is permuted to (N, C, H, W)")
+    tokens = [n for n in _spatial(found.shapes, model) if found.layouts[n].kind == "tokens"]
+    reached = _reaching_patch_tokens(model, tokens, device, size)
+    if not reached:
+        raise ModelError("no token layer whose patch tokens reach the class scores was found; name one with --layer")
+    choice, prefix = reached[-1], layout.prefix
+    if choice == last:
+        return LayerChoice(choice, f"the last token output; {prefix} leading token(s) dropped, "
+                                   f"the {layout.grid[0]}x{layout.grid[1]} patch tokens laid out as a map")
+    return LayerChoice(choice, f"the deepest token layer whose patch tokens still reach the class scores "
+                               f"(measured: every later one, e.g. {last!r}, gets zero gradient, only the "
+                               f"class token goes on to the head); {prefix} leading token(s) dropped")
 
-    ResNets give ``layer1..layer4``; VGG, DenseNet and MobileNet give the last module of each
-    resolution inside ``features``.
+
+def _reaching_patch_tokens(model: nn.Module, layers: list[str], device: torch.device, size: int) -> list[str]:
+    """The ``layers`` whose maps reach the classifier: non-zero gradient of a seeded random
+    projection of the last ``nn.Linear``'s input (the head's features; the class scores when
+    there is no linear head), for one noise image and one backward. The head's input, not
+    its output, is measured, so a zero-initialised head (torchvision's ViT) does not hide it."""
+    if not layers:
+        return []
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(1, 3, size, size, generator=generator).to(device)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    features: list[torch.Tensor] = []
+    handle = linears[-1].register_forward_pre_hook(lambda _m, args: features.append(args[0])) if linears else None
+    try:
+        with eval_mode(model):
+            forward = hooked_forward(model, inputs, layers)
+    finally:
+        if handle is not None:
+            handle.remove()
+    head_input = features[-1] if features else forward.scores
+    projection = torch.randn(head_input.shape, generator=generator).to(head_input)
+    acts = [forward.activations[name] for name in layers]
+    grads = torch.autograd.grad((head_input * projection).sum(), acts, allow_unused=True)
+    sizes = [0.0 if g is None else float(g.abs().amax()) for g in grads]
+    top = max(sizes, default=0.0)
+    return [name for name, s in zip(layers, sizes) if top > 0 and s > 1e-6 * top]
+
+
+def stage_layers(layer_shapes: dict[str, tuple[int, int]], model: nn.Module, count: int = 4,
+                 layer: str | None = None) -> list[str]:
+    """The layers of the layer-by-layer view, shallow to deep, the ``count`` deepest.
+
+    A CNN: for each spatial resolution, the last module (pooling aside) that outputs it
+    (``layer1..layer4`` on a ResNet; the last module of each resolution inside VGG's,
+    DenseNet's or MobileNet's ``features``). A transformer, whose blocks share one
+    resolution: the same module as ``layer`` in each block (``blocks.8.norm1`` ...
+    ``blocks.11.norm1``), found by its name with the block index free.
     """
+    if layer is not None and (blocks := _same_layer_per_block(layer_shapes, model, layer)):
+        return blocks[-count:]
     last_at: dict[tuple[int, int], str] = {}
     for name in _spatial(layer_shapes, model):
         last_at.pop(layer_shapes[name], None)
         last_at[layer_shapes[name]] = name
     return list(last_at.values())[-count:]
+
+
+def _same_layer_per_block(layer_shapes: dict[str, tuple[int, int]], model: nn.Module, layer: str) -> list[str]:
+    """``layer``'s counterparts in the other blocks, when they all share its resolution (a
+    transformer): its name with ONE digit run free, the run that matches the most modules."""
+    spatial = _spatial(layer_shapes, model)
+    best: list[str] = []
+    for run in re.finditer(r"\d+", layer):
+        pattern = re.compile(re.escape(layer[: run.start()]) + r"\d+" + re.escape(layer[run.end():]) + "$")
+        siblings = [name for name in spatial if pattern.match(name)]
+        if len(siblings) > len(best) and all(layer_shapes[n] == layer_shapes[layer] for n in siblings):
+            best = siblings
+    return best if len(best) > 1 else []
 
 
 def check_layer(model: nn.Module, layer: str, layer_shapes: dict[str, tuple[int, int]]) -> None:
@@ -90,6 +198,7 @@ def check_layer(model: nn.Module, layer: str, layer_shapes: dict[str, tuple[int,
     h, w = layer_shapes.get(layer, (0, 0))
     if h * w <= 1:
         raise ModelError(
-            f"--layer {layer!r}: its output is not a spatial (N,C,H,W) map, so it cannot be explained; "
-            f"spatial layers include {', '.join([n for n, s in layer_shapes.items() if s[0] * s[1] > 1][-3:])}"
+            f"--layer {layer!r}: its output is not a spatial map ((N,C,H,W), (N,H,W,C) or patch tokens), "
+            f"so it cannot be explained; spatial layers include "
+            f"{', '.join([n for n, s in layer_shapes.items() if s[0] * s[1] > 1][-3:])}"
         )

@@ -1,9 +1,10 @@
-"""Model loading: torchvision architecture + weights, or a user factory.
+"""Model loading: torchvision architecture, timm or Hugging Face model + weights, or a user factory.
 
 A model is described by a :class:`ModelSpec` (plain strings, so it can travel between
 Prefect tasks and processes) and built once per process by :func:`load_model`.
 Checkpoints load with ``torch.load(weights_only=True)``; a full pickle is refused unless
-the user says they trust it. Which layer is explained is chosen by
+the user says they trust it. ``timm:NAME`` and ``hf:PATH_OR_ID`` are built by
+:mod:`visaudit.tasks.model.sources`. Which layer is explained, and why, is chosen by
 :mod:`visaudit.tasks.model.layers`.
 """
 
@@ -26,14 +27,17 @@ from torch import nn
 
 from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from visaudit.tasks.model.errors import ModelError
-from visaudit.tasks.model.layers import check_layer, default_layer, probe
+from visaudit.tasks.model.layers import check_layer, choose_layer, probe
+from visaudit.tasks.model.layout import Layout
+from visaudit.tasks.model.sources import HF_PREFIX, TIMM_PREFIX, build_hf, build_timm
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to load: ``arch`` (torchvision name) or ``factory`` (``module:function`` or
-    ``path/to/file.py:function``), and ``weights`` (a state_dict file, or for ``arch`` a
-    torchvision weights name such as ``IMAGENET1K_V1``)."""
+    """What to load: ``arch`` (torchvision name, ``timm:NAME`` or ``hf:PATH_OR_ID``) or
+    ``factory`` (``module:function`` or ``path/to/file.py:function``), and ``weights`` (a
+    state_dict file, or for ``arch`` a torchvision weights name such as ``IMAGENET1K_V1``,
+    or timm's ``pretrained`` / a timm pretrained tag)."""
 
     arch: str | None = None
     factory: str | None = None
@@ -63,6 +67,8 @@ class LoadedModel:
     categories: list[str] | None  # class names shipped with torchvision weights
     fingerprint: str
     layer_shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    layouts: dict[str, Layout] = field(default_factory=dict)  # how each map-like output is read
+    layer_reason: str = ""  # why the explained layer was chosen ("named with --layer" when it was)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -80,7 +86,18 @@ def load_model(spec: ModelSpec, device_name: str = "auto", input_size: int = 224
     """Build, load and prepare the model once per process (cached by spec and device)."""
     device = resolve_device(device_name)
     state, fingerprint = _read_weights(spec)
-    if spec.arch is not None:
+    if spec.arch is not None and spec.arch.startswith(HF_PREFIX):
+        if spec.weights is not None:
+            raise ModelError(f"--arch {spec.arch}: a Hugging Face model loads its weights from its folder or hub id; "
+                             "drop --weights")
+        built = build_hf(spec.arch)
+        model, preprocess, categories = built.model, built.preprocess, built.categories
+        fingerprint = built.fingerprint or fingerprint
+    elif spec.arch is not None and spec.arch.startswith(TIMM_PREFIX):
+        size = classifier_size(state) if isinstance(state, dict) else None
+        built = build_timm(spec.arch, None if state is not None else spec.weights, size)
+        model, preprocess, categories = built.model, built.preprocess, built.categories
+    elif spec.arch is not None:
         model, preprocess, categories = _build_torchvision(spec, state)
     else:
         model, preprocess, categories = _build_factory(spec, state), None, None
@@ -90,13 +107,15 @@ def load_model(spec: ModelSpec, device_name: str = "auto", input_size: int = 224
     if device.type == "cuda":  # NHWC: the layout tensor cores want for convolutions
         model.to(memory_format=torch.channels_last)
     size = preprocess.crop if preprocess is not None else input_size
-    layer_shapes, num_classes = probe(model, device, size)
+    found = probe(model, device, size)
     if spec.layer is not None:
-        layers = [spec.layer]
-        check_layer(model, spec.layer, layer_shapes)
+        check_layer(model, spec.layer, found.shapes)
+        layer, reason = spec.layer, "named with --layer"
     else:
-        layers = [default_layer(layer_shapes, model)]
-    return LoadedModel(model, device, num_classes, layers, preprocess, categories, fingerprint, layer_shapes)
+        choice = choose_layer(model, found, device, size)
+        layer, reason = choice.name, choice.reason
+    return LoadedModel(model, device, found.num_classes, [layer], preprocess, categories, fingerprint,
+                       found.shapes, found.layouts, reason)
 
 
 def _read_weights(spec: ModelSpec) -> tuple[dict[str, torch.Tensor] | nn.Module | None, str]:
@@ -138,12 +157,16 @@ def _is_file_spec(weights: str) -> bool:
 
 
 def classifier_size(state: dict[str, torch.Tensor]) -> int | None:
-    """Number of classes: the output size of the last 2-D weight (the classifier) in the state_dict."""
+    """Number of classes: the output size of the last classifier weight in the state_dict, a
+    2-D linear weight or a 1x1 conv's (SqueezeNet's classifier is ``Conv2d(512, K, 1)``)."""
     for key in reversed(list(state)):
         value = state[key]
-        if key.endswith("weight") and value.dim() == 2:
+        if key.endswith("weight") and (value.dim() == 2 or (value.dim() == 4 and value.shape[2:] == (1, 1))):
             return int(value.shape[0])
     return None
+
+
+_AUX_PREFIXES = {"inception_v3": ("AuxLogits.",), "googlenet": ("aux1.", "aux2.")}
 
 
 def _build_torchvision(
@@ -179,6 +202,9 @@ def _build_torchvision(
     kwargs: dict[str, Any] = {}
     if state is not None and (size := classifier_size(state)) is not None:
         kwargs["num_classes"] = size
+    if spec.arch in _AUX_PREFIXES:  # auxiliary heads only when the weights carry them (they never run in eval)
+        kwargs["aux_logits"] = state is not None and any(k.startswith(_AUX_PREFIXES[spec.arch]) for k in state)
+        kwargs["init_weights"] = True
     return torchvision.models.get_model(spec.arch, weights=None, **kwargs), None, None
 
 
