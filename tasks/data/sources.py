@@ -10,13 +10,25 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from visaudit.tasks.data.reads import (
+    LOCAL_SCHEMES,
+    Limits,
+    ReadPolicy,
+    file_uri,
+    inside,
+    is_remote,
+    local_path,
+    origin_of,
+    read_bytes,
+    scheme_of,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
@@ -39,22 +51,38 @@ class DataSourceError(ValueError):
     """The data source cannot be used; the message names the file and the fix."""
 
 
-def is_url(path: str) -> bool:
-    """Whether ``path`` is an fsspec URL (``http://``, ``s3://``, ...) rather than a local path."""
-    return "://" in path and not path.startswith("file://")
+OPT_IN = "pass --allow-outside-paths if you trust this manifest"
 
 
-def build_index(source: str | Path, allow_outside: bool = False) -> pd.DataFrame:
+def read_policy(source: str | Path, allow_outside: bool = False, limits: Limits = Limits()) -> ReadPolicy:
+    """Where a run over ``source`` may read (the rule in :mod:`visaudit.tasks.data.reads`).
+
+    A folder: files under it, nothing remote. A local manifest: files under its folder, any
+    URL. A remote manifest: images of its own origin, no local file. ``allow_outside`` lifts
+    both confinements (the byte and time limits stay).
+    """
+    uri = _source_uri(source)
+    if is_remote(uri):
+        return ReadPolicy(None if allow_outside else (), None if allow_outside else (origin_of(uri),), limits)
+    path = os.path.realpath(local_path(uri))
+    if os.path.isdir(path):
+        return ReadPolicy((path,), (), limits)
+    return ReadPolicy(None if allow_outside else (os.path.dirname(path),), None, limits)
+
+
+def build_index(source: str | Path, allow_outside: bool = False, limits: Limits = Limits()) -> pd.DataFrame:
     """Index a data source: a class-per-folder directory or a ``.csv``/``.parquet`` manifest.
 
-    ``allow_outside``: let a manifest's relative paths climb out of its folder (``../``).
+    ``allow_outside``: let a manifest name files outside its folder (``../``, absolute paths),
+    local files from a remote manifest, or images of another origin.
     """
-    source_str = str(source)
-    if is_url(source_str):
+    source_str = _source_uri(source)
+    policy = read_policy(source_str, allow_outside, limits)
+    if is_remote(source_str):
         if Path(source_str.split("?")[0]).suffix.lower() not in MANIFEST_SUFFIXES:
             raise DataSourceError(f"{source_str}: a remote data source must be a .csv or .parquet manifest")
-        return index_manifest(source_str, allow_outside)
-    path = Path(source_str.removeprefix("file://")).expanduser()
+        return index_manifest(source_str, policy)
+    path = Path(local_path(source_str)).expanduser()
     if not path.exists():
         raise DataSourceError(
             f"{path}: data source not found; pass a class-per-folder directory or a .csv/.parquet manifest"
@@ -62,24 +90,42 @@ def build_index(source: str | Path, allow_outside: bool = False) -> pd.DataFrame
     if path.is_dir():
         return index_folder(path)
     if path.suffix.lower() in MANIFEST_SUFFIXES:
-        return index_manifest(str(path), allow_outside)
+        return index_manifest(str(path), policy)
     raise DataSourceError(
         f"{path}: not a folder nor a manifest; pass a class-per-folder directory or a .csv/.parquet manifest"
     )
 
 
+def _source_uri(source: str | Path) -> str:
+    """The source as text, its scheme checked (an unsupported one is a DataSourceError)."""
+    text = str(source)
+    try:
+        scheme_of(text)
+    except ValueError as exc:
+        raise DataSourceError(str(exc)) from None
+    return text
+
+
 def index_folder(root: Path) -> pd.DataFrame:
     """Index ``root/<class>/<image>``: the folder name is the label.
 
-    Every file inside a class folder is indexed, images or not, so that an unreadable file
-    is recorded in the run's ``error`` column instead of silently disappearing.
+    Every entry inside a class folder that is not a folder is indexed, images or not, FIFOs,
+    devices and broken or looping symlinks too, so that it is recorded in the run's ``error``
+    column (the read refuses it, with the reason) instead of silently disappearing; a
+    symlinked folder is listed, not followed. A name that is not valid UTF-8 is kept as a
+    ``file://`` URI with its bytes percent-encoded.
     """
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    root = Path(os.path.realpath(root))
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
     rows = []
     for class_dir in class_dirs:
-        for file in sorted(class_dir.rglob("*")):
-            if file.is_file() and not file.name.startswith("."):
-                rows.append(_row(str(file.resolve()), [class_dir.name], None, {}))
+        label = _readable_name(class_dir.name)
+        for folder, folders, files in os.walk(class_dir):  # symlinked folders are not entered
+            folders[:] = sorted(d for d in folders if not d.startswith("."))
+            linked = [d for d in folders if os.path.islink(os.path.join(folder, d))]
+            for name in sorted([*files, *linked]):
+                if not name.startswith("."):
+                    rows.append(_row(_storable(os.path.join(folder, name)), [label], None, {}))
     if not rows:
         raise DataSourceError(
             f"{root}: no images found; expected one sub-folder per class, e.g. {root}/cat/001.jpg"
@@ -87,28 +133,45 @@ def index_folder(root: Path) -> pd.DataFrame:
     return _finish(pd.DataFrame(rows, columns=INDEX_COLUMNS), str(root))
 
 
-def read_manifest(uri: str) -> pd.DataFrame:
-    """Read a CSV or Parquet manifest, local or remote (fsspec)."""
+def _readable_name(name: str) -> str:
+    """A file name as valid text (undecodable bytes replaced), for labels and messages."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
+def _storable(path: str) -> str:
+    """The path itself, or its ``file://`` URI when the name is not valid UTF-8 (Parquet
+    strings are UTF-8; the URI reads back the same bytes)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return file_uri(path)
+    return path
+
+
+def read_manifest(uri: str, limits: Limits = Limits()) -> pd.DataFrame:
+    """Read a CSV or Parquet manifest, local or remote, at most ``limits.manifest_bytes``."""
     suffix = Path(uri.split("?")[0]).suffix.lower()
     try:
+        data = io.BytesIO(read_bytes(uri, ReadPolicy(limits=limits), max_bytes=limits.manifest_bytes))
         if suffix == ".csv":
-            return pd.read_csv(_open_bytes(uri), dtype=str, keep_default_na=False)
-        return pd.read_parquet(_open_bytes(uri))
+            return pd.read_csv(data, dtype=str, keep_default_na=False)
+        return pd.read_parquet(data)
     except DataSourceError:
         raise
-    except Exception as exc:  # the parser's own message is the useful part
+    except Exception as exc:  # the parser's or the read's own message is the useful part
         raise DataSourceError(f"{uri}: cannot read the manifest ({exc})") from exc
 
 
-def index_manifest(uri: str, allow_outside: bool = False) -> pd.DataFrame:
+def index_manifest(uri: str, policy: ReadPolicy = ReadPolicy()) -> pd.DataFrame:
     """Index a manifest with ``path``, ``label`` and optional ``x0,y0,x1,y1`` and attributes.
 
-    Relative paths resolve against the manifest's folder and must stay inside it unless
-    ``allow_outside`` (a manifest from elsewhere must not read arbitrary files through
-    ``../``); absolute paths and URLs are taken as written. ``label`` may hold several
-    labels separated by ``;`` (or be a list in Parquet) for multi-label data.
+    Relative paths resolve against the manifest's folder (or URL). Every row must stay where
+    ``policy`` allows (:func:`read_policy`: a local manifest's files under its folder, a
+    remote manifest's images on its origin), else the manifest is refused with the row and
+    the fix. ``label`` may hold several labels separated by ``;`` (or be a list in Parquet)
+    for multi-label data; an empty or null label is no label.
     """
-    table = read_manifest(uri)
+    table = read_manifest(uri, policy.limits)
     missing = [c for c in ("path", "label") if c not in table.columns]
     if missing:
         raise DataSourceError(
@@ -122,20 +185,43 @@ def index_manifest(uri: str, allow_outside: bool = False) -> pd.DataFrame:
         raise DataSourceError(
             f"{uri}: box columns must come together; found {present_box}, expected all of {list(BOX_COLUMNS)}"
         )
-    base = uri.rsplit("/", 1)[0] if is_url(uri) else str(Path(uri).resolve().parent)
+    base = uri.rsplit("/", 1)[0] if is_remote(uri) else str(Path(os.path.realpath(uri)).parent)
     attribute_columns = [c for c in table.columns if c not in ("path", "label", *BOX_COLUMNS)]
+    csv = uri.lower().endswith(".csv")
     rows = []
-    for number, record in enumerate(table.to_dict("records"), start=2 if uri.lower().endswith(".csv") else 0):
-        if not allow_outside and _climbs_out(str(record["path"]), base):
-            where = f"line {number}" if uri.lower().endswith(".csv") else f"row {number}"
-            raise DataSourceError(
-                f"{uri}: {where}: path {record['path']!r} points outside the manifest's folder {base}; move the "
-                "images under it or write absolute paths, or pass --allow-outside-paths if you trust this manifest"
-            )
+    for number, record in enumerate(table.to_dict("records"), start=2 if csv else 0):
+        try:
+            location = _locate(str(record["path"]), base, policy)
+        except ValueError as exc:
+            raise DataSourceError(f"{uri}: {'line' if csv else 'row'} {number}: {exc}") from None
         box = [_to_float(record[c]) for c in BOX_COLUMNS] if present_box else None
         attributes = {c: _to_str(record[c]) for c in attribute_columns}
-        rows.append(_row(_resolve(str(record["path"]), base), _parse_labels(record["label"]), box, attributes))
+        rows.append(_row(location, _parse_labels(record["label"]), box, attributes))
     return _finish(pd.DataFrame(rows, columns=INDEX_COLUMNS), uri)
+
+
+def _locate(path: str, base: str, policy: ReadPolicy) -> str:
+    """Where a manifest row's ``path`` points, refused (ValueError) where ``policy`` forbids:
+    a URL of another origin, a local file outside the roots (a remote manifest has none), a
+    relative path that climbs out of a remote manifest's folder."""
+    scheme = scheme_of(path)  # an unsupported scheme is a ValueError
+    if scheme is not None and scheme not in LOCAL_SCHEMES:
+        if policy.origins is not None and origin_of(path) not in policy.origins:
+            raise ValueError(f"path {path!r} is not on the manifest's origin {', '.join(policy.origins)}; a remote "
+                             f"manifest may name only its own server's images ({OPT_IN})")
+        return path
+    relative = scheme is None and not os.path.isabs(path)
+    if is_remote(base) and relative:
+        if policy.roots is not None and ".." in path.replace("\\", "/").split("/"):
+            raise ValueError(f"path {path!r} points outside the manifest's folder {base} ({OPT_IN})")
+        return f"{base}/{path}"
+    local = os.path.normpath(os.path.join(base, path) if relative else local_path(path))
+    if policy.roots is not None and not inside(local, policy.roots):
+        where = " or ".join(policy.roots)
+        reason = (f"names a file of this machine, which a remote manifest may not ({OPT_IN})" if is_remote(base)
+                  else f"points outside the manifest's folder {where}; move the images under it, or {OPT_IN}")
+        raise ValueError(f"path {path!r} {reason}")
+    return _storable(local)
 
 
 def attribute_pairs(cell: Any) -> list[tuple[Any, Any]]:
@@ -154,12 +240,22 @@ def class_names_from_index(index: pd.DataFrame) -> list[str]:
 
 
 def read_class_file(path: Path) -> list[str]:
-    """Class names, one per line, in the model's output order."""
+    """Class names, one per line, in the model's output order (a UTF-8 byte-order mark, as
+    some editors write, is not part of the first name); a name listed twice is an error."""
     if not Path(path).is_file():
         raise DataSourceError(f"{path}: class-names file not found; write one class name per line")
-    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataSourceError(f"{path}: not UTF-8 text ({exc}); save the class names as UTF-8") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise DataSourceError(f"{path}: the class-names file is empty; write one class name per line")
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        lines = {name: [n + 1 for n, line in enumerate(text.splitlines()) if line.strip() == name] for name in twice}
+        raise DataSourceError(f"{path}: class name(s) listed twice: "
+                              + ", ".join(f"{name!r} (lines {', '.join(map(str, lines[name]))})" for name in twice)
+                              + "; each output of the model needs its own name")
     return names
 
 
@@ -179,85 +275,14 @@ def read_index(path: Path, start: int = 0, stop: int | None = None) -> pd.DataFr
     return frame
 
 
-REMOTE_TIMEOUT_S = 30.0  # per attempt, for http(s) reads
-REMOTE_ATTEMPTS = 3  # a timeout or connection error is retried with backoff; a 404 is not
-
-
-def read_bytes(uri: str) -> bytes:
-    """The raw bytes of an image, local or remote (fsspec, e.g. http, s3)."""
-    if is_url(uri):
-        return _read_remote(uri)
-    return Path(uri).read_bytes()
-
-
-def _read_remote(uri: str) -> bytes:
-    """Read a URL with a bounded timeout and bounded retries; the last error names the URL.
-
-    http(s) goes through urllib (fsspec's http layer reports a timeout as a missing file);
-    other protocols (s3, gcs, ...) through fsspec.
-    """
-    last: Exception | None = None
-    for attempt in range(REMOTE_ATTEMPTS):
-        try:
-            if uri.startswith(("http://", "https://")):
-                return _read_http(uri)
-            import fsspec
-
-            with fsspec.open(uri, "rb") as handle:
-                return handle.read()
-        except (FileNotFoundError, PermissionError):
-            raise  # 404, 403: asking again will not help
-        except Exception as exc:  # timeouts, resets, 5xx: each library raises its own type
-            last = exc
-            if attempt + 1 < REMOTE_ATTEMPTS:
-                time.sleep(0.5 * 2**attempt)
-    raise OSError(f"{uri}: unreachable after {REMOTE_ATTEMPTS} attempts ({type(last).__name__}: {last})")
-
-
-def _read_http(uri: str) -> bytes:
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(uri, headers={"User-Agent": "visaudit"})
-    try:
-        with urllib.request.urlopen(request, timeout=REMOTE_TIMEOUT_S) as answer:  # noqa: S310 (the user's URL)
-            return answer.read()
-    except urllib.error.HTTPError as exc:
-        if exc.code in (404, 410):
-            raise FileNotFoundError(f"{uri}: HTTP {exc.code} {exc.reason}") from None
-        if exc.code < 500 and exc.code != 429:
-            raise PermissionError(f"{uri}: HTTP {exc.code} {exc.reason}") from None  # not retried
-        raise
-
-
-def _open_bytes(uri: str) -> io.BytesIO:
-    return io.BytesIO(read_bytes(uri))
-
-
-def _climbs_out(path: str, base: str) -> bool:
-    """Whether a relative manifest path leaves the manifest's folder (judged on the text, ``..``)."""
-    if is_url(path) or (not is_url(base) and Path(path).is_absolute()):
-        return False
-    if is_url(base):
-        return ".." in path.replace("\\", "/").split("/")
-    joined = os.path.normpath(os.path.join(base, path))
-    return joined != base and not joined.startswith(base.rstrip(os.sep) + os.sep)
-
-
-def _resolve(path: str, base: str) -> str:
-    if is_url(path) or (not is_url(base) and Path(path).is_absolute()):
-        return path
-    if is_url(base):
-        return f"{base}/{path}"
-    return str((Path(base) / path).resolve())
-
-
 def _parse_labels(value: Any) -> list[str]:
+    """A label cell as class names; null (None, NaN: Parquet's missing value) is no label,
+    never a class called "nan"."""
     if isinstance(value, (list, tuple)) or hasattr(value, "tolist"):
         items = list(value.tolist() if hasattr(value, "tolist") else value)
     else:
-        items = str(value).split(";")
-    return [str(item).strip() for item in items if str(item).strip()]
+        items = [] if _to_str(value) is None else str(value).split(";")
+    return [str(item).strip() for item in items if _to_str(item) is not None and str(item).strip()]
 
 
 def _to_float(value: Any) -> float:
@@ -268,7 +293,7 @@ def _to_float(value: Any) -> float:
 
 
 def _to_str(value: Any) -> str | None:
-    if value is None or (isinstance(value, float) and value != value):
+    if value is None or value is pd.NA or (isinstance(value, float) and value != value):
         return None
     return str(value)
 
