@@ -6,7 +6,9 @@ restarted run (same ``--run-id``) reuses the plan and the shards already done.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,11 +17,18 @@ from typing import NamedTuple
 import pandas as pd
 from pydantic import BaseModel
 
-from visaudit.tasks.audit.request import AuditRequest
+from visaudit.tasks.audit.request import AuditRequest, ModelSettings
+from visaudit.tasks.audit.setup_checks import SetupReport, run_setup_checks, stop_if_wrong
 from visaudit.tasks.audit.shard import ShardSettings
 from visaudit.tasks.data.files import write_atomically
-from visaudit.tasks.data.images import Preprocess
-from visaudit.tasks.data.sources import build_index, class_names_from_index, read_class_file, write_index
+from visaudit.tasks.data.images import NORMALISATIONS, Preprocess
+from visaudit.tasks.data.sources import (
+    DataSourceError,
+    build_index,
+    class_names_from_index,
+    read_class_file,
+    write_index,
+)
 from visaudit.tasks.explain.impression_settings import choose_classes
 from visaudit.tasks.explain.registry import check_method_names, check_methods
 from visaudit.tasks.model.errors import ModelError
@@ -48,11 +57,14 @@ class RunPlan(BaseModel):
     preprocess: Preprocess
     multi_label: bool
     layers: list[str]  # hooked layers, shallow to deep; the explained layer last
+    layer_reason: str = ""  # why the explained layer was chosen
+    skipped: dict[str, str] = {}  # requested methods that cannot apply to the model -> the one-line note
     model_fingerprint: str
     data_fingerprint: str
     images: int
     shards: list[Shard]
     started: str
+    setup: SetupReport | None = None  # the setup checks' numbers (None with --no-setup-checks)
 
     @property
     def folder(self) -> Path:
@@ -84,6 +96,7 @@ class RunPlan(BaseModel):
             occlusion=request.occlusion.spec() if "occlusion" in request.explain.methods else None,
             precision=request.compute.precision,
             gpu_decode=request.compute.gpu_decode,
+            reads=request.data.read_policy(request.source),
         )
 
     def save(self) -> None:
@@ -115,36 +128,57 @@ def prepare_run(request: AuditRequest) -> RunPlan:
     if (folder / PLAN_NAME).exists():
         return load_plan(folder)
     check_method_names(request.explain.methods)
-    index = build_index(request.source, allow_outside=request.data.allow_outside_paths)
+    index = build_index(request.source, allow_outside=request.data.allow_outside_paths, limits=request.data.limits())
     loaded = load_model(request.model.spec(), request.model.device, request.model.input_size)
-    preprocess = default_preprocess(loaded, request.model.resize, request.model.crop)
+    preprocess = _scaled(default_preprocess(loaded, request.model.resize, request.model.crop), request.model)
     classes = _class_names(request, loaded, index)
     if unknown_targets := [c for c in request.explain.target_classes if c not in classes]:
         raise ValueError(f"--target-class {unknown_targets}: not among the model's classes ({', '.join(classes[:8])}, ...)")
     layers = _explained_layers(loaded, request.explain.layer_by_layer)
-    _check_methods(request, loaded, layers, preprocess.crop, classes)
+    skipped = _check_methods(request, loaded, layers, preprocess.crop, classes)
+    for name, note in skipped.items():
+        logging.getLogger("visaudit").warning("method %s skipped: %s", name, note)
+    applying = [m for m in request.explain.methods if m not in skipped]
     multi_label = request.model.multi_label
     if multi_label is None:
         multi_label = bool((index["labels"].map(len) > 1).any())
+    setup = None
+    if request.setup.enabled:
+        setup = run_setup_checks(loaded, index, classes, preprocess, multi_label, request.compute.batch_size,
+                                 request.setup.thresholds())
+        if setup is not None:
+            stop_if_wrong(setup)  # SetupError: one line naming the flags that fix a clearly wrong setup
     size = request.compute.shard_size
     plan = RunPlan(
         run_id=run_id,
         out_dir=str(Path(request.out_dir).resolve()),
-        request=request.model_copy(update={"run_id": run_id}),
+        request=request.model_copy(update={"run_id": run_id,
+                                           "explain": request.explain.model_copy(update={"methods": applying})}),
         classes=list(classes),
         preprocess=preprocess,
         multi_label=multi_label,
         layers=layers,
+        layer_reason=loaded.layer_reason,
+        skipped=skipped,
         model_fingerprint=loaded.fingerprint,
         data_fingerprint=_fingerprint(index),
         images=len(index),
         shards=[Shard(f"{i // size:05d}", i, min(i + size, len(index))) for i in range(0, len(index), size)],
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        setup=setup,
     )
     folder.mkdir(parents=True, exist_ok=True)
     write_index(index, folder / INDEX_NAME)
     plan.save()
     return plan
+
+
+def _scaled(preprocess: Preprocess, model: ModelSettings) -> Preprocess:
+    """The preprocessing with ``--normalise`` and ``--channels`` applied."""
+    if model.normalise is not None:
+        mean, std = NORMALISATIONS[model.normalise]
+        preprocess = dataclasses.replace(preprocess, mean=mean, std=std)
+    return dataclasses.replace(preprocess, channels=model.channels)
 
 
 def _class_names(request: AuditRequest, loaded: LoadedModel, index: pd.DataFrame) -> list[str]:
@@ -155,6 +189,7 @@ def _class_names(request: AuditRequest, loaded: LoadedModel, index: pd.DataFrame
         classes = loaded.categories
     else:
         classes = class_names_from_index(index)
+    _check_labels_match(index, classes)
     if len(classes) != loaded.num_classes:
         raise ModelError(
             f"the model has {loaded.num_classes} outputs but {len(classes)} class names were found "
@@ -164,6 +199,20 @@ def _class_names(request: AuditRequest, loaded: LoadedModel, index: pd.DataFrame
     return list(classes)
 
 
+def _check_labels_match(index: pd.DataFrame, classes: list[str]) -> None:
+    """Stop when the data has labels and not one of them is a class name: no image could be
+    judged (numeric labels 0, 1, 2 with a names file are the usual cause)."""
+    labels = class_names_from_index(index)
+    if labels and not set(labels) & set(classes):
+        numeric = all(label.lstrip("-").isdigit() for label in labels)
+        hint = ("the labels look like class indices: write the class names in the manifest's label column "
+                "(line i of the classes file is output i)" if numeric else
+                "check the spelling and case, or pass --classes with the names the labels use")
+        raise DataSourceError(f"{index.attrs.get('source', 'the data source')}: no label matches a class name "
+                              f"(labels {', '.join(labels[:5])}{', ...' if len(labels) > 5 else ''}; classes "
+                              f"{', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}); {hint}")
+
+
 def _explained_layers(loaded: LoadedModel, layer_by_layer: bool) -> list[str]:
     """The hooked layers, shallow to deep: one stage per resolution (layer-by-layer), then the
     explained layer, which stands for its own resolution."""
@@ -171,19 +220,24 @@ def _explained_layers(loaded: LoadedModel, layer_by_layer: bool) -> list[str]:
     if not layer_by_layer:
         return [layer]
     shapes = loaded.layer_shapes
-    return [s for s in stage_layers(shapes, loaded.model) if s != layer and shapes[s] != shapes.get(layer)] + [layer]
+    stages = stage_layers(shapes, loaded.model, layer=layer)
+    if layer in stages:  # one stage per resolution, or per block on a transformer: those before the explained one
+        return [s for s in stages if s != layer] + [layer]
+    return [s for s in stages if shapes[s] != shapes.get(layer)] + [layer]
 
 
 def _check_methods(request: AuditRequest, loaded: LoadedModel, layers: list[str], size: int,
-                   classes: list[str]) -> None:
-    """Fail now, with the fix, for a method that cannot run on this model or these settings."""
+                   classes: list[str]) -> dict[str, str]:
+    """Fail now, with the fix, for settings a method cannot run with; return the methods that
+    cannot apply to this model, with their notes (skipped; an error only when none applies)."""
     methods = request.explain.methods
-    check_methods(loaded, methods, layers, size)
+    skipped = check_methods(loaded, methods, layers, size)
     if "occlusion" in methods:
         request.occlusion.spec().geometry(size)  # a window that does not fit fails here
     if "impressions" in methods:
         choose_classes(classes, request.impressions.classes, request.impressions.max_classes)  # unknown names
         request.impressions.settings(size)  # and bad options fail here
+    return skipped
 
 
 def _fingerprint(index: pd.DataFrame) -> str:

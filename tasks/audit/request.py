@@ -18,6 +18,9 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from visaudit.tasks.audit.setup_checks import SetupThresholds
+from visaudit.tasks.data.reads import Limits, ReadPolicy
+from visaudit.tasks.data.sources import read_policy
 from visaudit.tasks.explain.impression_settings import ImpressionSettings, settings_for_input
 from visaudit.tasks.explain.occlusion import OcclusionSpec
 from visaudit.tasks.findings.thresholds import Thresholds
@@ -71,6 +74,9 @@ class ModelSettings(Settings):
     device: str = option("auto", "auto, cpu, cuda, cuda:1 ...")
     resize: int | None = option(None, "Resize the shorter side to this (default: weights' or 256).", ge=8)
     crop: int | None = option(None, "Centre crop size (default: weights' or 224).", ge=8)
+    normalise: str | None = option(None, "Input scaling: imagenet (mean/std), unit ([0, 1]), symmetric ([-1, 1]) "
+                                   "(default: the weights' or imagenet).", pattern="^(imagenet|unit|symmetric)$")
+    channels: str = option("rgb", "Colour channel order the model expects: rgb or bgr.", pattern="^(rgb|bgr)$")
     multi_label: bool | None = option(None, "Sigmoid or softmax model (default: from the labels).",
                                       form="switch:--multi-label/--multi-class")
     trust_checkpoint: bool = option(False, "Allow weights files that are full pickles (they can run code).")
@@ -107,7 +113,23 @@ class DataSettings(Settings):
 
     title: ClassVar[str] = "Data"
     allow_outside_paths: bool = option(
-        False, "Let a manifest's relative paths leave its folder (../); only for manifests you trust.")
+        False, "Let a manifest name files outside its folder (../, absolute paths, symlinks out), or, from a "
+        "remote manifest, local files and other origins' images; only for manifests you trust.")
+    max_image_bytes: int = option(Limits.image_bytes, "Largest image file read, in bytes (larger: recorded as an "
+                                  "error).", ge=1)
+    max_manifest_bytes: int = option(Limits.manifest_bytes, "Largest manifest read, in bytes.", ge=1)
+    http_deadline: float = option(Limits.http_deadline_s, "Seconds one http(s) request may take in all (connect, "
+                                  "headers, body); a slower one is retried, then recorded.", gt=0, le=3600)
+    max_aspect_ratio: float = option(Limits.max_aspect_ratio, "Longest side / shortest side an image may have; "
+                                     "checked before decoding (larger: recorded as an error).", ge=1)
+
+    def limits(self) -> Limits:
+        """The byte, time and shape limits of the run's reads."""
+        return Limits(self.max_image_bytes, self.max_manifest_bytes, self.http_deadline, self.max_aspect_ratio)
+
+    def read_policy(self, source: str) -> ReadPolicy:
+        """Where the run over ``source`` may read, with these limits."""
+        return read_policy(source, self.allow_outside_paths, self.limits())
 
 
 class ExplainSettings(Settings):
@@ -123,6 +145,13 @@ class ExplainSettings(Settings):
                                        flag="target-class", form="repeat")
 
     _split_lists = field_validator("methods", "targets", mode="before")(lambda cls, value: _split(value))
+
+    @field_validator("methods")
+    @classmethod
+    def _some_method(cls, methods: list[str]) -> list[str]:
+        if not methods:
+            raise ValueError("no method given; name at least one, e.g. --methods gradcam")
+        return methods
 
     @field_validator("targets")
     @classmethod
@@ -197,6 +226,26 @@ class ImpressionRequest(Settings):
                                   **self.options)
 
 
+class SetupSettings(Settings):
+    """The setup checks on a probe of labelled images before the shards (``audit.setup_checks``)."""
+
+    title: ClassVar[str] = "Setup checks"
+    enabled: bool = option(True, "Check the preprocessing and class order on a probe first; stop when an "
+                           "alternative is clearly better.", key="setup_checks",
+                           form="switch:--setup-checks/--no-setup-checks")
+    probe_images: int = option(200, "Setup checks: labelled images in the probe.", key="setup_probe", flag="setup-probe", ge=2, le=10_000)
+    min_gain: float = option(0.20, "Setup checks: accuracy gain the interval's lower end must clear.",
+                             key="setup_gain", flag="setup-gain", ge=0, le=1)
+    max_loss_ratio: float = option(0.5, "Setup checks: an alternative's mean loss at most this times the given's.",
+                                   key="setup_loss_ratio", flag="setup-loss-ratio", gt=0, le=1)
+    confidence: float = option(0.95, "Setup checks: confidence of the intervals.", key="setup_confidence",
+                               flag="setup-confidence", gt=0.5, lt=1)
+
+    def thresholds(self) -> SetupThresholds:
+        return SetupThresholds(probe_images=self.probe_images, min_gain=self.min_gain,
+                               max_loss_ratio=self.max_loss_ratio, confidence=self.confidence)
+
+
 class ReportSettings(Settings):
     """How the report is rendered."""
 
@@ -208,7 +257,7 @@ class ReportSettings(Settings):
 GROUPS: dict[str, type[Settings]] = {
     "model": ModelSettings, "compute": ComputeSettings, "data": DataSettings, "explain": ExplainSettings,
     "occlusion": OcclusionSettings, "sanity": SanitySettings, "impressions": ImpressionRequest,
-    "report": ReportSettings,
+    "setup": SetupSettings, "report": ReportSettings,
 }
 
 
@@ -251,6 +300,7 @@ class AuditRequest(BaseModel):
     occlusion: OcclusionSettings = Field(default_factory=OcclusionSettings)
     sanity: SanitySettings = Field(default_factory=SanitySettings)
     impressions: ImpressionRequest = Field(default_factory=ImpressionRequest)
+    setup: SetupSettings = Field(default_factory=SetupSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
 
     @model_validator(mode="before")
@@ -283,6 +333,7 @@ class AuditRequest(BaseModel):
         known = set(Thresholds.__dataclass_fields__)
         if bad := [k for k in thresholds if k not in known]:
             raise ValueError(f"unknown threshold(s) {bad}; available: {', '.join(sorted(known))}")
+        Thresholds(**thresholds)  # NaN, infinite or out-of-range values are refused with their name
         return thresholds
 
     def finding_thresholds(self) -> Thresholds:

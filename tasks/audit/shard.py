@@ -19,16 +19,19 @@ import torch.nn.functional as F
 from visaudit.tasks.data import storage
 from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many, normalise, to_batch
 from visaudit.tasks.data.labels import label_matrix
+from visaudit.tasks.data.reads import ReadPolicy
 from visaudit.tasks.data.schema import table_schema
 from visaudit.tasks.explain import cam, occlusion, signals
 from visaudit.tasks.explain.cam_family import class_activation_maps, linear_head
 from visaudit.tasks.explain.guided import guided_saliency
 from visaudit.tasks.explain.registry import GRADIENT_METHODS, GUIDED_METHODS, INPUT_LAYER
+from visaudit.tasks.model.errors import ModelError
 from visaudit.tasks.model.head import Head
 from visaudit.tasks.model.hooks import hooked_forward
 from visaudit.tasks.model.loading import LoadedModel
 
 TOP_K = 5
+NON_FINITE = "NonFiniteScores: the model's class scores for this image are NaN or infinite; no prediction"
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,7 @@ class ShardSettings:
     occlusion: occlusion.OcclusionSpec | None = None  # muting windows, when "occlusion" is a method
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; "fp32": fp32 everywhere
     gpu_decode: bool = True  # on CUDA, decode JPEG files with nvJPEG (PIL for everything else)
+    reads: ReadPolicy = field(default_factory=ReadPolicy)  # where images may be read from, and how much
 
     @property
     def layers(self) -> list[str]:
@@ -82,12 +86,13 @@ def audit_shard(
     if all(storage.part_exists(table, out_dir, run_id, shard) for table in ("predictions", "explanations", "signals")):
         return ShardResult(shard, len(rows), 0, reused=True)
     timings = {"decode": 0.0, "model": 0.0, "rows": 0.0}
+    non_finite = 0
     predictions, explanations, occlusions, signal_parts = [], [], [], []
     batches = [rows.iloc[i : i + settings.batch_size] for i in range(0, len(rows), settings.batch_size)]
 
     def load(batch: pd.DataFrame) -> list[Decoded | str]:
         device = loaded.device if settings.gpu_decode else None
-        return decode_many(batch["uri"].tolist(), settings.preprocess, settings.decode_workers, device)
+        return decode_many(batch["uri"].tolist(), settings.preprocess, settings.decode_workers, device, settings.reads)
 
     # Decode the next batch while the model works on the current one.
     with ThreadPoolExecutor(max_workers=1) as prefetch:
@@ -100,6 +105,12 @@ def audit_shard(
             t1 = time.perf_counter()
             ok = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
             result = _run_batch(batch.iloc[ok], [decoded[i] for i in ok], loaded, settings) if ok else None
+            if result is not None and not result.finite.all():  # NaN/inf scores are no prediction
+                for i in np.array(ok)[~result.finite]:
+                    decoded[i] = NON_FINITE
+                non_finite += int((~result.finite).sum())
+                ok = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
+                result = _run_batch(batch.iloc[ok], [decoded[i] for i in ok], loaded, settings) if ok else None
             t2 = time.perf_counter()
             predictions.append(_prediction_rows(batch, decoded, ok, result, settings))
             if result is not None:
@@ -115,6 +126,9 @@ def audit_shard(
             timings["rows"] += time.perf_counter() - t2
     t3 = time.perf_counter()
     pred_df = pd.concat(predictions, ignore_index=True)
+    if non_finite and pred_df["error"].isna().sum() == 0:
+        raise ModelError(f"the model returned NaN or infinite scores for every readable image of shard {shard} "
+                         f"({non_finite} images); check the weights (a diverged training?) and the preprocessing")
     expl_df = (
         pd.concat(explanations, ignore_index=True)
         if explanations
@@ -153,6 +167,7 @@ class BatchResult:
     embeddings: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))  # (N, C)
     properties: dict[str, np.ndarray] = field(default_factory=dict)  # image property -> (N,)
     thumbnails: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # (N, 192)
+    finite: np.ndarray = field(default_factory=lambda: np.ones(0, bool))  # (N,) every class score finite
 
 
 def target_matrix(
@@ -263,6 +278,7 @@ def _run_batch(
         embeddings=signals.pooled_embedding(forward.activations[settings.layer].detach()).float().cpu().numpy(),
         properties={name: v.cpu().numpy() for name, v in signals.image_properties(pixels).items()},
         thumbnails=signals.thumbnails(pixels).cpu().numpy(),
+        finite=torch.isfinite(scores).all(dim=1).cpu().numpy(),
     )
 
 

@@ -64,7 +64,8 @@ def load_inputs(plan: RunPlan, loaded: LoadedModel, uris: list[str]) -> torch.Te
     """The readable images among ``uris``, preprocessed, as one batch on the device."""
     pre = plan.preprocess
     workers = plan.request.compute.decode_workers
-    decoded = [d for d in decode_many(uris, pre, workers) if isinstance(d, Decoded)]
+    reads = plan.request.data.read_policy(plan.request.source)
+    decoded = [d for d in decode_many(uris, pre, workers, policy=reads) if isinstance(d, Decoded)]
     if not decoded:
         return torch.zeros(0, 3, pre.crop, pre.crop, device=loaded.device)
     return normalise(to_batch(decoded, loaded.device), pre)
@@ -208,7 +209,8 @@ def feature_views(plan: RunPlan) -> int:
     if not chosen:
         return 0
     uris = readable.set_index("image_id").loc[chosen, "uri"].tolist()
-    decoded = [d for d in decode_many(uris, plan.preprocess) if isinstance(d, Decoded)]
+    reads = plan.request.data.read_policy(plan.request.source)
+    decoded = [d for d in decode_many(uris, plan.preprocess, policy=reads) if isinstance(d, Decoded)]
     if len(decoded) != len(chosen):
         return 0  # an image changed since its shard read it: skip the view rather than mislabel it
     loaded = plan.load_model()
