@@ -20,11 +20,12 @@ import torch
 
 from visaudit.tasks.audit.plan import RunPlan
 from visaudit.tasks.audit.record import DataInfo, ModelInfo, RunRecord
+from visaudit.tasks.audit.setup_checks import NearChance, near_chance
 from visaudit.tasks.audit.steps import IMPRESSIONS_DIR
 from visaudit.tasks.data import storage
 from visaudit.tasks.data.records import MetricRow, metric_frame
 from visaudit.tasks.explain.features import FEATURES_DIR
-from visaudit.tasks.findings.metrics import RunMetrics, summary_metrics
+from visaudit.tasks.findings.metrics import RunMetrics, judged_rows, summary_metrics
 
 RUN_METRICS = ("images", "audited", "unreadable", "accuracy", "top5_accuracy", "ece")  # per-run trend rows
 
@@ -55,6 +56,7 @@ def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, fl
         "batch_size": request.compute.batch_size,
         "shard_size": request.compute.shard_size,
         "thresholds": request.finding_thresholds().as_dict(),
+        "setup_checks": request.setup.enabled,
     }
     if "impressions" in request.explain.methods:
         chosen = request.impressions.classes or f"up to {request.impressions.max_classes}"
@@ -66,7 +68,8 @@ def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, fl
         finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=ModelInfo(name=request.model.arch or request.model.model, weights=request.model.weights,
                         fingerprint=plan.model_fingerprint, task="multilabel" if plan.multi_label else "multiclass",
-                        layers=plan.layers, num_classes=len(plan.classes)),
+                        layers=plan.layers, layer_reason=plan.layer_reason, num_classes=len(plan.classes),
+                        skipped=plan.skipped),
         data=DataInfo(source=request.source, fingerprint=plan.data_fingerprint, images=plan.images,
                       unreadable=metrics.unreadable),
         classes=plan.classes,
@@ -76,7 +79,18 @@ def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, fl
                   "prefect": prefect.__version__, "python": platform.python_version()},
         timings=timings,
         metrics=metrics,
+        setup=plan.setup,
+        near_chance=audit_near_chance(predictions, plan.multi_label, request.setup.confidence),
     )
+
+
+def audit_near_chance(predictions: pd.DataFrame, multi_label: bool, confidence: float) -> NearChance:
+    """The whole audit's accuracy (exact match for multi-label) against chance, the share of
+    the most common label (label set)."""
+    judged = judged_rows(predictions)
+    keys = [";".join(sorted(str(v) for v in labels)) for labels in judged["labels"]]
+    return near_chance(judged["correct"].astype(bool).to_numpy(), keys, confidence,
+                       "exact_match" if multi_label else "accuracy")
 
 
 def commit(plan: RunPlan, timings: dict[str, float]) -> Path:

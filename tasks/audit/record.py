@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from visaudit.tasks.audit.setup_checks import NearChance, SetupReport
 from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.data.images import Preprocess
 from visaudit.tasks.findings.metrics import RunMetrics
@@ -29,7 +30,9 @@ class ModelInfo(BaseModel):
     fingerprint: str | None = None
     task: Literal["multiclass", "multilabel"] = "multiclass"
     layers: list[str] = Field(default_factory=list)  # hooked layers, shallow to deep; the explained one last
+    layer_reason: str = ""  # why the explained layer was chosen
     num_classes: int | None = None
+    skipped: dict[str, str] = Field(default_factory=dict)  # requested methods that cannot apply -> the note
 
 
 class DataInfo(BaseModel):
@@ -59,6 +62,8 @@ class RunRecord(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
     metrics: RunMetrics | None = None
+    setup: SetupReport | None = None  # the setup checks on the probe (None when skipped)
+    near_chance: NearChance | None = None  # the whole audit's accuracy against chance
 
     @property
     def multi_label(self) -> bool:

@@ -21,11 +21,19 @@ from visaudit.tasks.report.impressions import (
     label_peaks,
 )
 from visaudit.tasks.report.inputs import RunInputs
-from visaudit.tasks.report.methods import faithfulness_view, feature_view, methods_view, sanity_view
+from visaudit.tasks.report.methods import (
+    explained_layer,
+    faithfulness_view,
+    feature_view,
+    methods_view,
+    sanity_view,
+)
 from visaudit.tasks.report.overview import (
     appendix,
+    chance_note,
     evidence_ids,
     finding_view,
+    group_by_kind,
     headline_metrics,
     run_summary,
     sort_findings,
@@ -62,14 +70,15 @@ def report_context(inputs: RunInputs, gallery_size: int, evidence_per_finding: i
     painter.decode(predictions[predictions["image_id"].isin(shown)])
     by_id = predictions.set_index("image_id", drop=False)
     strip_ids = dict.fromkeys([*(i for ids in evidence for i in ids), *failures["image_id"]])
+    views = [finding_view(row, [by_id.loc[i] for i in ids if i in by_id.index], painter)
+             for (_, row), ids in zip(findings.iterrows(), evidence)]
+    near_chance = chance_note(record)
     context = {
         "run": run_summary(record),
+        "near_chance": near_chance,
         "metrics": headline_metrics(predictions, classes, multilabel),
         "verdict": verdict(findings),
-        "findings": [
-            finding_view(row, [by_id.loc[i] for i in ids if i in by_id.index], painter)
-            for (_, row), ids in zip(findings.iterrows(), evidence)
-        ],
+        "findings": group_by_kind(views) if near_chance else views,
         "overview_limit": OVERVIEW_FINDINGS,
         "multilabel": multilabel,
         "class_rows": class_table(predictions, classes, multilabel),
@@ -77,6 +86,7 @@ def report_context(inputs: RunInputs, gallery_size: int, evidence_per_finding: i
         "gallery": [gallery_example(row, painter, multilabel) for _, row in failures.iterrows()],
         "layer_strips": layer_strips([by_id.loc[i] for i in strip_ids if i in by_id.index], painter),
         "methods": methods_view(record, painter.methods),
+        "explained_layer": explained_layer(record),
         "sanity": sanity_view(inputs.metrics, record),
         "features": feature_view(inputs.features, by_id),
         "impressions": impressions_view(inputs.impressions, class_examples, by_id, painter,

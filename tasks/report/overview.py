@@ -3,7 +3,7 @@ findings (most severe first, each with its evidence), the unreadable images and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pandas as pd
 
@@ -16,6 +16,7 @@ from visaudit.tasks.report.formatting import format_date, names, number, optiona
 
 SEVERITIES = tuple(SEVERITY_ORDER)  # high, medium, low
 MAX_UNREADABLE_ROWS = 50
+DATA_KINDS = ("class_imbalance", "near_duplicate")  # about the data alone: listed even near chance
 
 
 @dataclass(frozen=True)
@@ -138,19 +139,65 @@ def unreadable_rows(predictions: pd.DataFrame) -> Unreadable:
     )
 
 
+def chance_note(record: RunRecord) -> str | None:
+    """The cover's first words when the audit's accuracy interval reaches chance, else None."""
+    chance = record.near_chance
+    if chance is None or not chance.near:
+        return None
+    what = "exact-match accuracy" if chance.metric == "exact_match" else "accuracy"
+    return (f"The model is near chance on this data: its {what} is {percent(chance.value)} on {chance.images:,} "
+            f"images (95% interval {percent(chance.low)} to {percent(chance.high)}), and always answering the most "
+            f"common label would score {percent(chance.chance)}. It has not learnt this data as given, or the "
+            "setup (preprocessing, class names) does not fit it: the findings that follow from that are grouped "
+            "by kind below, and none of them should be read as a property of the data until that is fixed.")
+
+
+def group_by_kind(views: list[FindingView]) -> list[FindingView]:
+    """Near chance: one block per kind (the model's findings on several classes follow from one
+    cause), in the order of each kind's most severe finding; the data's own kinds stay per class."""
+    groups: dict[str, list[FindingView]] = {}
+    for view in views:
+        groups.setdefault(f"{view.kind}:{view.class_name}" if view.kind in DATA_KINDS else view.kind, []).append(view)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        if len(members) == 1:
+            out.append(first)
+            continue
+        classes = ", ".join(v.class_name or v.slice or "all" for v in members)
+        out.append(replace(first, class_name=classes, slice=None, measure=f"{len(members)} findings; first: {first.measure}",
+                           message=f"Raised on {len(members)} classes ({classes}) of a model near chance: they follow "
+                                   f"from the model not having learnt this data, not from each class. First: "
+                                   f"{first.message}"))
+    return out
+
+
 def appendix(record: RunRecord) -> list[tuple[str, list[tuple[str, str]]]]:
     """Key/value tables of everything in run.json that makes the run reproducible."""
     parameters = dict(record.parameters)
     thresholds = parameters.pop("thresholds", None) or {}
     preprocess = {f"preprocess {k}": v for k, v in record.preprocess.items()}
     timings = {k: f"{v:.2f} s" for k, v in record.timings.items()}
+    setup = _flatten(asdict(record.setup)) if record.setup is not None else {"setup checks": "skipped"}
+    if record.near_chance is not None:
+        setup |= _flatten({"audit near_chance": asdict(record.near_chance)})
     sections = [
         ("Run", {k: getattr(record, k) for k in ("run_id", "started", "finished") if getattr(record, k)}),
         ("Model", record.model.model_dump(mode="json")),
         ("Data", record.data.model_dump(mode="json") | preprocess),
         ("Parameters", parameters),
         ("Thresholds", thresholds),
+        ("Setup checks", setup),
         ("Versions", record.versions),
         ("Timings", timings),
     ]
     return [(title, [(str(k), text(v)) for k, v in values.items()]) for title, values in sections if values]
+
+
+def _flatten(values: dict[str, object], prefix: str = "") -> dict[str, object]:
+    """Nested dicts as ``a b: value`` rows."""
+    out: dict[str, object] = {}
+    for key, value in values.items():
+        name = f"{prefix} {key}".strip()
+        out |= _flatten(value, name) if isinstance(value, dict) else {name: value}
+    return out
