@@ -13,6 +13,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 
+import logging
 import sys
 import threading
 import time
@@ -57,6 +58,9 @@ def build_request(values: dict[str, Any]) -> AuditRequest:
     try:
         request = AuditRequest.model_validate(request_values(values))
         request.model.spec()
+        if Path(request.out_dir).exists() and not Path(request.out_dir).is_dir():
+            raise ValueError(f"{request.out_dir}: --out must be a folder, and this is a file; name a folder "
+                             "(it is created if missing)")
     except ValidationError as exc:
         fail(validation_message(exc))
     except (ModelError, ValueError) as exc:
@@ -78,6 +82,7 @@ def execute(request: AuditRequest, quiet: bool = False) -> Path:
         f"(run {plan.run_id}, layer {', '.join(plan.layers)})",
         err=True,
     )
+    _quiet_run_failures()
     stop = threading.Event()
     watcher = None if quiet else threading.Thread(target=_progress, args=(plan, stop), daemon=True)
     if watcher:
@@ -96,6 +101,21 @@ def execute(request: AuditRequest, quiet: bool = False) -> Path:
         if watcher:
             watcher.join()
     return Path(plan.out_dir) / "runs" / plan.run_id
+
+
+class _NoRunFailures(logging.Filter):
+    """Drops Prefect's failure records of task and flow runs (their message and traceback):
+    the command line ends with its own one-line error for the same failure."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def _quiet_run_failures() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoRunFailures) for f in logger.filters):
+            logger.addFilter(_NoRunFailures())
 
 
 def _progress(plan: RunPlan, stop: threading.Event) -> None:

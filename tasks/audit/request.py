@@ -14,10 +14,12 @@ group, so a TOML config and a Python caller use the names the command line uses.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from visaudit.tasks.audit.gate import GatePolicy, load_policy
 from visaudit.tasks.audit.setup_checks import SetupThresholds
 from visaudit.tasks.data.reads import Limits, ReadPolicy
 from visaudit.tasks.data.sources import read_policy
@@ -254,10 +256,43 @@ class ReportSettings(Settings):
     pdf: bool = option(True, "Also render the PDF.", form="switch:--pdf/--no-pdf")
 
 
+class GateSettings(Settings):
+    """The release gate judged after the run is committed (``audit.gate``)."""
+
+    title: ClassVar[str] = "Release gate"
+    fail_on: str | None = option(None, "Fail the run (exit code 3) when it has findings at this severity or above: "
+                                 "high, medium or low.", pattern="^(high|medium|low)$")
+    policy: str | None = option(None, "Release policy TOML (finding severities and kinds, metric floors such as "
+                                "accuracy = 0.9); --fail-on overrides its severity.")
+
+    @field_validator("policy")
+    @classmethod
+    def _readable_policy(cls, path: str | None) -> str | None:
+        if path is not None:
+            load_policy(Path(path))  # a bad file fails now, not after the audit
+        return path
+
+    def gate_policy(self) -> GatePolicy | None:
+        """The policy to judge the run by, or None when none was asked for."""
+        if self.policy is None and self.fail_on is None:
+            return None
+        policy = load_policy(Path(self.policy)) if self.policy else GatePolicy()
+        return policy.model_copy(update={"fail_on": self.fail_on}) if self.fail_on else policy
+
+
+class EventSettings(Settings):
+    """The Prefect events a run emits about the change since the series' previous run."""
+
+    title: ClassVar[str] = "Prefect events"
+    drop_margin: float = option(0.02, "Emit visaudit.metric.dropped when accuracy or a class's accuracy falls by "
+                                "more than this since the series' previous run (and the paired 95% interval "
+                                "excludes zero).", gt=0, lt=1)
+
+
 GROUPS: dict[str, type[Settings]] = {
     "model": ModelSettings, "compute": ComputeSettings, "data": DataSettings, "explain": ExplainSettings,
     "occlusion": OcclusionSettings, "sanity": SanitySettings, "impressions": ImpressionRequest,
-    "setup": SetupSettings, "report": ReportSettings,
+    "setup": SetupSettings, "report": ReportSettings, "gate": GateSettings, "events": EventSettings,
 }
 
 
@@ -302,6 +337,8 @@ class AuditRequest(BaseModel):
     impressions: ImpressionRequest = Field(default_factory=ImpressionRequest)
     setup: SetupSettings = Field(default_factory=SetupSettings)
     report: ReportSettings = Field(default_factory=ReportSettings)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
 
     @model_validator(mode="before")
     @classmethod
