@@ -7,7 +7,9 @@ once), the model is scored:
   time (each step keeps the best so far, by mean loss): the size (the images' native size
   when their median shorter side is at most ``native_max`` pixels, 256/224, 224/224, the
   crop alone), then the normalisation (ImageNet mean/std, [0, 1], [-1, 1]), then the
-  channel order (RGB, BGR). All alternatives of one size share one uint8 batch;
+  channel order (RGB, BGR). All alternatives of one size share one uint8 batch; each is
+  scored with the outputs assigned to the class names that fit them best (below), so that a
+  wrong class order does not pass for a wrong preprocessing;
 - **class order**: the probe's confusion matrix ``C[i, j]`` (images of class ``i`` predicted
   as output ``j``) against the best one-to-one assignment of outputs to class names,
   ``argmax_pi sum_i C[i, pi(i)]`` (Hungarian algorithm, ``scipy.optimize.linear_sum_assignment``);
