@@ -76,6 +76,8 @@ def execute(request: AuditRequest, quiet: bool = False) -> Path:
         plan = prepare_run(request)
     except USER_ERRORS as exc:
         fail(str(exc))
+    except Exception as exc:  # the model's own failure while the run is planned (the setup checks run it)
+        fail(f"the run could not be prepared: {type(exc).__name__}: {exc}")
     request = request.model_copy(update={"run_id": plan.run_id})
     typer.echo(
         f"auditing {plan.images} images of {len(plan.classes)} classes from {request.source} "

@@ -29,7 +29,7 @@ def slice_table(audited: pd.DataFrame, signals: pd.DataFrame) -> pd.DataFrame:
         [dict(attribute_pairs(cell)) for cell in judged["attributes"]], index=judged.index, dtype=object
     ) if "attributes" in judged else pd.DataFrame(index=judged.index)
     frame = pd.concat([frame, attributes.add_prefix("attr:")], axis=1)
-    if not signals.empty:
+    if len(signals) >= 3:  # terciles need three images (qcut of fewer has repeated bin edges)
         derived = signals[["image_id", "brightness", "contrast"]].copy()
         for name in ("brightness", "contrast"):
             derived[f"derived:{name}"] = pd.qcut(
