@@ -59,15 +59,18 @@ def test_a_new_gradient_entry_is_all_explain_needs(monkeypatch: pytest.MonkeyPat
 
 def test_check_methods_messages() -> None:
     good = loaded(gap_linear(), "1")
-    registry.check_methods(good, ["gradcam", "cam", "guided_backprop", "occlusion"], ["0", "1"], 16)
+    assert registry.check_methods(good, ["gradcam", "cam", "guided_backprop", "occlusion"], ["0", "1"], 16) == {}
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['magic'\]; available: gradcam, gradcam\+\+"):
         registry.check_methods(good, ["gradcam", "magic"], ["1"], 16)
     vgg_like = loaded(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 14 * 14, 3)), "0")
-    with pytest.raises(ModelError, match="CAM does not apply to this model: its head on '0'"):
+    skipped = registry.check_methods(vgg_like, ["gradcam", "cam", "occlusion"], ["0"], 16)
+    assert list(skipped) == ["cam"] and "CAM does not apply to this model: its head on '0'" in skipped["cam"]
+    with pytest.raises(ModelError, match="none of the requested methods applies to this model: CAM does not apply"):
         registry.check_methods(vgg_like, ["cam"], ["0"], 16)
     no_relu = loaded(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)), "0")
-    with pytest.raises(ModelError, match="guided backprop needs nn.ReLU modules and this model has none"):
-        registry.check_methods(no_relu, ["guided_gradcam"], ["0"], 16)
+    skipped = registry.check_methods(no_relu, ["gradcam", "guided_backprop", "guided_gradcam"], ["0"], 16)
+    assert list(skipped) == ["guided_backprop", "guided_gradcam"], "one note per skipped method"
+    assert skipped["guided_gradcam"].startswith("guided backprop needs nn.ReLU modules and this model has none")
     detached = loaded(Detached(), "conv")
     with pytest.raises(ModelError, match="do not depend on this layer through autograd"):
         registry.check_methods(detached, ["gradcam"], ["conv"], 16)

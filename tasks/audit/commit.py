@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import posixpath
 import shutil
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 import torch
@@ -30,9 +32,22 @@ from visaudit.tasks.findings.metrics import RunMetrics, judged_rows, summary_met
 RUN_METRICS = ("images", "audited", "unreadable", "accuracy", "top5_accuracy", "ece")  # per-run trend rows
 
 
-def series_key(model_fingerprint: str, source: str) -> str:
-    """Which runs form one trend: the same model weights on the same data source."""
-    return json.dumps({"model": model_fingerprint, "source": source}, sort_keys=True)
+def series_key(model_fingerprint: str, source: str, name: str | None = None) -> str:
+    """Which runs form one trend: ``--series NAME`` when given, else the same model weights on
+    the same data source, written canonically (a resolved path, or a URL with its scheme and
+    host in lower case and its path normalised), so ``data/`` and ``/abs/data`` are one series."""
+    if name:
+        return json.dumps({"series": name})
+    return json.dumps({"model": model_fingerprint, "source": canonical_source(source)}, sort_keys=True)
+
+
+def canonical_source(source: str) -> str:
+    """A data source written one way: an absolute resolved path, or a normalised URL."""
+    parts = urlsplit(source)
+    if parts.scheme and parts.netloc:
+        path = posixpath.normpath(parts.path) if parts.path else ""
+        return urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, parts.query, ""))
+    return str(Path(source).expanduser().resolve())
 
 
 def run_metric_rows(metrics: RunMetrics, findings: pd.DataFrame, series: str) -> list[MetricRow]:
@@ -106,7 +121,7 @@ def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
             shutil.rmtree(run_dir / folder, ignore_errors=True)
             os.replace(staged, run_dir / folder)
     findings = storage.read_staged("findings", out_dir, plan.run_id)
-    series = series_key(plan.model_fingerprint, plan.request.source)
+    series = series_key(plan.model_fingerprint, plan.request.source, plan.request.series)
     assert record.metrics is not None
     storage.write_part(metric_frame(run_metric_rows(record.metrics, findings, series)), "metrics", out_dir,
                        plan.run_id, "run")

@@ -14,7 +14,8 @@ Kinds:
 
 A new CAM variant is one weight function in ``cam_family`` and one :class:`Method` entry
 here: the audit's method list, the CLI's and the report's titles all read this registry.
-:func:`check_methods` refuses, before any image is read, a method the model cannot support.
+:func:`check_methods` finds, before any image is read, the methods the model cannot support:
+they are skipped with a one-line note, and only a run where none applies is refused.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def check_cam_applies(loaded: LoadedModel, layers: list[str], size: int) -> None
     forward = hooked_forward(loaded.model, _probe_input(loaded, 2, size), [layer])
     if cam_family.linear_head(loaded.model, forward, layer) is None:
         raise ModelError(
-            f"CAM does not apply to this model: its head on {layer!r} is not global-average-pool + linear; "
-            "use --methods gradcam (Grad-CAM equals CAM on such heads)"
+            f"CAM does not apply to this model: its head on {layer!r} is not global-average-pool + linear "
+            "(Grad-CAM equals CAM on such heads, so use gradcam)"
         )
 
 
@@ -78,8 +79,7 @@ def check_relu_modules(loaded: LoadedModel, layers: list[str], size: int) -> Non
     """Guided backprop gates ``nn.ReLU`` modules; a model without any (it calls ``F.relu``) is refused."""
     if not relu_modules(loaded.model):
         raise ModelError(
-            "guided backprop needs nn.ReLU modules and this model has none (it may call F.relu); "
-            "drop guided_backprop/guided_gradcam from --methods"
+            "guided backprop needs nn.ReLU modules and this model has none (it may call F.relu, or use GELU)"
         )
 
 
@@ -145,19 +145,31 @@ def check_method_names(methods: Sequence[str]) -> None:
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(method_names())}")
 
 
-def check_methods(loaded: LoadedModel, methods: Sequence[str], layers: list[str], input_size: int) -> None:
-    """Refuse, before any image is read, methods the model cannot support.
+def check_methods(loaded: LoadedModel, methods: Sequence[str], layers: list[str], input_size: int) -> dict[str, str]:
+    """The requested methods this model cannot support, each with its one-line note
+    (name -> note, registry order); they are skipped and the run goes on with the others.
 
     ``layers`` are the hooked layers, shallow to deep, the explained layer last (more than
     one: the layer-by-layer Grad-CAM view). Checks, in this order: the names are known;
     the class scores depend through autograd on every layer (when a method needs gradients,
-    or for the layer-by-layer view); then each requested method's own check, once, in
-    registry order (CAM's linear head, guided backprop's ``nn.ReLU`` modules). Unknown names
-    raise ValueError, an unsupported model :class:`ModelError`.
+    or for the layer-by-layer view: a layer problem, fixed with ``--layer``, so an error);
+    then each requested method's own check, once per check, in registry order (CAM's linear
+    head, guided backprop's ``nn.ReLU`` modules): a method whose check fails is skipped.
+    Unknown names raise ValueError; a model no requested method applies to, or whose
+    layers the gradients do not reach, :class:`ModelError`.
     """
     check_method_names(methods)
     requested = [method for method in REGISTRY if method.name in set(methods)]
     if any(method.needs_gradients for method in requested) or len(layers) > 1:
         check_gradients_reach(loaded, layers, input_size)
+    notes: dict[Check, str | None] = {}
     for check in dict.fromkeys(method.check for method in requested if method.check is not None):
-        check(loaded, layers, input_size)
+        try:
+            check(loaded, layers, input_size)
+            notes[check] = None
+        except ModelError as exc:
+            notes[check] = str(exc)
+    skipped = {m.name: note for m in requested if m.check is not None and (note := notes[m.check]) is not None}
+    if len(skipped) == len(requested):
+        raise ModelError(f"none of the requested methods applies to this model: {'; '.join(dict.fromkeys(skipped.values()))}")
+    return skipped

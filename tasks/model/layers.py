@@ -10,8 +10,9 @@ explained layer with its reason:
   channels-last model (Swin), the last stage of ConvNeXt;
 - for a token model, the deepest token output whose PATCH tokens still reach the class
   scores, measured by one backward: in a class-token ViT only the class token goes to the
-  head after the last block's attention, so every later patch token has zero gradient
-  and the choice is the last block's first LayerNorm (``ln_1``, ``norm1``,
+  head after the last block's attention, so every later patch token has zero gradient;
+  of those that reach it the deepest LayerNorm is taken (not an attention projection):
+  the last block's first LayerNorm (``ln_1``, ``norm1``,
   ``layernorm_before``), the layer pytorch-grad-cam documents for ViT
   (``model.blocks[-1].norm1``). A mean-pooled token model keeps its last token output.
 
@@ -120,7 +121,9 @@ def choose_layer(model: nn.Module, found: Probe, device: torch.device, size: int
     reached = _reaching_patch_tokens(model, tokens, device, size)
     if not reached:
         raise ModelError("no token layer whose patch tokens reach the class scores was found; name one with --layer")
-    choice, prefix = reached[-1], layout.prefix
+    modules = dict(model.named_modules())
+    norms = [name for name in reached if isinstance(modules[name], nn.LayerNorm)]
+    choice, prefix = (norms or reached)[-1], layout.prefix
     if choice == last:
         return LayerChoice(choice, f"the last token output; {prefix} leading token(s) dropped, "
                                    f"the {layout.grid[0]}x{layout.grid[1]} patch tokens laid out as a map")

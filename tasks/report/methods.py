@@ -23,11 +23,21 @@ PAPER_FAITHFULNESS = (("Grad-CAM", 0.254), ("Guided Grad-CAM", 0.261), ("Guided 
 
 @dataclass(frozen=True)
 class MethodView:
-    """A method visaudit knows (display name, stored key) and whether this run computed it."""
+    """A method visaudit knows (display name, stored key), whether this run computed it, and
+    why not when it was requested but cannot apply to the model (``note``)."""
 
     name: str
     key: str
     computed: bool
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ExplainedLayer:
+    """The layer the maps explain and the reason it was chosen."""
+
+    name: str
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,14 @@ def methods_view(record: RunRecord, stored: list[str]) -> list[MethodView]:
     """Every method visaudit knows, and whether this run computed it (run.json's list, else the
     ``stored`` methods)."""
     asked = set(record.parameters.get("methods") or stored)
-    return [MethodView(method_title(key), key, key in asked) for key in method_names()]
+    skipped = record.model.skipped
+    return [MethodView(method_title(key), key, key in asked, skipped.get(key, "")) for key in method_names()]
+
+
+def explained_layer(record: RunRecord) -> ExplainedLayer | None:
+    """The explained layer (the last hooked one) and its reason, from run.json."""
+    layers = record.model.layers
+    return ExplainedLayer(layers[-1], record.model.layer_reason) if layers else None
 
 
 def ordered_methods(stored: pd.Series) -> list[str]:
