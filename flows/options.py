@@ -73,7 +73,7 @@ def request_parameters() -> list[inspect.Parameter]:
     own = AuditRequest.model_fields
     source = inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
         str, typer.Argument(help=own["source"].description)])
-    top = [option_parameter(own[name], name, "Run") for name in ("out_dir", "run_id", "thresholds")]
+    top = [option_parameter(own[name], name, "Run") for name in ("out_dir", "run_id", "series", "thresholds")]
     return [source, *top, *(p for group in GROUPS.values() for p in group_parameters(group))]
 
 

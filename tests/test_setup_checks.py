@@ -163,3 +163,14 @@ def test_no_setup_checks_audits_as_given_and_the_cover_says_near_chance(trained,
     text = re.sub(r"\s+", " ", " ".join(page.extract_text() or "" for page in PdfReader(run_dir / "report.pdf").pages))
     cover = text[: text.index("Model")]
     assert "The model is near chance on this data" in cover
+
+
+def test_series_key_is_canonical_and_can_be_named(tmp_path, monkeypatch) -> None:
+    from visaudit.tasks.audit.commit import series_key
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    assert series_key("m", "data") == series_key("m", str(tmp_path / "data")) == series_key("m", "./data/")
+    assert series_key("m", "HTTPS://Example.org/a/../val.csv") == series_key("m", "https://example.org/val.csv")
+    assert series_key("m", "data") != series_key("other", "data")
+    assert series_key("m", "data", "nightly") == series_key("other", "elsewhere", "nightly") != series_key("m", "data")

@@ -326,6 +326,7 @@ class AuditRequest(BaseModel):
     source: str = Field(description="Class-per-folder directory, or a .csv/.parquet manifest (path or URL).")
     out_dir: str = option("visaudit-out", "Output folder (tables/ and runs/).", flag="out")
     run_id: str | None = option(None, "Resume or name a run (default: a new id).")
+    series: str | None = option(None, "Name the trend series this run belongs to (default: the model and source).")
     thresholds: dict[str, float] = option({}, "Override a finding threshold, NAME=VALUE (repeatable).",
                                           flag="threshold", form="pairs")
     model: ModelSettings = Field(default_factory=ModelSettings)
