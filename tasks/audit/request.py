@@ -67,7 +67,9 @@ class ModelSettings(Settings):
     """The model to audit and how its inputs are prepared."""
 
     title: ClassVar[str] = "Model"
-    arch: str | None = option(None, "torchvision architecture name, e.g. resnet18.")
+    arch: str | None = option(None, "torchvision architecture name (resnet18, vit_b_16, swin_t, ...), "
+                                    "timm:NAME (pip install 'visaudit[timm]') or hf:PATH_OR_ID, a Hugging Face "
+                                    "image classifier folder or hub id (pip install 'visaudit[hf]').")
     model: str | None = option(None, "Model factory 'package.module:function' or 'path/to/file.py:function'.")
     weights: str | None = option(None, "state_dict file, or a torchvision weights name such as IMAGENET1K_V1.")
     layer: str | None = option(None, "Layer to explain (default: the last spatial conv stage).")
