@@ -376,7 +376,7 @@ def test_urls_that_404_or_hang_are_recorded_after_bounded_retries(tmp_path, tiny
     import threading
     import time
 
-    import visaudit.tasks.data.sources
+    from visaudit.tasks.data import reads
 
     make_shapes(tmp_path, {"red": 2, "green": 2, "blue": 2})
     frame = pd.read_csv(tmp_path / "manifest.csv")
@@ -399,20 +399,21 @@ def test_urls_that_404_or_hang_are_recorded_after_bounded_retries(tmp_path, tiny
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(visaudit.tasks.data.sources, "REMOTE_TIMEOUT_S", 0.5)
-    monkeypatch.setattr(visaudit.tasks.data.sources, "REMOTE_ATTEMPTS", 2)
+    monkeypatch.setattr(reads, "REMOTE_ATTEMPTS", 2)
+    policy = reads.ReadPolicy(limits=reads.Limits(http_deadline_s=0.5))
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         started = time.monotonic()
         with pytest.raises(OSError, match="unreachable after 2 attempts"):
-            visaudit.tasks.data.sources.read_bytes(f"{base}/slow/hang.png")
+            reads.read_bytes(f"{base}/slow/hang.png", policy)
         assert time.monotonic() - started < 2.9, "bounded: never waits for the server's 3 s"
         with pytest.raises(FileNotFoundError):
-            visaudit.tasks.data.sources.read_bytes(f"{base}/red/missing.png")
+            reads.read_bytes(f"{base}/red/missing.png", policy)
         model, weights = tiny_model_file
         out = tmp_path / "out"
         result = runner.invoke(app, ["run", f"{base}/manifest.csv", "--out", str(out), "--model", f"{model}:build",
-                                     "--weights", str(weights), "--crop", "48", "--resize", "48", "--no-pdf", "-q"])
+                                     "--weights", str(weights), "--crop", "48", "--resize", "48", "--no-pdf", "-q",
+                                     "--http-deadline", "0.5"])
     finally:
         server.shutdown()
     assert result.exit_code == 0, result.output

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from conftest import make_shapes
 
-from visaudit.tasks.data.sources import DataSourceError, build_index, class_names_from_index, read_bytes
+from visaudit.tasks.data.reads import read_bytes
+from visaudit.tasks.data.sources import DataSourceError, build_index, class_names_from_index
 
 
 def test_folder_index(tmp_path) -> None:
