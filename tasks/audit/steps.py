@@ -27,6 +27,7 @@ from visaudit.tasks.explain.impressions import class_impressions
 from visaudit.tasks.explain.registry import GRADIENT_METHODS, GUIDED_METHODS
 from visaudit.tasks.explain.sanity import sanity_check
 from visaudit.tasks.findings.compute import compute_findings
+from visaudit.tasks.findings.cue_probe import cue_samples, probe_cues
 from visaudit.tasks.findings.fixed_location import location_candidates, location_metric_rows, probe_location
 from visaudit.tasks.findings.inputs import FindingInputs
 from visaudit.tasks.model.head import Head
@@ -160,8 +161,9 @@ def impressions(plan: RunPlan) -> int:
 def find(plan: RunPlan) -> int:
     """Compute findings over the run's staged tables and stage them; returns how many.
 
-    The fixed-location detector also needs the model: its candidate spots are probed by
-    muting them on sample images of the class (``findings.fixed_location``).
+    The fixed-location and shortcut-cue detectors also need the model: their candidate spots
+    are probed by muting them on sample images of the class (``findings.fixed_location``),
+    their recurring attended patches by pasting and removing them (``findings.cue_probe``).
     """
     out_dir = Path(plan.out_dir)
     staged = {t: storage.read_staged(t, out_dir, plan.run_id)
@@ -181,10 +183,17 @@ def find(plan: RunPlan) -> int:
                     loaded.model, inputs, plan.classes.index(candidate.class_name),
                     candidate.x, candidate.y, plan.multi_label, thresholds.fixed_location_patch_ratio,
                 )
+    samples = cue_samples(audited, explanations[explanations["layer"] == plan.layer], thresholds)
+    cues = {}
+    if samples:
+        loaded = plan.load_model()
+        uris = predictions.set_index("image_id")["uri"]
+        cues = probe_cues(loaded.model, samples, lambda ids: load_inputs(plan, loaded, uris.loc[ids].tolist()),
+                          audited, plan.classes, thresholds, plan.multi_label)
     findings = compute_findings(FindingInputs(
         predictions=predictions, explanations=explanations, classes=plan.classes, multi_label=plan.multi_label,
         layer=plan.layer, signals=staged["signals"], occlusion=staged["occlusion"], metrics=staged["metrics"],
-        impressions=staged["impressions"], locations=(candidates, probes),
+        impressions=staged["impressions"], locations=(candidates, probes), cues=cues,
     ), thresholds)
     if probes:  # every probed candidate's numbers, flagged or not, for the record
         rows = metric_frame(location_metric_rows(candidates, probes, plan.layer))

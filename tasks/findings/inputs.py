@@ -4,10 +4,14 @@ detectors see them (:class:`AuditTables`: readable images only, maps of the expl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from visaudit.tasks.findings.fixed_location import LocationCandidate, LocationProbe
+
+if TYPE_CHECKING:
+    from visaudit.tasks.findings.cue_probe import CueProbe
 
 Locations = tuple[list[LocationCandidate], dict[str, LocationProbe]]
 
@@ -20,8 +24,9 @@ class FindingInputs:
     stages of a layer-by-layer run). ``signals`` (per-image embeddings, probabilities and
     properties), ``occlusion``, ``metrics`` (the sanity check's rows) and ``impressions``
     (colour impressions) feed the detectors that need them; ``locations`` are the
-    fixed-location candidates with their probe results by class (they need the model, so
-    the flow runs them). A detector whose input is missing is skipped.
+    fixed-location candidates with their probe results by class and ``cues`` the
+    shortcut-cue probes by class (both need the model, so the flow runs them). A detector
+    whose input is missing is skipped.
     """
 
     predictions: pd.DataFrame
@@ -34,6 +39,7 @@ class FindingInputs:
     metrics: pd.DataFrame | None = None
     impressions: pd.DataFrame | None = None
     locations: Locations | None = None
+    cues: dict[str, CueProbe] | None = None
 
     def tables(self) -> AuditTables:
         """The inputs as the detectors read them."""
@@ -51,6 +57,7 @@ class FindingInputs:
             metrics=self.metrics,
             impressions=self.impressions,
             locations=self.locations,
+            cues=self.cues,
         )
 
 
@@ -70,6 +77,7 @@ class AuditTables:
     metrics: pd.DataFrame | None
     impressions: pd.DataFrame | None
     locations: Locations | None
+    cues: dict[str, CueProbe] | None
 
     def has(self, name: str) -> bool:
         """Whether input ``name`` is present: not None and, for a table, not empty."""

@@ -18,6 +18,7 @@ from visaudit.tasks.findings import (
     group_gap,
     likely_label_error,
     near_duplicate,
+    shortcut_cue,
     shortcut_property,
     slice_gap,
     unfaithful_explanation,
@@ -26,6 +27,7 @@ from visaudit.tasks.findings.finding import Detector
 
 DETECTORS: tuple[Detector, ...] = (
     attention_fixed_location.DETECTOR,
+    shortcut_cue.DETECTOR,
     shortcut_property.DETECTOR,
     colour_shortcut.DETECTOR,
     attention_off_object.DETECTOR,

@@ -1,0 +1,316 @@
+"""The probes behind ``shortcut_cue``: near-identical content that the model attends to on a
+FRACTION of a class, at one or several places, confirmed by intervention (the detector,
+which judges their results, is ``shortcut_cue``).
+
+Unlike ``fixed_location`` it needs no spot shared by most of the class: a watermark on 40%
+of a class, or a token in a random corner, is found from each image's own Grad-CAM peak.
+
+1. **Recurring attended content.** For each sampled image j of the class, the region
+   ``R_j`` of side 2s (s = ``CUE_SIDE`` x the input side) around its own-label Grad-CAM
+   peak (a peak is one map cell, coarser than a small mark). Every crop ``a`` of side s in
+   any ``R_i`` is an anchor; crops are compared by their pattern (each channel less its
+   mean). Its match distance to image j is its best RMS distance to a crop of ``R_j``::
+
+       d(a, j) = min_{w in R_j} ||a - w||_2 / sqrt(D),      ratio(a, j) = d(a, j) / (||a||_2 / sqrt(D))
+
+   the error of the best match relative to the anchor's own contrast (0: the same pixels;
+   about sqrt(2) for unrelated texture; a flat anchor has no contrast to match). a
+   matches j when ratio(a, j) <= ``cue_match_ratio``; the anchor matching most images is
+   the cue and those images (with its own) the carriers. A stamp is the same pixels in
+   every carrier, only the background under it differs; a recurring subject's shape,
+   size and contrast vary.
+2. **Paste.** The carriers' median matched crop (the cue) is pasted onto images of other
+   classes at the carriers' places: the share of them that turn to the class, against
+   the share that turn when a crop of equal size from a far corner of the carriers (the
+   control) is pasted there.
+3. **Remove.** In the carriers the matched crop (and a margin of s/4) is filled with its
+   local background (the per-channel mean of a ring of that margin around it): the mean
+   drop of the class's probability, against filling a region of equal size at the far
+   corner (the control).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from visaudit.tasks.findings.inputs import true_class
+from visaudit.tasks.findings.thresholds import Thresholds
+
+# Method parameters (how the cue is measured, not when it is flagged: those are in Thresholds)
+CUE_SIDE = 0.25  # side of the attended crop, a fraction of the input side; its search region is twice that
+CUE_IMAGES = 48  # images of a class sampled for the search (and of the other classes, for pasting)
+WORK_SIZE = 64  # inputs larger than this are searched at this side (area-downsampled); interventions at full size
+
+
+@dataclass(frozen=True)
+class CueSample:
+    """Images of one class with their own-label Grad-CAM peaks (x, y as fractions)."""
+
+    class_name: str
+    image_ids: tuple[str, ...]
+    peaks: np.ndarray  # (N, 2)
+
+
+@dataclass(frozen=True)
+class CueMatch:
+    """The recurring attended content of a class sample (test 1)."""
+
+    members: np.ndarray  # indices into the sample of the carriers (the seed first)
+    corners: np.ndarray  # (members, 2) top-left (x, y) pixels of each carrier's matched crop
+    template: torch.Tensor  # (C, s, s) the carriers' median matched crop
+    ratio: float  # median match ratio of the carriers to the seed (0 = identical)
+
+
+@dataclass(frozen=True)
+class CueProbe:
+    """What the probes measured for one class (tests 1 to 3)."""
+
+    class_name: str
+    images: int  # images of the class searched
+    carriers: tuple[str, ...]  # image ids carrying the cue, the seed first
+    share: float  # carriers / images
+    ratio: float  # median match ratio of the carriers
+    side: float  # the cue's side, a fraction of the input side
+    places: tuple[tuple[float, float], ...]  # distinct carrier places (crop centres, fractions, 0.05 grid)
+    others: int  # images of other classes pasted onto (not predicted as the class before)
+    flip_share: float  # of those, the share predicted as the class with the cue pasted
+    control_flip_share: float  # ... with a crop of equal size from a far corner pasted
+    drop: float  # mean drop of the class's probability on the carriers with the cue removed
+    control_drop: float  # ... with a region of equal size at the far corner filled
+    removal_flip_share: float  # of the carriers predicted as the class, the share no longer predicted
+
+
+def cue_samples(audited: pd.DataFrame, explanations: pd.DataFrame, t: Thresholds) -> list[CueSample]:
+    """Per class with at least ``min_class_images`` own-label Grad-CAM maps, the first
+    ``CUE_IMAGES`` of them (by image id) with their peaks."""
+    if explanations.empty:
+        return []
+    maps = explanations[(explanations["method"] == "gradcam") & explanations["is_label"]]
+    maps = maps[maps["image_id"].isin(audited["image_id"])].dropna(subset=["peak_x", "peak_y"])
+    maps = maps.drop_duplicates(["image_id", "target"]).sort_values("image_id", kind="stable")
+    samples = []
+    for name, group in maps.groupby("target", sort=True):
+        if len(group) < t.min_class_images:
+            continue
+        group = group.iloc[:CUE_IMAGES]
+        samples.append(CueSample(str(name), tuple(group["image_id"]), group[["peak_x", "peak_y"]].to_numpy(np.float64)))
+    return samples
+
+
+def other_images(audited: pd.DataFrame, class_name: str, count: int = CUE_IMAGES) -> list[str]:
+    """Up to ``count`` image ids of other classes, spread evenly over the run (by image id)."""
+    labels = true_class(audited)
+    ids = np.sort(audited.loc[labels.notna() & (labels != class_name), "image_id"].to_numpy())
+    if len(ids) <= count:
+        return ids.tolist()
+    return ids[np.linspace(0, len(ids) - 1, count).round().astype(int)].tolist()
+
+
+def _crops(inputs: torch.Tensor, corners: torch.Tensor, side: int) -> torch.Tensor:
+    """(N, C, side, side) crops of (N, C, S, S) ``inputs`` at top-left ``corners`` (N, 2: x, y)."""
+    steps = torch.arange(side, device=inputs.device)
+    rows = (corners[:, 1, None] + steps)[:, :, None]
+    cols = (corners[:, 0, None] + steps)[:, None, :]
+    picked = inputs[torch.arange(len(inputs), device=inputs.device)[:, None, None], :, rows, cols]  # (N, s, s, C)
+    return picked.permute(0, 3, 1, 2)
+
+
+def _corners(centres: torch.Tensor, side: int, size: int) -> torch.Tensor:
+    """Top-left pixels of squares of ``side`` centred at ``centres`` (N, 2, fractions), kept inside."""
+    return (centres * size - side / 2).round().long().clamp(0, size - side)
+
+
+def _windows(regions: torch.Tensor, side: int, stride: int) -> torch.Tensor:
+    """Every crop of ``side`` (at ``stride``) of each region (M, C, r, r), each channel less its
+    mean (its pattern, not its colour: colour cues are ``colour_shortcut``'s), flattened: (M, L, D)."""
+    m, c = regions.shape[:2]
+    windows = torch.nn.functional.unfold(regions, side, stride=stride).view(m, c, side * side, -1)
+    return (windows - windows.mean(dim=2, keepdim=True)).flatten(1, 2).permute(0, 2, 1)
+
+
+def _best_match(anchors: torch.Tensor, windows: torch.Tensor, rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best RMS distance of every anchor (A, D) to a window of every region (M, L, D), and
+    that window's index: both (A, M), in chunks of ``rows`` anchors."""
+    m, positions, d = windows.shape
+    flat = windows.reshape(m * positions, d)
+    values, indices = [], []
+    for part in anchors.split(rows):
+        best = (torch.cdist(part, flat) / np.sqrt(d)).view(len(part), m, positions).min(dim=2)
+        values.append(best.values)
+        indices.append(best.indices)
+    return torch.cat(values), torch.cat(indices)
+
+
+def find_cue(inputs: torch.Tensor, peaks: np.ndarray, max_ratio: float) -> CueMatch | None:
+    """Test 1 on (N, C, S, S) inputs of a class with their peaks (N, 2 fractions). Every crop
+    of side s in the region around image i's peak is an anchor; it matches image j when its
+    best distance to a crop of j's region is at most ``max_ratio`` x its own RMS. The anchor matching most images is the cue, those images
+    its carriers (the anchor's image first); None when no anchor matches another image."""
+    n, _, size, _ = inputs.shape
+    x = inputs.float()
+    if size > WORK_SIZE:
+        x = torch.nn.functional.interpolate(x, size=(WORK_SIZE, WORK_SIZE), mode="area")
+    work = x.shape[-1]
+    side = max(3, round(work * CUE_SIDE))
+    region = min(2 * side, work)
+    stride = max(1, side // 8)
+    region_corners = _corners(torch.as_tensor(peaks, dtype=torch.float32, device=x.device), region, work)
+    windows = _windows(_crops(x, region_corners, region), side, stride)  # (N, L, D)
+    positions = windows.shape[1]
+    anchors = windows.reshape(n * positions, -1)
+    distance, best = _best_match(anchors, windows)  # (N*L, N)
+    contrast = (anchors.norm(dim=1) / np.sqrt(anchors.shape[1])).clamp(min=1e-12)  # the anchor's own RMS
+    matches = distance / contrast[:, None] <= max_ratio
+    owner = torch.arange(n * positions, device=x.device) // positions
+    matches[torch.arange(n * positions, device=x.device), owner] = False
+    counts = matches.sum(dim=1)
+    anchor = int(counts.argmax())
+    if int(counts[anchor]) < 1:
+        return None
+    seed = anchor // positions
+    partners = torch.nonzero(matches[anchor]).flatten()
+    members = torch.cat([partners.new_tensor([seed]), partners])
+    local = torch.cat([best.new_tensor([anchor % positions]), best[anchor, partners]])
+    per_row = (region - side) // stride + 1
+    corners = region_corners[members] + torch.stack([local % per_row, local // per_row], dim=1) * stride
+    full_side = max(2, round(side * size / work))
+    corners = (corners.double() * size / work).round().long().clamp(0, size - full_side)
+    matched = _crops(inputs[members], corners, full_side)
+    ratio = distance[anchor, partners] / contrast[anchor]
+    return CueMatch(members=members.cpu().numpy(), corners=corners.cpu().numpy(),
+                    template=matched.median(dim=0).values, ratio=float(ratio.median()))
+
+
+def far_corners(corners: np.ndarray, side: int, size: int) -> np.ndarray:
+    """For each top-left corner (N, 2), the image corner square of ``side`` farthest from it."""
+    options = np.array([[0, 0], [size - side, 0], [0, size - side], [size - side, size - side]])
+    gaps = np.hypot(*(corners[:, None, :] - options[None, :, :]).transpose(2, 0, 1))
+    return options[gaps.argmax(axis=1)]
+
+
+def paste(inputs: torch.Tensor, patches: torch.Tensor, corners: np.ndarray) -> torch.Tensor:
+    """A copy of ``inputs`` (N, C, S, S) with ``patches`` (N, C, s, s) pasted at ``corners`` (N, 2)."""
+    side = patches.shape[-1]
+    out = inputs.clone()
+    steps = torch.arange(side, device=inputs.device)
+    at = torch.as_tensor(corners, device=inputs.device)
+    rows = (at[:, 1, None] + steps)[:, :, None]
+    cols = (at[:, 0, None] + steps)[:, None, :]
+    out[torch.arange(len(out), device=out.device)[:, None, None], :, rows, cols] = patches.permute(0, 2, 3, 1)
+    return out
+
+
+def fill_background(inputs: torch.Tensor, corners: np.ndarray, side: int, margin: int) -> torch.Tensor:
+    """A copy of ``inputs`` with the square at ``corners`` (grown by ``margin``) filled with the
+    per-channel mean of the ring of width ``margin`` around it (its local background)."""
+    size = inputs.shape[-1]
+    grid = torch.arange(size, device=inputs.device)
+    at = torch.as_tensor(corners, device=inputs.device)
+
+    def box(grow: int) -> torch.Tensor:
+        left, top = (at[:, 0] - grow)[:, None], (at[:, 1] - grow)[:, None]
+        inside_x = (grid[None] >= left) & (grid[None] < left + side + 2 * grow)
+        inside_y = (grid[None] >= top) & (grid[None] < top + side + 2 * grow)
+        return (inside_y[:, :, None] & inside_x[:, None, :])[:, None]  # (N, 1, S, S)
+
+    hole, outer = box(margin), box(2 * margin)
+    ring = (outer & ~hole).to(inputs.dtype)
+    mean = (inputs * ring).sum(dim=(2, 3), keepdim=True) / ring.sum(dim=(2, 3), keepdim=True).clamp(min=1)
+    return torch.where(hole, mean, inputs)
+
+
+def _predict(model: torch.nn.Module, batch: torch.Tensor, multi_label: bool) -> torch.Tensor:
+    """Probabilities of ``batch`` in chunks, eval mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        chunk = 64 if batch.is_cuda else 16
+        scores = torch.cat([model(part) for part in batch.split(chunk)]).float()
+    finally:
+        model.train(was_training)
+    return torch.sigmoid(scores) if multi_label else torch.softmax(scores, dim=1)
+
+
+def _distinct_places(corners: np.ndarray, side: int, size: int) -> tuple[tuple[float, float], ...]:
+    """The carriers' crop centres as fractions, rounded to a 0.05 grid, most frequent first."""
+    centres = np.round((corners + side / 2) / size / 0.05) * 0.05
+    values, counts = np.unique(centres, axis=0, return_counts=True)
+    return tuple((float(a), float(b)) for a, b in values[np.argsort(-counts, kind="stable")])
+
+
+@torch.no_grad()
+def probe_cue(
+    model: torch.nn.Module,
+    sample: CueSample,
+    inputs: torch.Tensor,
+    others: torch.Tensor,
+    class_index: int,
+    t: Thresholds,
+    multi_label: bool = False,
+) -> CueProbe | None:
+    """Tests 1 to 3 for one class: ``inputs`` (N, C, S, S) are ``sample``'s images in order,
+    ``others`` images of other classes. None when no recurring content is found or it
+    covers less than ``cue_min_share`` of the sample (the model is then not run)."""
+    if len(inputs) != len(sample.image_ids):
+        raise ValueError(f"probe_cue: {len(inputs)} inputs for {len(sample.image_ids)} sampled images")
+    match = find_cue(inputs, sample.peaks, t.cue_match_ratio)
+    if match is None or len(match.members) / len(inputs) < t.cue_min_share or len(match.members) < t.min_class_images:
+        return None
+    size = inputs.shape[-1]
+    side = match.template.shape[-1]
+    carriers = inputs[torch.as_tensor(match.members, device=inputs.device)]
+    far = far_corners(match.corners, side, size)
+    margin = max(1, side // 4)
+    places = match.corners[np.arange(len(others)) % len(match.corners)]
+    control_patch = _crops(carriers, torch.as_tensor(far, device=inputs.device), side).median(dim=0).values
+    batch = torch.cat([
+        carriers, fill_background(carriers, match.corners, side, margin), fill_background(carriers, far, side, margin),
+        others, paste(others, match.template.expand(len(others), -1, -1, -1), places),
+        paste(others, control_patch.expand(len(others), -1, -1, -1), places),
+    ])
+    probs = _predict(model, batch, multi_label).cpu()
+    own, is_class = probs[:, class_index], probs.argmax(dim=1) == class_index
+    m, k = len(carriers), len(others)
+    kept, removed, control_removed = own[:m], own[m : 2 * m], own[2 * m : 3 * m]
+    predicted, still = is_class[:m], is_class[m : 2 * m]
+    outside = ~is_class[3 * m : 3 * m + k]  # other classes' images not predicted as the class before
+    pasted, control_pasted = is_class[3 * m + k : 3 * m + 2 * k][outside], is_class[3 * m + 2 * k :][outside]
+    nan = float("nan")
+    ids = np.asarray(sample.image_ids)[match.members]
+    return CueProbe(
+        class_name=sample.class_name, images=len(inputs), carriers=tuple(ids.tolist()),
+        share=len(match.members) / len(inputs), ratio=match.ratio, side=side / size,
+        places=_distinct_places(match.corners, side, size), others=int(outside.sum()),
+        flip_share=float(pasted.float().mean()) if len(pasted) else nan,
+        control_flip_share=float(control_pasted.float().mean()) if len(pasted) else nan,
+        drop=float((kept - removed).mean()), control_drop=float((kept - control_removed).mean()),
+        removal_flip_share=float((predicted & ~still).sum() / predicted.sum()) if predicted.any() else 0.0,
+    )
+
+
+def probe_cues(
+    model: torch.nn.Module,
+    samples: list[CueSample],
+    load: Callable[[list[str]], torch.Tensor],
+    audited: pd.DataFrame,
+    classes: list[str],
+    t: Thresholds,
+    multi_label: bool = False,
+) -> dict[str, CueProbe]:
+    """:func:`probe_cue` for every sampled class; ``load`` turns image ids into a batch of
+    inputs (classes whose images no longer all load are skipped)."""
+    probes = {}
+    for sample in samples:
+        inputs = load(list(sample.image_ids))
+        if len(inputs) != len(sample.image_ids):
+            continue
+        probe = probe_cue(model, sample, inputs, load(other_images(audited, sample.class_name)),
+                          classes.index(sample.class_name), t, multi_label)
+        if probe is not None:
+            probes[sample.class_name] = probe
+    return probes
