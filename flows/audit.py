@@ -1,4 +1,4 @@
-"""The audit flow: plan, audit shard by shard, check, find, commit, report.
+"""The audit flow: plan, audit shard by shard, check, find, commit, gate, report, publish.
 
 Read top to bottom, :func:`audit` is the story of a run; the work lives in
 ``visaudit.tasks.audit``. Tasks pass the plan and names, never models or tensors (Prefect
@@ -16,9 +16,11 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from visaudit.flows.artifacts import publish
 from visaudit.flows.runners import task_runner_for
 from visaudit.tasks.audit import steps
 from visaudit.tasks.audit.commit import commit
+from visaudit.tasks.audit.gate import GateFailed, judge_run
 from visaudit.tasks.audit.plan import RunPlan, prepare_run
 from visaudit.tasks.audit.request import AuditRequest
 from visaudit.tasks.report.render import render_report
@@ -36,7 +38,9 @@ impressions_task = _task(steps.impressions, "class-impressions")
 find_task = _task(steps.find, "findings")
 features_task = _task(steps.feature_views, "feature-views")
 commit_task = _task(commit, "commit")
+gate_task = _task(judge_run, "release-gate")
 report_task = _task(render_report, "report")
+publish_task = _task(publish, "publish")
 
 
 @flow(name="visaudit-audit", task_runner=ThreadPoolTaskRunner(max_workers=1), validate_parameters=True)
@@ -72,9 +76,16 @@ def audit(request: AuditRequest) -> str:
     # 5. Commit: the run becomes visible to readers all at once.
     timings["total_before_report"] = round(time.perf_counter() - clock, 3)
     commit_task(plan, timings)
-    # 6. Report from the committed tables (re-rendered later with `visaudit report`).
+    # 6. The release gate (--fail-on, --policy), judged on the committed tables: its outcome goes on the cover.
+    outcome = gate_task(plan.out_dir, plan.run_id, request.gate.gate_policy())
+    # 7. Report from the committed tables (re-rendered later with `visaudit report`).
     templates = request.report.template_dir
     report_task(Path(plan.out_dir), plan.run_id, Path(templates) if templates else None, pdf=request.report.pdf)
+    # 8. Tell Prefect: artifacts keyed by the run's series, and events (completed, new findings, drops).
+    publish_task(plan.out_dir, plan.run_id, request.events.drop_margin, outcome)
+    # 9. A broken release policy fails the flow run with its reason, now that everything is written.
+    if outcome is not None and not outcome.passed:
+        raise GateFailed(outcome.summary)
     return plan.run_id
 
 

@@ -1,7 +1,8 @@
-"""The ``visaudit`` command line: ``run``, ``demo``, ``report``.
+"""The ``visaudit`` command line: ``run``, ``serve``, ``demo``, ``report``, ``explain``, ``compare``.
 
 Bad input ends with a one-line ``error: ...`` naming the file and the fix (exit code 2),
-never a traceback.
+never a traceback; a run that breaks its release policy (``--fail-on``, ``--policy``) ends with
+the gate's one-line summary and exit code 3, its tables and report written.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from visaudit.flows.options import (
     validation_message,
     with_options,
 )
+from visaudit.tasks.audit.gate import GATE_EXIT_CODE, GateFailed, GateOutcome
 from visaudit.tasks.audit.plan import RunPlan, prepare_run
 from visaudit.tasks.audit.record import RunRecord
 from visaudit.tasks.audit.request import FLAT_KEYS, AuditRequest, ModelSettings
@@ -89,8 +91,11 @@ def execute(request: AuditRequest, quiet: bool = False) -> Path:
     watcher = None if quiet else threading.Thread(target=_progress, args=(plan, stop), daemon=True)
     if watcher:
         watcher.start()
+    gate_failure = None
     try:
         run_audit(request)
+    except GateFailed as exc:
+        gate_failure = str(exc)
     except USER_ERRORS as exc:
         fail(f"{exc} (finished shards are kept: rerun with --run-id {plan.run_id} to resume)")
     except Exception as exc:
@@ -102,7 +107,12 @@ def execute(request: AuditRequest, quiet: bool = False) -> Path:
         stop.set()
         if watcher:
             watcher.join()
-    return Path(plan.out_dir) / "runs" / plan.run_id
+    run_dir = Path(plan.out_dir) / "runs" / plan.run_id
+    if gate_failure is not None:
+        _print_result(run_dir)
+        typer.echo(gate_failure, err=True)
+        raise typer.Exit(GATE_EXIT_CODE)
+    return run_dir
 
 
 class _NoRunFailures(logging.Filter):
@@ -149,6 +159,9 @@ def _print_result(run_dir: Path) -> None:
         if (run_dir / name).exists():
             typer.echo(f"report: {run_dir / name}")
     typer.echo(f"tables: {run_dir.parent.parent / 'tables'}")
+    outcome = GateOutcome.load(run_dir)
+    if outcome is not None and outcome.passed:
+        typer.echo(outcome.summary)
 
 
 @app.command()
@@ -261,13 +274,45 @@ def report(
     pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="Also render the PDF.")] = True,
 ) -> None:
     """Re-render a run's HTML and PDF report from its tables."""
-    if not (out / "runs" / run_id / "run.json").exists():
-        known = sorted(p.name for p in (out / "runs").glob("*") if (p / "run.json").exists()) if (out / "runs").exists() else []
-        fail(f"{out / 'runs' / run_id}: no such completed run; known runs: {', '.join(known[-5:]) or 'none'}")
+    require_run(out, run_id)
     from visaudit.tasks.report.render import render_report
 
     paths = render_report(out, run_id, templates, pdf=pdf)
     typer.echo(f"report: {paths.pdf or paths.html}")
+
+
+def require_run(out: Path, run_id: str) -> None:
+    """Stop with one line when ``run_id`` is not a completed run of ``out``."""
+    if not (out / "runs" / run_id / "run.json").exists():
+        known = sorted(p.name for p in (out / "runs").glob("*") if (p / "run.json").exists()) if (out / "runs").exists() else []
+        fail(f"{out / 'runs' / run_id}: no such completed run; known runs: {', '.join(known[-5:]) or 'none'}")
+
+
+@app.command()
+def compare(
+    run_a: Annotated[str, typer.Argument(help="The earlier run (or the reference model's).")],
+    run_b: Annotated[str, typer.Argument(help="The run compared with it (the change is B minus A).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder of the runs.")] = DEFAULT_OUT,
+    templates: Annotated[Optional[Path], typer.Option(help="Folder with your own compare.html.j2 and report.css.")] = None,
+    pdf: Annotated[bool, typer.Option("--pdf/--no-pdf", help="Also render the PDF.")] = True,
+) -> None:
+    """Compare two runs on the same data: flipped predictions, per-class accuracy change (McNemar),
+    findings appeared/resolved, how far the explanations moved. Writes OUT/comparisons/A_vs_B/ and
+    tables/comparisons."""
+    for run_id in (run_a, run_b):
+        require_run(out, run_id)
+    from visaudit.tasks.report.compare import render_comparison
+
+    try:
+        comparison, paths = render_comparison(out, run_a, run_b, templates, pdf=pdf)
+    except ValueError as exc:
+        fail(str(exc))
+    c = comparison.overall
+    typer.echo(f"{comparison.shared} paired images: accuracy {c.accuracy_a:.1%} -> {c.accuracy_b:.1%} "
+               f"({c.change * 100:+.1f} pp, 95% interval {c.low * 100:+.1f} to {c.high * 100:+.1f} pp, "
+               f"McNemar p = {c.p_value:.3g}); {c.fixed} fixed, {c.broken} broken")
+    typer.echo(f"report: {paths.pdf or paths.html}")
+    typer.echo(f"table: {out / 'tables' / 'comparisons'} (run_id = {comparison.comparison_id})")
 
 
 @app.command()

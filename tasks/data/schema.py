@@ -163,6 +163,32 @@ SCHEMAS["metrics"] = pa.schema(
     ]
 )
 
+SCHEMAS["comparisons"] = pa.schema(
+    [
+        # `visaudit compare A B` (tasks/audit/compare.py): one partition per comparison, run_id = "<A>_vs_<B>"
+        pa.field("run_a", pa.string(), nullable=False),
+        pa.field("run_b", pa.string(), nullable=False),
+        pa.field("section", pa.string(), nullable=False),  # accuracy, flip, finding, explanation, explanation_summary
+        pa.field("status", pa.string()),  # flip: fixed/broken; finding: appeared/resolved/kept
+        pa.field("image_id", pa.string()),
+        pa.field("class_name", pa.string()),  # accuracy: the class (null: every image); flip: the true class
+        pa.field("kind", pa.string()),  # finding: its kind (class_name: its class or slice)
+        pa.field("method", pa.string()),
+        pa.field("layer", pa.string()),
+        pa.field("value_a", pa.float64()),  # run A's number: accuracy, confidence, finding value
+        pa.field("value_b", pa.float64()),  # run B's
+        pa.field("value", pa.float64()),  # explanation: Spearman rho between the runs' maps (summary: the median)
+        pa.field("change", pa.float64()),  # accuracy: B - A
+        pa.field("low", pa.float64()),  # accuracy: 95% paired interval of the change (Newcombe)
+        pa.field("high", pa.float64()),
+        pa.field("p_value", pa.float64()),  # accuracy: McNemar's test
+        pa.field("images", pa.int32()),
+        pa.field("fixed", pa.int32()),  # accuracy: images wrong in A, right in B
+        pa.field("broken", pa.int32()),  # accuracy: images right in A, wrong in B
+        pa.field("detail", pa.string()),  # accuracy: the test; flip: predictions A -> B; finding: its message
+    ]
+)
+
 
 def table_schema(table: str) -> pa.Schema:
     """The current schema of ``table``, tagged with its version in the metadata."""

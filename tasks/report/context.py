@@ -10,6 +10,7 @@ from typing import Any
 
 import pandas as pd
 
+from visaudit.tasks.audit.gate import GateOutcome
 from visaudit.tasks.report.classes import calibration_view, class_table, confusion_view, slice_rows
 from visaudit.tasks.report.examples import failure_gallery, gallery_example, layer_strips
 from visaudit.tasks.report.figures import OCCLUSION_LAYER, Painter
@@ -78,6 +79,7 @@ def report_context(inputs: RunInputs, gallery_size: int, evidence_per_finding: i
         "near_chance": near_chance,
         "metrics": headline_metrics(predictions, classes, multilabel),
         "verdict": verdict(findings),
+        "gate": GateOutcome.load(inputs.run_dir),
         "findings": group_by_kind(views) if near_chance else views,
         "overview_limit": OVERVIEW_FINDINGS,
         "multilabel": multilabel,
