@@ -12,6 +12,8 @@ import pytest
 from visaudit.tasks.data.schema import PROPERTY_COLUMNS
 from visaudit.tasks.findings.attention_off_object import attention_off_object, normalised_excess
 from visaudit.tasks.findings.compute import FindingInputs, Thresholds, detect_all
+from visaudit.tasks.findings.confident_error import confident_errors
+from visaudit.tasks.findings.confused_pair import confused_pairs
 from visaudit.tasks.findings.group_gap import failing_groups, group_gap
 from visaudit.tasks.findings.likely_label_error import likely_label_errors
 from visaudit.tasks.findings.shortcut_property import shortcut_property
@@ -116,6 +118,21 @@ def test_label_errors_in_a_failing_group_are_called_a_group_shift() -> None:
     assert rows and all(r.severity == "low" and r.slice == "explained=group_gap" for r in rows)
     assert all("group shift, not wrong labels" in r.message for r in rows)
     assert all("fix their labels" not in r.message for r in rows)
+
+
+def test_confident_errors_and_confusions_of_a_group_shift_are_one_cause() -> None:
+    """The group shift's mistakes are not raised again per class (confident_error) and per
+    pair (confused_pair): their rows are low and point at group_gap; away from groups they stay."""
+    audited, signals, _ = _birds()
+    rows = confident_errors(audited, signals, Thresholds()) + confused_pairs(audited, signals, Thresholds())
+    assert {r.kind for r in rows} == {"confident_error", "confused_pair"}
+    assert all(r.severity == "low" and r.slice == "explained=group_gap" and "group_gap" in r.message for r in rows)
+    audited, signals, _ = _birds(minority_right=(1.0, 1.0))
+    wrong = audited.sample(12, random_state=2).index  # errors spread over both places: no group fails
+    audited.loc[wrong, "predicted"] = audited.loc[wrong, "labels"].map(lambda ls: [BIRDS[1 - BIRDS.index(ls[0])]])
+    audited.loc[wrong, "correct"] = False
+    rows = confident_errors(audited, signals, Thresholds()) + confused_pairs(audited, signals, Thresholds())
+    assert rows and all(r.slice != "explained=group_gap" and "group_gap" not in r.message for r in rows)
 
 
 def test_label_errors_outside_groups_are_still_label_errors() -> None:

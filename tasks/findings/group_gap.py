@@ -92,6 +92,17 @@ def failing_groups(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) 
     return sorted(found, key=lambda g: -g.gap)
 
 
+def describe_groups(groups: list[GroupGap]) -> str:
+    """The failing groups in words: "'waterbird' with place=land, ..."."""
+    return ", ".join(dict.fromkeys(f"'{g.class_name}' with {g.attribute}={g.value}" for g in groups))
+
+
+def in_failing_group(ids: pd.Series, groups: list[GroupGap], class_name: str) -> tuple[pd.Series, list[GroupGap]]:
+    """Which of ``ids`` (images of ``class_name``) lie in one of its failing groups, and those groups."""
+    mine = [g for g in groups if g.class_name == class_name]
+    return ids.isin({i for g in mine for i in g.image_ids}), mine
+
+
 def group_gap(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[Finding]:
     """One finding per attribute with failing groups, on its worst group; evidence the failing
     groups' errors, worst group first."""

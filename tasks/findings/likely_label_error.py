@@ -21,13 +21,8 @@ import numpy as np
 import pandas as pd
 
 from visaudit.tasks.findings.finding import Detector, Finding
-from visaudit.tasks.findings.group_gap import GroupGap, failing_groups
+from visaudit.tasks.findings.group_gap import describe_groups, failing_groups, in_failing_group
 from visaudit.tasks.findings.thresholds import Thresholds, severity
-
-
-def _where(groups: list[GroupGap]) -> str:
-    """The failing groups in words: "'waterbird' with place=land, ..."."""
-    return ", ".join(dict.fromkeys(f"'{g.class_name}' with {g.attribute}={g.value}" for g in groups))
 
 
 def likely_label_errors(
@@ -53,8 +48,7 @@ def likely_label_errors(
     found = []
     for name, everything in flagged.groupby("given", sort=True):
         n = int(sizes[name])
-        mine = [g for g in groups if g.class_name == name]
-        in_group = everything["image_id"].isin({i for g in mine for i in g.image_ids})
+        in_group, mine = in_failing_group(everything["image_id"], groups, name)
         group, set_aside = everything[~in_group], int(in_group.sum())
         share = len(group) / n
         if n < t.min_class_images:
@@ -66,7 +60,7 @@ def likely_label_errors(
                     metric="likely_label_error_share", value=float(share), threshold=t.label_error_share,
                     message=(f"Confident learning flags {len(everything)} of {n} images labelled '{name}' as "
                              f"likely mislabelled, but {set_aside} of them lie in a group where the model fails "
-                             f"({_where(mine)}; see group_gap), leaving {len(group)} ({share:.1%}, under the "
+                             f"({describe_groups(mine)}; see group_gap), leaving {len(group)} ({share:.1%}, under the "
                              f"{t.label_error_share:.0%} flag): their errors follow the group, so the evidence "
                              "supports a group shift, not wrong labels. Do not relabel them; check a few to be sure."),
                     evidence=tuple(everything["image_id"]),
@@ -89,7 +83,7 @@ def likely_label_errors(
                     "training and every accuracy figure: review these images (all are listed, least "
                     "likely label first) and fix their labels before retraining or reporting accuracy. Where "
                     "a label is right, the model is confidently wrong instead (see confused pairs)."
-                    + (f" {set_aside} more flagged image(s) lie in a group where the model fails ({_where(mine)}; "
+                    + (f" {set_aside} more flagged image(s) lie in a group where the model fails ({describe_groups(mine)}; "
                        "see group_gap) and are not counted: their errors follow the group, so the evidence "
                        "supports a group shift there, not wrong labels." if set_aside else "")
                 ),
