@@ -7,8 +7,8 @@ of a class, or a token in a random corner, is found from each image's own Grad-C
 
 1. **Recurring attended content.** For each sampled image j of the class, the region
    ``R_j`` of side 2s (s = ``CUE_SIDE`` x the input side) around its own-label Grad-CAM
-   peak (a peak is one map cell, coarser than a small mark). Every crop ``a`` of side s in
-   any ``R_i`` is an anchor; crops are compared by their pattern (each channel less its
+   peak (a peak is one map cell, coarser than a small mark). Every second crop ``a`` of
+   side s in any ``R_i`` (in each direction) is an anchor; crops are compared by their pattern (each channel less its
    mean). Its match distance to image j is its best RMS distance to a crop of ``R_j``::
 
        d(a, j) = min_{w in R_j} ||a - w||_2 / sqrt(D),      ratio(a, j) = d(a, j) / (||a||_2 / sqrt(D))
@@ -161,9 +161,12 @@ def find_cue(inputs: torch.Tensor, peaks: np.ndarray, max_ratio: float) -> CueMa
     stride = max(1, side // 8)
     region_corners = _corners(torch.as_tensor(peaks, dtype=torch.float32, device=x.device), region, work)
     windows = _windows(_crops(x, region_corners, region), side, stride)  # (N, L, D)
-    positions = windows.shape[1]
-    anchors = windows.reshape(n * positions, -1)
-    distance, best = _best_match(anchors, windows)  # (N*L, N)
+    per_row = (region - side) // stride + 1
+    grid = torch.arange(per_row * per_row, device=x.device)
+    kept = torch.nonzero((grid % per_row % 2 == 0) & (grid // per_row % 2 == 0)).flatten()  # anchors every 2nd crop
+    positions = len(kept)
+    anchors = windows[:, kept].reshape(n * positions, -1)
+    distance, best = _best_match(anchors, windows)  # (N*A, N)
     contrast = (anchors.norm(dim=1) / np.sqrt(anchors.shape[1])).clamp(min=1e-12)  # the anchor's own RMS
     matches = distance / contrast[:, None] <= max_ratio
     owner = torch.arange(n * positions, device=x.device) // positions
@@ -175,8 +178,7 @@ def find_cue(inputs: torch.Tensor, peaks: np.ndarray, max_ratio: float) -> CueMa
     seed = anchor // positions
     partners = torch.nonzero(matches[anchor]).flatten()
     members = torch.cat([partners.new_tensor([seed]), partners])
-    local = torch.cat([best.new_tensor([anchor % positions]), best[anchor, partners]])
-    per_row = (region - side) // stride + 1
+    local = torch.cat([kept[anchor % positions].view(1), best[anchor, partners]])
     corners = region_corners[members] + torch.stack([local % per_row, local // per_row], dim=1) * stride
     full_side = max(2, round(side * size / work))
     corners = (corners.double() * size / work).round().long().clamp(0, size - full_side)
