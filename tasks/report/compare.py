@@ -15,13 +15,12 @@ import pandas as pd
 from visaudit.tasks.audit.compare import Comparison, compare_runs, write_comparison
 from visaudit.tasks.audit.map_shift import MOVED_BELOW
 from visaudit.tasks.audit.record import RunRecord
-from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.data.storage import read_table
 from visaudit.tasks.findings.paired import PairedChange
 from visaudit.tasks.report.examples import Thumb
 from visaudit.tasks.report.figures import Painter
 from visaudit.tasks.report.formatting import file_name, format_date, number, percent
-from visaudit.tasks.report.render import ReportPaths, environment, stylesheet, write_pdf
+from visaudit.tasks.report.render import ReportPaths, environment, stylesheet, write_documents
 
 TEMPLATE_NAME = "compare.html.j2"
 COMPARISONS_DIR = "comparisons"
@@ -172,12 +171,8 @@ def render_comparison(out_dir: Path, run_a: str, run_b: str, template_dir: Path 
     folder.mkdir(parents=True, exist_ok=True)
     env = environment(template_dir)
     context, drawn = comparison_context(comparison, out_dir, folder)
-    html = env.get_template(TEMPLATE_NAME).render(**context, stylesheet=stylesheet(env))
-    html_path = folder / "compare.html"
-    write_atomically(html_path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
-    pdf_path = folder / "compare.pdf" if pdf else None
-    if pdf_path is not None:
-        write_atomically(pdf_path, lambda tmp: write_pdf(html_path, folder, tmp))
+    paths = write_documents(env.get_template(TEMPLATE_NAME).render(**context, stylesheet=stylesheet(env)), folder,
+                            "compare", pdf)
     for painter in drawn:
         painter.prune()
-    return comparison, ReportPaths(html_path, pdf_path)
+    return comparison, paths

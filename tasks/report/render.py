@@ -48,13 +48,19 @@ def render_report(
     run_dir = inputs.run_dir
     env = environment(template_dir)
     context, painter = report_context(inputs, gallery_size, evidence_per_finding)
-    html = env.get_template(TEMPLATE_NAME).render(**context, stylesheet=stylesheet(env))
-    html_path = run_dir / "report.html"
-    write_atomically(html_path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
-    pdf_path = run_dir / "report.pdf" if pdf else None
-    if pdf_path is not None:
-        write_atomically(pdf_path, lambda tmp: write_pdf(html_path, run_dir, tmp))
+    paths = write_documents(env.get_template(TEMPLATE_NAME).render(**context, stylesheet=stylesheet(env)), run_dir,
+                            "report", pdf)
     painter.prune()
+    return paths
+
+
+def write_documents(html: str, folder: Path, stem: str, pdf: bool) -> ReportPaths:
+    """Write ``folder/<stem>.html`` and, when asked, its PDF twin ``<stem>.pdf`` (each atomically)."""
+    html_path = folder / f"{stem}.html"
+    write_atomically(html_path, lambda tmp: tmp.write_text(html, encoding="utf-8"))
+    pdf_path = folder / f"{stem}.pdf" if pdf else None
+    if pdf_path is not None:
+        write_atomically(pdf_path, lambda tmp: write_pdf(html_path, folder, tmp))
     return ReportPaths(html_path, pdf_path)
 
 
