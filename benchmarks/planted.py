@@ -32,7 +32,8 @@ from PIL import Image
 from visaudit.tasks.demo.network import train_model
 from visaudit.tasks.demo.recipe import DemoRecipe, generate_dataset
 
-BIAS_KINDS = ("attention_off_object", "attention_fixed_location", "shortcut_property", "colour_shortcut", "slice_gap")
+BIAS_KINDS = ("attention_off_object", "attention_fixed_location", "shortcut_cue", "shortcut_property", "colour_shortcut",
+              "slice_gap")
 
 
 def clean_recipe(recipe: DemoRecipe) -> DemoRecipe:

@@ -9,7 +9,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from visaudit.tasks.findings.cue_probe import CueSample, fill_background, find_cue, paste, probe_cue, probe_cues
+from visaudit.tasks.findings.cue_probe import (
+    CueSample,
+    cue_metric_rows,
+    fill_background,
+    find_cue,
+    paste,
+    probe_cue,
+    probe_cues,
+)
 from visaudit.tasks.findings.fixed_location import LocationCandidate, LocationProbe
 from visaudit.tasks.findings.shortcut_cue import shortcut_cue
 from visaudit.tasks.findings.thresholds import Thresholds
@@ -116,6 +124,8 @@ def test_a_model_reading_the_stamp_is_flagged_with_its_share_flips_and_drop() ->
     assert row.kind == "shortcut_cue" and row.severity == "high" and row.metric == "flip_share_when_pasted"
     assert row.value == 1.0 and "12 of 40" in row.message and "1.000" in row.message and "3 places" in row.message
     assert set(row.evidence) <= set(probe.carriers)
+    recorded = {r.metric: r.value for r in cue_metric_rows({"stamped": probe}, "features")}
+    assert recorded["cue_share"] == probe.share and recorded["cue_control_drop"] == probe.control_drop
     blind = probe_cue(StampReader(reads=False), sample, x, others, 0, t)
     assert blind.share == 12 / 40 and blind.flip_share == 0.0 and shortcut_cue({"stamped": blind}, t) == []
 

@@ -24,15 +24,15 @@ from visaudit.tasks.explain.features import FEATURES_DIR, write_feature_views
 from visaudit.tasks.explain.impression_output import impression_cam, impression_table, save_pngs
 from visaudit.tasks.explain.impression_settings import choose_classes
 from visaudit.tasks.explain.impressions import class_impressions
-from visaudit.tasks.explain.registry import GRADIENT_METHODS, GUIDED_METHODS
+from visaudit.tasks.explain.registry import ATTENTION_METHODS, GRADIENT_METHODS, GUIDED_METHODS
 from visaudit.tasks.explain.sanity import sanity_check
 from visaudit.tasks.findings.compute import compute_findings
-from visaudit.tasks.findings.cue_probe import cue_samples, probe_cues
+from visaudit.tasks.findings.cue_probe import cue_metric_rows, cue_samples, probe_cues
 from visaudit.tasks.findings.fixed_location import location_candidates, location_metric_rows, probe_location
 from visaudit.tasks.findings.inputs import FindingInputs
 from visaudit.tasks.model.head import Head
 from visaudit.tasks.model.hooks import hooked_forward
-from visaudit.tasks.model.layers import stage_layers
+from visaudit.tasks.model.layers import sanity_stages
 from visaudit.tasks.model.loading import LoadedModel
 
 IMPRESSIONS_DIR = "impressions"  # figures made at audit time (they need the model), moved into the run at commit
@@ -89,14 +89,14 @@ def sample_inputs(plan: RunPlan, loaded: LoadedModel, count: int) -> torch.Tenso
 def sanity(plan: RunPlan) -> int:
     """Model-randomisation sanity check of the run's methods; staged as ``metrics`` rows."""
     request = plan.request
-    methods = tuple(m for m in request.explain.methods if m in GRADIENT_METHODS or m in GUIDED_METHODS)
+    methods = tuple(m for m in request.explain.methods if m in GRADIENT_METHODS or m in GUIDED_METHODS + ATTENTION_METHODS)
     if not request.sanity.enabled or not methods:
         return 0
     loaded = plan.load_model()
     inputs = sample_inputs(plan, loaded, request.sanity.images)
     if inputs.shape[0] < 2:
         return 0
-    stages = stage_layers(loaded.layer_shapes, loaded.model)
+    stages = sanity_stages(loaded.layer_shapes, loaded.model, plan.layer)
     result = sanity_check(loaded.model, inputs, plan.layer, stages, methods)
     rows = [MetricRow(metric="sanity_spearman", method=row.method, layer=row.layer, detail=f"{row.step}:{row.randomised}",
                       value=row.spearman_mean, images=int(row.images)) for row in result.itertuples()]
@@ -198,6 +198,8 @@ def find(plan: RunPlan) -> int:
     if probes:  # every probed candidate's numbers, flagged or not, for the record
         rows = metric_frame(location_metric_rows(candidates, probes, plan.layer))
         storage.write_part(rows, "metrics", out_dir, plan.run_id, "locations")
+    if cues:
+        storage.write_part(metric_frame(cue_metric_rows(cues, plan.layer)), "metrics", out_dir, plan.run_id, "cues")
     storage.write_part(findings, "findings", out_dir, plan.run_id, "00000")
     return len(findings)
 

@@ -21,12 +21,16 @@ of a class, or a token in a random corner, is found from each image's own Grad-C
    size and contrast vary.
 2. **Paste.** The carriers' median matched crop (the cue) is pasted onto images of other
    classes at the carriers' places: the share of them that turn to the class, against
-   the share that turn when a crop of equal size from a far corner of the carriers (the
-   control) is pasted there.
+   the share that turn when the control is pasted there instead: the crop of equal size
+   at the Grad-CAM peak of the class's other images (its ordinary attended content, the
+   object itself). A fragment of a recurring object turns others no more than any other
+   fragment of it; a stamp does.
 3. **Remove.** In the carriers the matched crop (and a margin of s/4) is filled with its
    local background (the per-channel mean of a ring of that margin around it): the mean
-   drop of the class's probability, against filling a region of equal size at the far
-   corner (the control).
+   drop of the class's probability, against the drop when the class's other images get
+   the same fill at their peaks (removing the object is as decisive as removing a
+   "cue" that is a part of it). With fewer than two other images the control is a far
+   corner of the carriers.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from visaudit.tasks.data.records import MetricRow
 from visaudit.tasks.findings.inputs import true_class
 from visaudit.tasks.findings.thresholds import Thresholds
 
@@ -79,9 +84,9 @@ class CueProbe:
     places: tuple[tuple[float, float], ...]  # distinct carrier places (crop centres, fractions, 0.05 grid)
     others: int  # images of other classes pasted onto (not predicted as the class before)
     flip_share: float  # of those, the share predicted as the class with the cue pasted
-    control_flip_share: float  # ... with a crop of equal size from a far corner pasted
+    control_flip_share: float  # ... with the class's other images' attended crops pasted
     drop: float  # mean drop of the class's probability on the carriers with the cue removed
-    control_drop: float  # ... with a region of equal size at the far corner filled
+    control_drop: float  # ... on the class's other images with their attended crops filled
     removal_flip_share: float  # of the carriers predicted as the class, the share no longer predicted
 
 
@@ -159,7 +164,7 @@ def find_cue(inputs: torch.Tensor, peaks: np.ndarray, max_ratio: float) -> CueMa
     side = max(3, round(work * CUE_SIDE))
     region = min(2 * side, work)
     stride = max(1, side // 8)
-    region_corners = _corners(torch.as_tensor(peaks, dtype=torch.float32, device=x.device), region, work)
+    region_corners = _corners(torch.tensor(peaks, dtype=torch.float32, device=x.device), region, work)
     windows = _windows(_crops(x, region_corners, region), side, stride)  # (N, L, D)
     per_row = (region - side) // stride + 1
     grid = torch.arange(per_row * per_row, device=x.device)
@@ -265,23 +270,33 @@ def probe_cue(
         return None
     size = inputs.shape[-1]
     side = match.template.shape[-1]
-    carriers = inputs[torch.as_tensor(match.members, device=inputs.device)]
-    far = far_corners(match.corners, side, size)
+    device = inputs.device
+    carriers = inputs[torch.as_tensor(match.members, device=device)]
+    rest = np.setdiff1d(np.arange(len(inputs)), match.members)
+    if len(rest) >= 2:  # the control: the class's ordinary attended content (its non-carriers' peaks)
+        sources = inputs[torch.as_tensor(rest, device=device)]
+        source_corners = _corners(torch.tensor(sample.peaks[rest], device=device), side, size).cpu().numpy()
+    else:  # the cue is on (nearly) every image: a far corner of the carriers
+        sources, source_corners = carriers, far_corners(match.corners, side, size)
+    controls = _crops(sources, torch.as_tensor(source_corners, device=device), side)
     margin = max(1, side // 4)
-    places = match.corners[np.arange(len(others)) % len(match.corners)]
-    control_patch = _crops(carriers, torch.as_tensor(far, device=inputs.device), side).median(dim=0).values
+    k = len(others)
+    places = match.corners[np.arange(k) % len(match.corners)]
     batch = torch.cat([
-        carriers, fill_background(carriers, match.corners, side, margin), fill_background(carriers, far, side, margin),
-        others, paste(others, match.template.expand(len(others), -1, -1, -1), places),
-        paste(others, control_patch.expand(len(others), -1, -1, -1), places),
+        carriers, fill_background(carriers, match.corners, side, margin),
+        sources, fill_background(sources, source_corners, side, margin),
+        others, paste(others, match.template.expand(k, -1, -1, -1), places),
+        paste(others, controls[torch.arange(k, device=device) % len(controls)], places),
     ])
     probs = _predict(model, batch, multi_label).cpu()
     own, is_class = probs[:, class_index], probs.argmax(dim=1) == class_index
-    m, k = len(carriers), len(others)
-    kept, removed, control_removed = own[:m], own[m : 2 * m], own[2 * m : 3 * m]
+    m, c = len(carriers), len(sources)
+    kept, removed = own[:m], own[m : 2 * m]
+    control_kept, control_removed = own[2 * m : 2 * m + c], own[2 * m + c : 2 * m + 2 * c]
     predicted, still = is_class[:m], is_class[m : 2 * m]
-    outside = ~is_class[3 * m : 3 * m + k]  # other classes' images not predicted as the class before
-    pasted, control_pasted = is_class[3 * m + k : 3 * m + 2 * k][outside], is_class[3 * m + 2 * k :][outside]
+    start = 2 * m + 2 * c
+    outside = ~is_class[start : start + k]  # other classes' images not predicted as the class before
+    pasted, control_pasted = is_class[start + k : start + 2 * k][outside], is_class[start + 2 * k :][outside]
     nan = float("nan")
     ids = np.asarray(sample.image_ids)[match.members]
     return CueProbe(
@@ -290,7 +305,7 @@ def probe_cue(
         places=_distinct_places(match.corners, side, size), others=int(outside.sum()),
         flip_share=float(pasted.float().mean()) if len(pasted) else nan,
         control_flip_share=float(control_pasted.float().mean()) if len(pasted) else nan,
-        drop=float((kept - removed).mean()), control_drop=float((kept - control_removed).mean()),
+        drop=float((kept - removed).mean()), control_drop=float((control_kept - control_removed).mean()),
         removal_flip_share=float((predicted & ~still).sum() / predicted.sum()) if predicted.any() else 0.0,
     )
 
@@ -316,3 +331,17 @@ def probe_cues(
         if probe is not None:
             probes[sample.class_name] = probe
     return probes
+
+
+def cue_metric_rows(probes: dict[str, CueProbe], layer: str) -> list[MetricRow]:
+    """``metrics`` rows of every probed class, flagged or not: its carrier share, match ratio,
+    paste and removal effects and their controls (method gradcam, at ``layer``, detail its places)."""
+    rows = []
+    for name, p in sorted(probes.items()):
+        detail = "places=" + " ".join(f"({x:.2f},{y:.2f})" for x, y in p.places[:8])
+        for metric, value in (("cue_share", p.share), ("cue_match_ratio", p.ratio), ("cue_flip_share", p.flip_share),
+                              ("cue_control_flip_share", p.control_flip_share), ("cue_drop", p.drop),
+                              ("cue_control_drop", p.control_drop)):
+            rows.append(MetricRow(metric=metric, value=float(value), images=p.images, method="gradcam", layer=layer,
+                                  class_name=name, detail=detail))
+    return rows

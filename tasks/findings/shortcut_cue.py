@@ -19,7 +19,7 @@ from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 def _beats(effect: float, control: float, least: float, t: Thresholds) -> bool:
     """Whether an intervention's effect reaches ``least`` and ``cue_control`` x its control's."""
-    return effect == effect and effect >= least and effect >= t.cue_control * max(control, 0.0)
+    return effect >= least and effect >= t.cue_control * max(control, 0.0)
 
 
 def _places(probe: CueProbe) -> str:
@@ -43,8 +43,8 @@ def shortcut_cue(probes: dict[str, CueProbe], t: Thresholds, explained: frozense
         metric, value, threshold = (("flip_share_when_pasted", p.flip_share, t.cue_flip_share) if by_paste
                                     else ("probability_drop_when_removed", p.drop, t.cue_drop))
         paste_text = (f"pasting it onto {p.others} images of other classes at those places turns {p.flip_share:.3f} "
-                      f"of them into '{name}' ({p.control_flip_share:.3f} with a patch of equal size from a far "
-                      "corner of the same images)") if p.others else "there were no images of other classes to paste onto"
+                      f"of them into '{name}' ({p.control_flip_share:.3f} pasting instead equal patches where the model "
+                      f"looks on the class's other images)") if p.others else "there were no images of other classes to paste onto"
         found.append(Finding(
             kind="shortcut_cue",
             severity=severity(value, 0.5, 0.3),
@@ -58,7 +58,7 @@ def shortcut_cue(probes: dict[str, CueProbe], t: Thresholds, explained: frozense
                 f"content where the model looks: a patch {p.side:.0%} of the image wide at {_places(p)}, its "
                 f"crops matching at {p.ratio:.2f}x the distance of unrelated places. It is causal: {paste_text}; "
                 f"filling it with its local background on the carriers drops the class's probability by "
-                f"{p.drop:.3f} ({p.control_drop:.3f} filling a far corner) and changes {p.removal_flip_share:.0%} "
+                f"{p.drop:.3f} ({p.control_drop:.3f} filling where it looks on the class's other images) and changes {p.removal_flip_share:.0%} "
                 f"of their predictions. The model takes this watermark, tag or token as '{name}': remove it "
                 f"from the training images, or put it on images of every class."
             ),
