@@ -174,3 +174,42 @@ def test_series_key_is_canonical_and_can_be_named(tmp_path, monkeypatch) -> None
     assert series_key("m", "HTTPS://Example.org/a/../val.csv") == series_key("m", "https://example.org/val.csv")
     assert series_key("m", "data") != series_key("other", "data")
     assert series_key("m", "data", "nightly") == series_key("other", "elsewhere", "nightly") != series_key("m", "data")
+
+
+def test_screen_scores_alternatives_on_a_subset_and_keeps_the_verdict(trained) -> None:
+    """Every alternative is scored on the 48-image screen, and only the promising ones on the
+    rest of the probe: the right setup costs the given one's 90 images, 48 per alternative and
+    the other 42 per promising one, and the wrong one reaches the same verdict as scoring every
+    alternative on the whole probe, with fewer forwards."""
+    from dataclasses import replace
+
+    from visaudit.tasks.audit.setup_checks import SetupThresholds, run_setup_checks
+    from visaudit.tasks.data.images import Preprocess
+    from visaudit.tasks.data.sources import build_index
+    from visaudit.tasks.model.loading import ModelSpec, load_model
+
+    loaded = load_model(ModelSpec(factory=f"{trained / 'model.py'}:build", weights=str(trained / "model.pt")),
+                        "cpu", SIZE)
+    index = build_index(str(trained / "data"))
+    seen: list[int] = []
+    hook = loaded.model.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+    try:
+        def checked(pre: Preprocess, thresholds: SetupThresholds):
+            seen.clear()
+            report = run_setup_checks(loaded, index, ORDER, pre, False, 32, thresholds)
+            return report, sum(seen)
+
+        screened = SetupThresholds(probe_images=90)
+        right, right_cost = checked(Preprocess(resize=SIZE, crop=SIZE), screened)
+        whole = replace(screened, screen_images=90, screen_loss_ratio=1.0)  # the search before screening
+        wrong, cost = checked(Preprocess(), screened)
+        wrong_whole, cost_whole = checked(Preprocess(), whole)
+    finally:
+        hook.remove()
+    for report, spent in ((right, right_cost), (wrong, cost)):
+        promoted, rest = divmod(spent - 90 - 48 * report.alternatives, 90 - 48)  # promising ones: their rest only
+        assert report.screen_images == 48 and rest == 0 and 0 <= promoted <= 3, spent
+    assert right.preprocessing_fix is None
+    assert wrong.preprocessing_fix == wrong_whole.preprocessing_fix == f"--resize {SIZE} --crop {SIZE}"
+    assert wrong.best.images == 90 and wrong.best.assigned == wrong_whole.best.assigned
+    assert wrong_whole.screen_images == 90 and cost < cost_whole

@@ -16,6 +16,14 @@ once), the model is scored:
 - **near chance**: the accuracy's Wilson interval against chance, the share of the most
   common label (a model that always answers it scores that much).
 
+The search is screened: every alternative is scored on the first ``screen_images`` of the
+probe (a random subset, the probe being in a fixed-seed random order), and only the screen's
+path (each alternative that became the best in turn), where its mean loss there is at most
+``screen_loss_ratio`` times the given one's, is scored on the rest of the probe (its screen
+forwards are kept), and the best of those by mean loss on the whole probe is the one judged;
+the given preprocessing is scored on the whole probe once. A fix must halve the mean loss on the whole probe, so the
+screen's looser ratio only spares the forwards of alternatives that cannot pass.
+
 "Clearly better" (an alternative preprocessing, or the assigned class order) takes the
 probe's size into account: with ``k_g`` and ``k_a`` of the ``n`` probe images right as given
 and with the alternative, Newcombe's hybrid score interval of ``(k_a - k_g) / n`` at
@@ -62,6 +70,8 @@ class SetupThresholds:
     max_loss_ratio: float = 0.5  # an alternative's mean loss at most this times the given one's
     confidence: float = 0.95  # of the intervals (Bonferroni-corrected over the alternatives)
     native_max: int = 160  # the images' native size is tried when their shorter side is at most this
+    screen_images: int = 48  # every alternative is scored on this many probe images first
+    screen_loss_ratio: float = 0.8  # the screen's best is scored on the whole probe when its loss is at most this
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,8 @@ class SetupReport:
     given: Scored
     best: Scored
     alternatives: int  # preprocessings tried besides the given one
+    screen_images: int  # probe images every alternative was scored on
+    screen_best: Scored | None  # the best alternative on those images (None: none besides the given)
     gain_low: float  # lower end of the best alternative's accuracy gain interval
     loss_ratio: float  # best alternative's mean loss / the given one's
     preprocessing_fix: str | None  # the flags, when the best alternative is clearly better
@@ -141,12 +153,11 @@ def near_chance(correct: np.ndarray, label_keys: list[str], confidence: float, m
 
 
 def probe_sample(index: pd.DataFrame, classes: list[str], count: int) -> pd.DataFrame:
-    """Up to ``count`` rows with at least one label the model knows (seed 0, index order kept)."""
+    """Up to ``count`` rows whose labels the model knows, in a fixed-seed random order (so that
+    the first ``screen_images`` are a random subset too)."""
     known = set(classes)
     labelled = index[index["labels"].map(lambda names: bool(names) and all(n in known for n in names))]
-    if len(labelled) <= count:
-        return labelled
-    return labelled.sample(count, random_state=0).sort_index()
+    return labelled.sample(min(count, len(labelled)), random_state=0)
 
 
 def run_setup_checks(loaded: LoadedModel, index: pd.DataFrame, classes: list[str], given: Preprocess,
@@ -163,8 +174,15 @@ def run_setup_checks(loaded: LoadedModel, index: pd.DataFrame, classes: list[str
     targets = torch.from_numpy(label_matrix(labels, tuple(classes)))
     head = Head(multi_label)
     scorer = _Scorer(loaded, images, targets, head, batch_size)
-    given_scored, scores = scorer.score(given, _normalisation_name(given))
-    best, tried = _search(scorer, given, given_scored, images, thresholds)
+    given_scored, scores = scorer.score(given, _normalisation_name(given), len(images))
+    screen = min(len(images), thresholds.screen_images)
+    path, tried = _search(scorer, given, images, screen, thresholds)
+    screen_given = scorer.score(given, given_scored.normalisation, screen)[0].loss
+    best = given_scored
+    for pre, screened in path:  # each step that improved on the screen, scored on the whole probe when promising
+        if screened.loss <= thresholds.screen_loss_ratio * screen_given:
+            full = scorer.score(pre, screened.normalisation, len(images))[0]
+            best = full if full.loss < best.loss else best
     gain_low = _gain_low(given_scored.assigned, best.assigned, given_scored.images, thresholds.confidence, tried)
     loss_ratio = best.loss / given_scored.loss if given_scored.loss > 0 else float("inf")
     fix = None
@@ -176,6 +194,7 @@ def run_setup_checks(loaded: LoadedModel, index: pd.DataFrame, classes: list[str
     correct = _correct(scores, targets, multi_label)
     return SetupReport(
         probe_images=len(images), metric=metric, given=given_scored, best=best, alternatives=tried,
+        screen_images=screen, screen_best=path[-1][1] if path else None,
         gain_low=gain_low, loss_ratio=float(loss_ratio), preprocessing_fix=fix, class_order=order,
         near_chance=near_chance(correct.numpy(), keys, thresholds.confidence, metric),
         seconds=round(time.perf_counter() - started, 3), thresholds=thresholds,
@@ -214,67 +233,80 @@ def _open(uris: list[str]) -> tuple[list[Image.Image], list[int]]:
 
 
 class _Scorer:
-    """Batched forwards of the probe under one preprocessing; uint8 batches cached per size."""
+    """Batched forwards of the probe's first ``count`` images under one preprocessing. The decoded
+    images are resized once per size, as far as a call needs them, and each preprocessing's
+    logits are kept: scoring more images later runs only the new ones."""
 
     def __init__(self, loaded: LoadedModel, images: list[Image.Image], targets: torch.Tensor, head: Head,
                  batch_size: int) -> None:
         self.loaded, self.images, self.targets, self.head, self.batch_size = loaded, images, targets, head, batch_size
-        self._batches: dict[tuple[int, int], torch.Tensor] = {}
+        self._pixels: dict[tuple[int, int], list[np.ndarray]] = {}
+        self._logits: dict[Preprocess, torch.Tensor] = {}
 
-    def batch(self, resize: int, crop: int) -> torch.Tensor:
-        key = (resize, crop)
-        if key not in self._batches:
-            pre = Preprocess(resize=resize, crop=crop)
-            pixels = np.stack([np.asarray(fit(image, pre)[0], dtype=np.uint8) for image in self.images])
-            self._batches[key] = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
-        return self._batches[key]
+    def _batch(self, resize: int, crop: int, start: int, stop: int) -> torch.Tensor:
+        """(stop - start, 3, crop, crop) uint8: the audit's own resize and crop (:func:`fit`)."""
+        done = self._pixels.setdefault((resize, crop), [])
+        pre = Preprocess(resize=resize, crop=crop)
+        done.extend(np.asarray(fit(image, pre)[0], dtype=np.uint8) for image in self.images[len(done):stop])
+        return torch.from_numpy(np.stack(done[start:stop])).permute(0, 3, 1, 2).contiguous()
 
-    def score(self, pre: Preprocess, normalisation: str) -> tuple[Scored, torch.Tensor]:
-        """The preprocessing's record and the probe's (N, K) probabilities; RuntimeError when
-        the model refuses the input size."""
-        batch = self.batch(pre.resize, pre.crop)
+    def _scores(self, pre: Preprocess, count: int) -> torch.Tensor:
+        """(count, K) logits; RuntimeError when the model refuses the input size."""
+        have = self._logits.get(pre, torch.empty(0, self.targets.shape[1]))
         device = self.loaded.device
-        logits = []
+        parts = [have]
         with torch.inference_mode():
-            for start in range(0, len(batch), self.batch_size):
-                inputs = normalise(batch[start:start + self.batch_size].to(device), pre)
-                logits.append(self.loaded.model(inputs).float().cpu())
-        scores = torch.cat(logits)
-        if scores.shape != self.targets.shape:
-            raise RuntimeError(f"the model returned shape {tuple(scores.shape)} at {pre.crop} px")
+            for start in range(len(have), count, self.batch_size):
+                stop = min(count, start + self.batch_size)
+                inputs = normalise(self._batch(pre.resize, pre.crop, start, stop).to(device), pre)
+                out = self.loaded.model(inputs).float().cpu()
+                if out.shape != (stop - start, self.targets.shape[1]):
+                    raise RuntimeError(f"the model returned shape {tuple(out.shape)} at {pre.crop} px")
+                parts.append(out)
+        self._logits[pre] = torch.cat(parts)
+        return self._logits[pre][:count]
+
+    def score(self, pre: Preprocess, normalisation: str, count: int) -> tuple[Scored, torch.Tensor]:
+        """The preprocessing's record on the first ``count`` probe images and their (count, K)
+        probabilities; RuntimeError when the model refuses the input size."""
+        scores = self._scores(pre, count)
         multi_label = self.head.multi_label
         probabilities = self.head.probabilities(scores)
-        order = _assignment(probabilities, self.targets, multi_label)
+        targets = self.targets[:count]
+        order = _assignment(probabilities, targets, multi_label)
         assigned = scores[:, torch.from_numpy(order)]
-        targets = self.targets.float()
         if multi_label:
-            loss = F.binary_cross_entropy_with_logits(assigned, targets).item()
+            loss = F.binary_cross_entropy_with_logits(assigned, targets.float()).item()
         else:
-            loss = F.cross_entropy(assigned, targets.argmax(1)).item()
-        correct = int(_correct(probabilities, self.targets, multi_label).sum())
-        right = int(_correct(self.head.probabilities(assigned), self.targets, multi_label).sum())
-        return (Scored(pre.resize, pre.crop, normalisation, pre.channels, correct, right, len(batch), loss,
+            loss = F.cross_entropy(assigned, targets.float().argmax(1)).item()
+        correct = int(_correct(probabilities, targets, multi_label).sum())
+        right = int(_correct(self.head.probabilities(assigned), targets, multi_label).sum())
+        return (Scored(pre.resize, pre.crop, normalisation, pre.channels, correct, right, count, loss,
                        order.tolist()), probabilities)
 
 
-def _search(scorer: _Scorer, given: Preprocess, given_scored: Scored, images: list[Image.Image],
-            thresholds: SetupThresholds) -> tuple[Scored, int]:
-    """One factor at a time: size, then normalisation, then channels; the best by mean loss."""
-    best_pre, best = given, given_scored
+def _search(scorer: _Scorer, given: Preprocess, images: list[Image.Image], count: int,
+            thresholds: SetupThresholds) -> tuple[list[tuple[Preprocess, Scored]], int]:
+    """One factor at a time on the first ``count`` probe images: size, then normalisation, then
+    channels, each step keeping the best so far by mean loss. Returns every alternative that
+    became the best in turn (the last is the screen's best; empty when the given one stays best)
+    and how many were tried."""
+    best_pre, best = given, scorer.score(given, _normalisation_name(given), count)[0]
     tried = 0
+    path: list[tuple[Preprocess, Scored]] = []
 
     def consider(pre: Preprocess, name: str) -> None:
         nonlocal best_pre, best, tried
-        if (pre.resize, pre.crop, pre.mean, pre.std, pre.channels) == (
-                best_pre.resize, best_pre.crop, best_pre.mean, best_pre.std, best_pre.channels):
+        if pre in (best_pre, given):
             return
         try:
-            scored, _ = scorer.score(pre, name)
+            scored, _ = scorer.score(pre, name, count)
         except RuntimeError:  # a model that takes one input size only
             return
         tried += 1
         if scored.loss < best.loss:
             best_pre, best = pre, scored
+            path.append((pre, scored))
 
     native = int(np.median([min(image.size) for image in images]))
     sizes = [*([(native, native)] if 8 <= native <= thresholds.native_max else []), *COMMON_SIZES,
@@ -287,7 +319,7 @@ def _search(scorer: _Scorer, given: Preprocess, given_scored: Scored, images: li
     base = best_pre
     for channels in ("rgb", "bgr"):
         consider(replace(base, channels=channels), best.normalisation)
-    return best, tried
+    return path, tried
 
 
 def _normalisation_name(pre: Preprocess) -> str:
