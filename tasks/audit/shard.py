@@ -7,7 +7,9 @@ bookkeeping that turns results into table rows.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +24,15 @@ from visaudit.tasks.data.labels import label_matrix
 from visaudit.tasks.data.reads import ReadPolicy
 from visaudit.tasks.data.schema import table_schema
 from visaudit.tasks.explain import cam, occlusion, signals
+from visaudit.tasks.explain.attention_maps import attention_maps
 from visaudit.tasks.explain.cam_family import class_activation_maps, linear_head
 from visaudit.tasks.explain.guided import guided_saliency
-from visaudit.tasks.explain.registry import GRADIENT_METHODS, GUIDED_METHODS, INPUT_LAYER
+from visaudit.tasks.explain.registry import ATTENTION_METHODS, GRADIENT_METHODS, GUIDED_METHODS, INPUT_LAYER
+from visaudit.tasks.model.attention import captured_attention
 from visaudit.tasks.model.errors import ModelError
 from visaudit.tasks.model.head import Head
 from visaudit.tasks.model.hooks import hooked_forward
+from visaudit.tasks.model.layout import token_grid
 from visaudit.tasks.model.loading import LoadedModel
 
 TOP_K = 5
@@ -78,12 +83,16 @@ def audit_shard(
     out_dir: Path,
     run_id: str,
     shard: str,
+    progress: Callable[[int], None] | None = None,
 ) -> ShardResult:
-    """Audit ``rows`` of the index and write their predictions and explanations parts.
+    """Audit ``rows`` of the index and write their predictions and explanations parts;
+    ``progress`` is told the images finished after every batch.
 
     A shard whose parts exist already (a restarted run) is not recomputed.
     """
     if all(storage.part_exists(table, out_dir, run_id, shard) for table in ("predictions", "explanations", "signals")):
+        if progress:
+            progress(len(rows))
         return ShardResult(shard, len(rows), 0, reused=True)
     timings = {"decode": 0.0, "model": 0.0, "rows": 0.0}
     non_finite = 0
@@ -124,6 +133,8 @@ def audit_shard(
             timings["decode"] += t1 - t0  # time waiting for decoding, beyond what overlapped
             timings["model"] += t2 - t1
             timings["rows"] += time.perf_counter() - t2
+            if progress:
+                progress(min(len(rows), (number + 1) * settings.batch_size))
     t3 = time.perf_counter()
     pred_df = pd.concat(predictions, ignore_index=True)
     if non_finite and pred_df["error"].isna().sum() == 0:
@@ -202,7 +213,10 @@ def _run_batch(
     fast = device.type == "cuda" and settings.precision == "auto"
     if device.type == "cuda":
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
+    attention = tuple(m for m in settings.methods if m in ATTENTION_METHODS)
+    capture = (captured_attention(loaded.model, gradients="gradient_rollout" in attention) if attention
+               else nullcontext(None))
+    with capture as captured, torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast):
         forward = hooked_forward(loaded.model, inputs, settings.layers, guided=bool(guided))
     scores = forward.scores.detach().float()
     labels = torch.from_numpy(label_matrix(rows["labels"].tolist(), settings.classes)).to(device)
@@ -229,6 +243,9 @@ def _run_batch(
     gradient_methods = tuple(m for m in settings.methods if m in GRADIENT_METHODS)
     stage_methods = ("gradcam",) if settings.stages else ()
     needed = tuple(dict.fromkeys(gradient_methods + stage_methods + guided))
+    if captured is not None:  # before the CAM family's last backward frees the graph
+        grid = token_grid(loaded.model, (int(inputs.shape[-2]), int(inputs.shape[-1]))) or (0, 0)
+        attended = attention_maps(captured, forward.scores, sample, target_cls, attention, grid)
     all_maps = cam.explain(forward, sample, target_cls, needed) if needed else {}
     maps = {
         (method, layer): m
@@ -237,6 +254,8 @@ def _run_batch(
     }
     for method in guided:
         maps[(method, INPUT_LAYER)] = guided_saliency(all_maps[(method, INPUT_LAYER)])
+    if captured is not None:
+        maps.update(attended)
     if "cam" in settings.methods:
         weights = linear_head(loaded.model, forward, settings.layer)
         if weights is None:

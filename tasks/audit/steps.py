@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from visaudit.tasks.audit.plan import INDEX_NAME, RunPlan, load_plan
+from visaudit.tasks.audit.progress import mark_images
 from visaudit.tasks.audit.shard import ShardResult, audit_shard
 from visaudit.tasks.data import storage
 from visaudit.tasks.data.images import Decoded, decode_many, normalise, to_batch
@@ -44,7 +45,8 @@ def run_shard(plan_folder: str, shard: str, start: int, stop: int) -> ShardResul
     plan = load_plan(Path(plan_folder))
     loaded = plan.load_model(worker_device(plan.request.model.device))
     rows = read_index(Path(plan_folder) / INDEX_NAME, start, stop)
-    return audit_shard(rows, loaded, plan.shard_settings(), Path(plan.out_dir), plan.run_id, shard)
+    return audit_shard(rows, loaded, plan.shard_settings(), Path(plan.out_dir), plan.run_id, shard,
+                       lambda done: mark_images(Path(plan_folder), shard, done))
 
 
 def worker_device(device: str) -> str:

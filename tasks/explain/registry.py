@@ -9,6 +9,8 @@ Kinds:
 - ``guided``       an input-space method from the guided backward (maps keyed at
                    :data:`INPUT_LAYER`);
 - ``cam``          CAM from the model's global-average-pool + linear head (no gradients);
+- ``attention``    a transformer's attention rolled out over its blocks (maps keyed at
+                   :data:`ATTENTION_LAYER`, :mod:`visaudit.tasks.explain.attention_maps`);
 - ``occlusion``    muting windows (:mod:`visaudit.tasks.explain.occlusion`);
 - ``impressions``  class impressions synthesised from noise (:mod:`visaudit.tasks.explain.impressions`).
 
@@ -26,15 +28,18 @@ from typing import Callable, Literal, Sequence
 import torch
 
 from visaudit.tasks.explain import cam_family
+from visaudit.tasks.model.attention import attention_family, captured_attention, class_token_prefix
 from visaudit.tasks.model.errors import ModelError
-from visaudit.tasks.model.hooks import hooked_forward, relu_modules
+from visaudit.tasks.model.hooks import frozen_parameters, head_features, hooked_forward, relu_modules
+from visaudit.tasks.model.layout import token_grid
 from visaudit.tasks.model.loading import LoadedModel
 
-Kind = Literal["gradient", "guided", "cam", "occlusion", "impressions"]
+Kind = Literal["gradient", "guided", "cam", "attention", "occlusion", "impressions"]
 WeightFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Check = Callable[[LoadedModel, list[str], int], None]
 
 INPUT_LAYER = "input"  # the layer input-space (guided) maps are keyed at
+ATTENTION_LAYER = "attention"  # the layer attention-rollout maps (every block's attention) are keyed at
 
 
 def _probe_input(loaded: LoadedModel, count: int, size: int) -> torch.Tensor:
@@ -83,6 +88,32 @@ def check_relu_modules(loaded: LoadedModel, layers: list[str], size: int) -> Non
         )
 
 
+def check_attention_applies(loaded: LoadedModel, layers: list[str], size: int) -> None:
+    """Attention rollout needs global self-attention over a class token and the patch tokens
+    in every block, read by an adapter (:mod:`visaudit.tasks.model.attention`), and a head
+    that reads the class token alone. The last is measured: with one backward of a seeded
+    random projection of the head's features, the gradient of the last block's attention
+    must be zero outside the class token's row (a head on pooled patch tokens reads them all)."""
+    model = loaded.model
+    if attention_family(model) is None:
+        raise ModelError("attention rollout needs self-attention blocks (a ViT); this model has none")
+    grid = token_grid(model, (size, size)) or (0, 0)
+    try:
+        with captured_attention(model, gradients=True) as captured, head_features(model) as features:
+            with frozen_parameters(model), torch.enable_grad():
+                scores = model(_probe_input(loaded, 1, size))
+        class_token_prefix(captured, grid)
+    except ValueError as exc:
+        raise ModelError(f"attention rollout does not apply to this model: {exc}") from None
+    head = features[-1] if features else scores
+    projection = torch.randn(head.shape, generator=torch.Generator().manual_seed(0)).to(head)
+    last = captured.gradients((head * projection).sum())[-1].abs()
+    top = float(last.amax())
+    if top == 0 or float(last[:, :, 1:].amax()) > 1e-6 * top:
+        raise ModelError("attention rollout does not apply to this model: its head does not read the class token "
+                         "alone (measured: the last block's attention gets gradient outside the class token's row)")
+
+
 @dataclass(frozen=True)
 class Method:
     """One explanation method: ``weights`` for the ``gradient`` kind (only), and the ``check``
@@ -104,8 +135,9 @@ class Method:
         return self.kind in ("gradient", "guided")
 
     def stored_layer(self, layer: str) -> str:
-        """The layer the method's maps are keyed at: :data:`INPUT_LAYER` for guided maps, else ``layer``."""
-        return INPUT_LAYER if self.kind == "guided" else layer
+        """The layer the method's maps are keyed at: :data:`INPUT_LAYER` for guided maps,
+        :data:`ATTENTION_LAYER` for attention maps, else ``layer``."""
+        return {"guided": INPUT_LAYER, "attention": ATTENTION_LAYER}.get(self.kind, layer)
 
 
 REGISTRY: tuple[Method, ...] = (
@@ -118,12 +150,15 @@ REGISTRY: tuple[Method, ...] = (
     Method("cam", "CAM", "cam", check=check_cam_applies),
     Method("guided_backprop", "Guided Backprop", "guided", check=check_relu_modules),
     Method("guided_gradcam", "Guided Grad-CAM", "guided", check=check_relu_modules),
+    Method("attention_rollout", "Attention rollout", "attention", check=check_attention_applies),
+    Method("gradient_rollout", "Gradient-weighted rollout", "attention", check=check_attention_applies),
     Method("occlusion", "Occlusion", "occlusion"),
     Method("impressions", "Class impressions", "impressions"),
 )
 METHODS: dict[str, Method] = {method.name: method for method in REGISTRY}
 GRADIENT_METHODS: dict[str, WeightFunction] = {m.name: m.weights for m in REGISTRY if m.weights is not None}
 GUIDED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kind == "guided")
+ATTENTION_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kind == "attention")
 
 
 def method_names() -> tuple[str, ...]:

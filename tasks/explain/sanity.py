@@ -15,17 +15,21 @@ for Guided Backprop and Guided Grad-CAM, not for Grad-CAM): the report marks it 
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import pandas as pd
 import torch
 from torch import nn
 
+from visaudit.tasks.explain.attention_maps import attention_maps
 from visaudit.tasks.explain.cam import explain
 from visaudit.tasks.explain.guided import guided_saliency
 from visaudit.tasks.explain.ranks import spearman
-from visaudit.tasks.explain.registry import GUIDED_METHODS, INPUT_LAYER, METHODS
+from visaudit.tasks.explain.registry import ATTENTION_LAYER, ATTENTION_METHODS, GUIDED_METHODS, INPUT_LAYER, METHODS
+from visaudit.tasks.model.attention import captured_attention
 from visaudit.tasks.model.hooks import hooked_forward
+from visaudit.tasks.model.layout import token_grid
 
 
 def cascade(model: nn.Module, stages: list[str]) -> list[list[str]]:
@@ -68,14 +72,24 @@ class SanityResult:
 def maps_for(model: nn.Module, inputs: torch.Tensor, target: torch.Tensor, layer: str,
              methods: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """method -> (N, L) flattened maps of each image for its ``target`` class, from one forward
-    (guided maps as stored: :func:`visaudit.tasks.explain.guided.guided_saliency`)."""
+    (guided maps as stored: :func:`visaudit.tasks.explain.guided.guided_saliency`; attention
+    maps from the attention captured in that forward)."""
     guided = any(m in GUIDED_METHODS for m in methods)
-    forward = hooked_forward(model, inputs, [layer], guided=guided)
+    attention = tuple(m for m in methods if m in ATTENTION_METHODS)
+    capture = captured_attention(model, gradients="gradient_rollout" in attention) if attention else nullcontext(None)
+    with capture as captured:
+        forward = hooked_forward(model, inputs, [layer], guided=guided)
     sample = torch.arange(inputs.shape[0], device=inputs.device)
-    maps = explain(forward, sample, target, methods)
+    maps = {}
+    if captured is not None:
+        grid = token_grid(model, (int(inputs.shape[-2]), int(inputs.shape[-1]))) or (0, 0)
+        maps.update(attention_maps(captured, forward.scores, sample, target, attention, grid))
+    maps.update(explain(forward, sample, target, tuple(m for m in methods if m not in ATTENTION_METHODS)))
     out = {}
     for method in methods:
-        if method in GUIDED_METHODS:
+        if method in ATTENTION_METHODS:
+            out[method] = maps[(method, ATTENTION_LAYER)].flatten(1).detach()
+        elif method in GUIDED_METHODS:
             out[method] = guided_saliency(maps[(method, INPUT_LAYER)]).flatten(1).detach()
         else:
             out[method] = maps[(method, layer)].flatten(1).detach()

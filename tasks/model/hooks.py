@@ -67,6 +67,20 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
+@contextmanager
+def head_features(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record the input of the model's last ``nn.Linear`` (the head's features) at each forward
+    in the block; the list stays empty for a model without one."""
+    linears = [module for module in model.modules() if isinstance(module, nn.Linear)]
+    features: list[torch.Tensor] = []
+    handle = linears[-1].register_forward_pre_hook(lambda _m, args: features.append(args[0])) if linears else None
+    try:
+        yield features
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
 def relu_modules(model: nn.Module) -> list[nn.ReLU]:
     """The model's ``nn.ReLU`` modules, the ones guided backprop can gate (``F.relu`` calls are invisible)."""
     return [module for module in model.modules() if isinstance(module, nn.ReLU)]

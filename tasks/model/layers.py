@@ -17,7 +17,8 @@ explained layer with its reason:
   (``model.blocks[-1].norm1``). A mean-pooled token model keeps its last token output.
 
 :func:`stage_layers` gives the layer-by-layer view (one layer per resolution on a CNN, one
-per block on a transformer) and :func:`check_layer` refuses a named layer that is missing
+per block on a transformer), :func:`sanity_stages` the sanity check's cascade (the blocks
+themselves on a transformer) and :func:`check_layer` refuses a named layer that is missing
 or not a map, with the names it could have meant.
 """
 
@@ -33,7 +34,7 @@ from torch import nn
 from torchvision.ops.misc import Permute
 
 from visaudit.tasks.model.errors import ModelError
-from visaudit.tasks.model.hooks import ForwardHook, eval_mode, forward_hooks, hooked_forward
+from visaudit.tasks.model.hooks import ForwardHook, eval_mode, forward_hooks, head_features, hooked_forward
 from visaudit.tasks.model.layout import Layout, infer_layout, token_grid
 
 _POOLING = (
@@ -141,15 +142,8 @@ def _reaching_patch_tokens(model: nn.Module, layers: list[str], device: torch.de
         return []
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(1, 3, size, size, generator=generator).to(device)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    features: list[torch.Tensor] = []
-    handle = linears[-1].register_forward_pre_hook(lambda _m, args: features.append(args[0])) if linears else None
-    try:
-        with eval_mode(model):
-            forward = hooked_forward(model, inputs, layers)
-    finally:
-        if handle is not None:
-            handle.remove()
+    with head_features(model) as features, eval_mode(model):
+        forward = hooked_forward(model, inputs, layers)
     head_input = features[-1] if features else forward.scores
     projection = torch.randn(head_input.shape, generator=generator).to(head_input)
     acts = [forward.activations[name] for name in layers]
@@ -181,14 +175,31 @@ def stage_layers(layer_shapes: dict[str, tuple[int, int]], model: nn.Module, cou
 def _same_layer_per_block(layer_shapes: dict[str, tuple[int, int]], model: nn.Module, layer: str) -> list[str]:
     """``layer``'s counterparts in the other blocks, when they all share its resolution (a
     transformer): its name with ONE digit run free, the run that matches the most modules."""
+    return [sibling for sibling, _ in _per_block(layer_shapes, model, layer)]
+
+
+def _per_block(layer_shapes: dict[str, tuple[int, int]], model: nn.Module, layer: str) -> list[tuple[str, str]]:
+    """(counterpart of ``layer``, the block holding it) per block, shallow to deep: the block
+    is the name up to the free digit run (``blocks.11.norm1`` -> ``blocks.11``)."""
     spatial = _spatial(layer_shapes, model)
-    best: list[str] = []
+    best: list[tuple[str, str]] = []
     for run in re.finditer(r"\d+", layer):
-        pattern = re.compile(re.escape(layer[: run.start()]) + r"\d+" + re.escape(layer[run.end():]) + "$")
-        siblings = [name for name in spatial if pattern.match(name)]
-        if len(siblings) > len(best) and all(layer_shapes[n] == layer_shapes[layer] for n in siblings):
+        head, tail = layer[: run.start()], layer[run.end():]
+        pattern = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail) + "$")
+        siblings = [(name, name[: len(name) - len(tail)]) for name in spatial if pattern.match(name)]
+        if len(siblings) > len(best) and all(layer_shapes[n] == layer_shapes[layer] for n, _ in siblings):
             best = siblings
     return best if len(best) > 1 else []
+
+
+def sanity_stages(layer_shapes: dict[str, tuple[int, int]], model: nn.Module, layer: str, count: int = 4) -> list[str]:
+    """The modules the sanity check's cascade randomises below the classifier, shallow to deep,
+    the ``count`` deepest: on a transformer whose blocks share one resolution, the blocks
+    themselves (``blocks.8`` .. ``blocks.11``: the explained layer's block and those below);
+    otherwise one stage per resolution (:func:`stage_layers`)."""
+    modules = dict(model.named_modules())
+    blocks = [block for _, block in _per_block(layer_shapes, model, layer) if block in modules]
+    return blocks[-count:] if len(blocks) > 1 else stage_layers(layer_shapes, model, count)
 
 
 def check_layer(model: nn.Module, layer: str, layer_shapes: dict[str, tuple[int, int]]) -> None:

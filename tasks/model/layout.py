@@ -41,12 +41,18 @@ class Layout:
     prefix: int = 0
 
 
-def patch_size(model: nn.Module) -> int | None:
-    """The stride of the patch embedding: the first ``Conv2d`` (module order) with kernel == stride > 1."""
+def patch_embedding(model: nn.Module) -> nn.Conv2d | None:
+    """The patch embedding: the first ``Conv2d`` (module order) with kernel == stride > 1, or None."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d) and module.kernel_size == module.stride and module.stride[0] > 1:
-            return int(module.stride[0])
+            return module
     return None
+
+
+def patch_size(model: nn.Module) -> int | None:
+    """The stride of the patch embedding (:func:`patch_embedding`), or None without one."""
+    embedding = patch_embedding(model)
+    return None if embedding is None else int(embedding.stride[0])
 
 
 def token_grid(model: nn.Module, input_hw: tuple[int, int]) -> tuple[int, int] | None:

@@ -22,7 +22,13 @@ from PIL import Image
 from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many
 from visaudit.tasks.explain.overlay import overlay_pixels, saliency_pixels, save_photo
-from visaudit.tasks.explain.registry import GUIDED_METHODS, INPUT_LAYER, method_names
+from visaudit.tasks.explain.registry import (
+    ATTENTION_LAYER,
+    ATTENTION_METHODS,
+    GUIDED_METHODS,
+    INPUT_LAYER,
+    method_names,
+)
 from visaudit.tasks.findings.calibration import Reliability
 
 IMAGES_DIR = "images"
@@ -80,6 +86,8 @@ class Painter:
         method = method or self.method
         if method in GUIDED_METHODS:
             return self.maps.get((image_id, method, INPUT_LAYER, target))
+        if method in ATTENTION_METHODS:
+            return self.maps.get((image_id, method, ATTENTION_LAYER, target))
         if method == "occlusion":
             return self.maps.get((image_id, method, OCCLUSION_LAYER, target))
         return self.maps.get((image_id, method, layer or self.default_layer, target)) or self.maps.get(
