@@ -324,3 +324,55 @@ def test_layer_by_layer_keeps_one_stage_per_resolution(tmp_path) -> None:
                                     layer="features.stage3", layer_by_layer=True, crop=96, resize=96))
     # the `features` container outputs stage3's 12x12 map again: it must not appear as a stage of its own
     assert plan.layers == ["features.stem", "features.stage1", "features.stage2", "features.stage3"]
+
+
+TINY_VIT = '''
+import torch
+import torchvision
+
+
+def build(num_classes: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
+                                                 hidden_dim=32, mlp_dim=64, num_classes=num_classes)
+    torch.nn.init.normal_(model.heads.head.weight, std=0.2)
+    return model
+'''
+
+
+def test_methods_that_cannot_apply_are_skipped_and_the_rest_complete(tmp_path) -> None:
+    """A ViT has no global-average-pool + linear head (CAM) and no nn.ReLU (guided backprop):
+    both are skipped with their notes in run.json and the report; every other method's maps,
+    attention rollout and gradient-weighted rollout among them, are stored for every pair."""
+    import html as html_lib
+
+    manifest = make_shapes(tmp_path / "data", {"red": 3, "green": 3, "blue": 3}, size=32)
+    factory = tmp_path / "tiny_vit.py"
+    factory.write_text(TINY_VIT)
+    out = tmp_path / "out"
+    methods = ["gradcam", "cam", "guided_backprop", "attention_rollout", "gradient_rollout", "layercam"]
+    result = runner.invoke(app, ["run", str(manifest), "--out", str(out), "--model", f"{factory}:build",
+                                 "--crop", "32", "--resize", "32", "--no-pdf", "-q", "--no-setup-checks",
+                                 "--methods", ",".join(methods), "--sanity-images", "4"])
+    assert result.exit_code == 0, result.output
+    explanations = read_table(out, "explanations")
+    applying = {"gradcam", "attention_rollout", "gradient_rollout", "layercam"}
+    assert set(explanations["method"]) == applying
+    pairs = explanations.groupby("method").apply(lambda g: frozenset(zip(g["image_id"], g["target"])))
+    assert len(pairs.iloc[0]) >= 9 and pairs.map(lambda p: p == pairs.iloc[0]).all(), "every pair, every method"
+    assert explanations["heatmap"].map(len).eq(16).all(), "maps on the 4x4 patch grid"
+    rollout = explanations[explanations["method"] == "attention_rollout"]
+    assert rollout["layer"].eq("attention").all()
+    assert rollout.groupby("image_id")["heatmap"].agg(lambda m: len({tuple(h) for h in m}) == 1).all(), \
+        "rollout is class-agnostic"
+    sanity = read_table(out, "metrics")
+    assert {"attention_rollout", "gradient_rollout"} <= set(sanity.loc[sanity["metric"] == "sanity_spearman", "method"])
+    run_dir = next(p for p in (out / "runs").iterdir() if not p.name.startswith("."))
+    record = json.loads((run_dir / "run.json").read_text())
+    skipped = record["model"]["skipped"]
+    assert set(skipped) == {"cam", "guided_backprop"}
+    assert "global-average-pool + linear" in skipped["cam"] and "nn.ReLU" in skipped["guided_backprop"]
+    page = html_lib.unescape((run_dir / "report.html").read_text())
+    for note in skipped.values():
+        assert note in page
+    assert "Attention rollout" in page and "Gradient-weighted rollout" in page

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.model.hooks import forward_hooks
+from visaudit.tasks.model.layout import Layout, infer_layout, to_map, token_grid
 
 FEATURES_DIR = "features"  # under the run folder
 INDEX_NAME = "features.json"
@@ -59,10 +61,18 @@ def filter_grid(weight: torch.Tensor, columns: int = 16, pad: int = 2) -> np.nda
 
 @torch.no_grad()
 def layer_activations(model: nn.Module, inputs: torch.Tensor, layer: str) -> torch.Tensor:
-    """The (N, C, h, w) output of ``layer`` for a batch; the hook is removed whatever happens."""
+    """The output of ``layer`` for a batch as an (N, C, h, w) map (transformer tokens and
+    channels-last outputs read by :mod:`visaudit.tasks.model.layout`); the hook is removed
+    whatever happens."""
     captured: list[torch.Tensor] = []
     module = dict(model.named_modules())[layer]
-    with forward_hooks([(module, lambda _m, _i, out: captured.append(out.detach().clone()))]):
+    grid = token_grid(model, (int(inputs.shape[-2]), int(inputs.shape[-1])))
+
+    def keep(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        layout = infer_layout(output.shape, grid) or Layout("nchw", (0, 0))
+        captured.append(to_map(output.detach(), layout).clone())
+
+    with forward_hooks([(module, keep)]):
         model(inputs)
     return captured[0]
 
