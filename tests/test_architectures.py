@@ -14,6 +14,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.reshape_transforms import vit_reshape_transform
 from test_cam_family import _peer_pipeline
+from torchvision.models import resnet18 as torchvision_resnet18
 
 from visaudit.tasks.explain import cam
 from visaudit.tasks.model.hooks import hooked_forward
@@ -152,3 +153,29 @@ def test_squeezenet_class_count_from_its_conv_classifier(tmp_path) -> None:
     path = tmp_path / "squeeze.pt"
     torch.save(torchvision.models.squeezenet1_1(num_classes=7).state_dict(), path)
     assert load_model(ModelSpec(arch="squeezenet1_1", weights=str(path)), "cpu", 64).num_classes == 7
+
+
+def test_torchscript_archive_weights_into_the_named_architecture(tmp_path, photos) -> None:
+    """A TorchScript file (scripted or traced) gives its weights to the Python architecture
+    named with --arch, read with torch.jit.load (no pickle); alone it is refused in one line,
+    because ScriptModules refuse the forward hooks every map method needs."""
+    import warnings
+
+    from visaudit.tasks.model.errors import ModelError
+
+    torch.manual_seed(1)
+    original = torchvision_resnet18(num_classes=3).eval()
+    x = photos[64]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        scripted, traced = tmp_path / "scripted.pt", tmp_path / "traced.pt"
+        torch.jit.script(original).save(str(scripted))
+        torch.jit.trace(original, x).save(str(traced))
+        for path in (scripted, traced):
+            loaded = load_model(ModelSpec(arch="resnet18", weights=str(path)), "cpu", 64)
+            assert loaded.num_classes == 3 and loaded.layers == ["layer4"]
+            torch.testing.assert_close(loaded.model(x), original(x), atol=1e-5, rtol=1e-5)
+        with pytest.raises(ModelError, match="a TorchScript archive; its modules refuse the forward hooks"):
+            load_model(ModelSpec(factory=str(scripted)), "cpu", 64)
+    with pytest.raises(RuntimeError, match="not supported on ScriptModules"):  # why: the premise, checked
+        torch.jit.load(str(scripted)).layer4.register_forward_hook(lambda *_: None)

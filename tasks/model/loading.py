@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import pickle
 import sys
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -126,6 +127,8 @@ def _read_weights(spec: ModelSpec) -> tuple[dict[str, torch.Tensor] | nn.Module 
     if not path.is_file():
         raise ModelError(f"{path}: weights file not found")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if is_torchscript(path):
+        return _torchscript_state(path), digest
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -149,6 +152,26 @@ def _read_weights(spec: ModelSpec) -> tuple[dict[str, torch.Tensor] | nn.Module 
         if tensors:
             return tensors, digest
     raise ModelError(f"{path}: not a state_dict (a dict of tensors); save it with torch.save(model.state_dict(), path)")
+
+
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``): a zip holding ``constants.pkl``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def _torchscript_state(path: Path) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of a TorchScript archive, read with ``torch.jit.load`` (no
+    pickle; the module is built by the TorchScript loader, never run). A ScriptModule refuses
+    the forward hooks every map method needs, so only its weights are used, loaded into the
+    Python architecture the user names (``--arch`` or ``--model``)."""
+    try:
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read the TorchScript archive ({type(exc).__name__}: {exc})") from exc
+    return dict(scripted.state_dict())
 
 
 def _is_file_spec(weights: str) -> bool:
@@ -229,6 +252,12 @@ def _build_factory(spec: ModelSpec, state: dict[str, torch.Tensor] | nn.Module |
 def import_factory(reference: str) -> Callable[..., Any]:
     """Import ``package.module:function`` or ``path/to/file.py:function``."""
     module_ref, sep, attr = reference.rpartition(":")
+    if Path(reference).expanduser().is_file() and is_torchscript(Path(reference).expanduser()):
+        raise ModelError(
+            f"--model {reference}: a TorchScript archive; its modules refuse the forward hooks every map method "
+            f"needs, so name its architecture (--arch NAME, or --model path/to/file.py:function) and pass "
+            f"--weights {reference}: its weights are read from the archive"
+        )
     if not sep or not module_ref or not attr:
         raise ModelError(f"--model {reference!r}: expected 'package.module:function' or 'path/to/file.py:function'")
     if module_ref.endswith(".py"):
