@@ -1,0 +1,41 @@
+"""The near-duplicate search is exact: the k-d tree on projected thumbnails finds the same pairs
+as comparing every pair, whatever the data (planted copies, pairs at the threshold, tiny sets)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from visaudit.tasks.findings.near_duplicate import close_pairs
+
+
+def _every_pair(vectors: np.ndarray, max_rms: float) -> set[tuple[int, int]]:
+    v = torch.from_numpy(vectors.astype(np.float64))
+    rms = torch.cdist(v, v) / np.sqrt(v.shape[1])
+    i, j = torch.triu((rms <= max_rms).to(torch.int8), diagonal=1).nonzero(as_tuple=True)
+    return set(zip(i.tolist(), j.tolist()))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_same_pairs_as_comparing_every_pair(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    field = torch.from_numpy(rng.random((1500, 3, 3, 3)))
+    images = torch.nn.functional.interpolate(field, size=(8, 8), mode="bilinear").reshape(1500, -1).numpy()
+    copies = rng.choice(1500, 60, replace=False)
+    images[copies] = images[rng.integers(0, 1500, 60)] + rng.normal(0, 0.01, (60, images.shape[1]))
+    edge = images[7] + 0.02 * rng.choice([-1.0, 1.0], images.shape[1])  # exactly at the threshold
+    images = np.vstack([images, edge[None]]).astype(np.float32)
+    first, second, rms = close_pairs(images, 0.02)
+    found = set(zip(first.tolist(), second.tolist()))
+    assert found == _every_pair(images, 0.02) and len(found) >= 40
+    assert (first < second).all() and (np.diff(rms) >= 0).all() and (rms <= 0.02).all()
+    exact = np.sqrt(((images[first].astype(np.float64) - images[second]) ** 2).mean(axis=1))
+    assert np.allclose(rms, exact, atol=1e-6)
+
+
+@pytest.mark.parametrize("count", [0, 1, 2])
+def test_tiny_sets(count: int) -> None:
+    vectors = np.zeros((count, 192), np.float32)
+    first, second, _ = close_pairs(vectors, 0.02)
+    assert list(zip(first.tolist(), second.tolist())) == ([(0, 1)] if count == 2 else [])
