@@ -54,7 +54,7 @@ def _run(tmp_path, source, factory: str, *extra: str):
     module = tmp_path / "scores_model.py"
     module.write_text(NON_FINITE_MODEL)
     return runner.invoke(app, ["run", str(source), "--out", str(tmp_path / "out"), "--model", f"{module}:{factory}",
-                               "--crop", "48", "--resize", "48", "--no-pdf", "-q", "--no-sanity-check", "--no-setup-checks", *extra])
+                               "--crop", "48", "--resize", "48", "--no-pdf", "-q", "--no-sanity-check", *extra])  # setup checks on: they must cope
 
 
 def test_non_finite_scores_are_an_error_per_image_never_a_prediction(tmp_path) -> None:

@@ -145,7 +145,7 @@ def prepare_run(request: AuditRequest) -> RunPlan:
     setup = None
     if request.setup.enabled:
         setup = run_setup_checks(loaded, index, classes, preprocess, multi_label, request.compute.batch_size,
-                                 request.setup.thresholds())
+                                 request.setup.thresholds(), request.data.read_policy(request.source))
         if setup is not None:
             stop_if_wrong(setup)  # SetupError: one line naming the flags that fix a clearly wrong setup
     size = request.compute.shard_size

@@ -49,7 +49,7 @@ from scipy.stats import norm
 
 from visaudit.tasks.data.images import NORMALISATIONS, Preprocess, fit, normalise, open_rgb
 from visaudit.tasks.data.labels import label_matrix
-from visaudit.tasks.data.sources import read_bytes
+from visaudit.tasks.data.reads import ReadPolicy, read_bytes
 from visaudit.tasks.findings.stats import difference_interval, wilson_interval
 from visaudit.tasks.model.head import Head
 from visaudit.tasks.model.loading import LoadedModel
@@ -162,18 +162,22 @@ def probe_sample(index: pd.DataFrame, classes: list[str], count: int) -> pd.Data
 
 def run_setup_checks(loaded: LoadedModel, index: pd.DataFrame, classes: list[str], given: Preprocess,
                      multi_label: bool, batch_size: int,
-                     thresholds: SetupThresholds = SetupThresholds()) -> SetupReport | None:
-    """Score the setup on the probe (:func:`stop_if_wrong` judges it); None when fewer than two
-    probe images can be read."""
+                     thresholds: SetupThresholds = SetupThresholds(),
+                     reads: ReadPolicy = ReadPolicy()) -> SetupReport | None:
+    """Score the setup on the probe (:func:`stop_if_wrong` judges it), its images read under the
+    run's ``reads`` policy; None when fewer than two probe images can be read, or when the model's
+    scores on them are not all finite (the shards then record those images' errors)."""
     started = time.perf_counter()
     probe = probe_sample(index, classes, thresholds.probe_images)
-    images, rows = _open(probe["uri"].tolist())
+    images, rows = _open(probe["uri"].tolist(), reads)
     if len(images) < 2:
         return None
     labels = [list(probe["labels"].iloc[i]) for i in rows]
     targets = torch.from_numpy(label_matrix(labels, tuple(classes)))
     head = Head(multi_label)
     scorer = _Scorer(loaded, images, targets, head, batch_size)
+    if not torch.isfinite(scorer.logits(given, len(images))).all():
+        return None
     given_scored, scores = scorer.score(given, _normalisation_name(given), len(images))
     screen = min(len(images), thresholds.screen_images)
     path, tried = _search(scorer, given, images, screen, thresholds)
@@ -220,12 +224,12 @@ def stop_if_wrong(report: SetupReport) -> None:
             "or --no-setup-checks to audit as given")
 
 
-def _open(uris: list[str]) -> tuple[list[Image.Image], list[int]]:
-    """The probe's images decoded once (RGB); unreadable ones are left out (the audit records them)."""
+def _open(uris: list[str], reads: ReadPolicy) -> tuple[list[Image.Image], list[int]]:
+    """The probe's images decoded once (RGB); unreadable or refused ones are left out (the audit records them)."""
     images, rows = [], []
     for row, uri in enumerate(uris):
         try:
-            images.append(open_rgb(read_bytes(uri)))
+            images.append(open_rgb(read_bytes(uri, reads)))
             rows.append(row)
         except Exception:  # noqa: BLE001 - any decoder failure: the shard records it, the probe skips it
             continue
@@ -250,7 +254,7 @@ class _Scorer:
         done.extend(np.asarray(fit(image, pre)[0], dtype=np.uint8) for image in self.images[len(done):stop])
         return torch.from_numpy(np.stack(done[start:stop])).permute(0, 3, 1, 2).contiguous()
 
-    def _scores(self, pre: Preprocess, count: int) -> torch.Tensor:
+    def logits(self, pre: Preprocess, count: int) -> torch.Tensor:
         """(count, K) logits; RuntimeError when the model refuses the input size."""
         have = self._logits.get(pre, torch.empty(0, self.targets.shape[1]))
         device = self.loaded.device
@@ -269,7 +273,7 @@ class _Scorer:
     def score(self, pre: Preprocess, normalisation: str, count: int) -> tuple[Scored, torch.Tensor]:
         """The preprocessing's record on the first ``count`` probe images and their (count, K)
         probabilities; RuntimeError when the model refuses the input size."""
-        scores = self._scores(pre, count)
+        scores = self.logits(pre, count)
         multi_label = self.head.multi_label
         probabilities = self.head.probabilities(scores)
         targets = self.targets[:count]
