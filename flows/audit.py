@@ -22,6 +22,7 @@ from visaudit.tasks.audit import steps
 from visaudit.tasks.audit.commit import commit
 from visaudit.tasks.audit.gate import GateFailed, judge_run
 from visaudit.tasks.audit.plan import RunPlan, prepare_run
+from visaudit.tasks.audit.progress import mark_stage
 from visaudit.tasks.audit.request import AuditRequest
 from visaudit.tasks.report.render import render_report
 
@@ -50,6 +51,8 @@ def audit(request: AuditRequest) -> str:
     clock = time.perf_counter()
 
     def timed(name: str, step: Any, *args: Any) -> Any:
+        if args and isinstance(args[0], RunPlan):  # the later stages, by name, for the progress bar
+            mark_stage(args[0].folder, name)
         mark = time.perf_counter()
         result = step(*args)
         timings[name] = round(time.perf_counter() - mark, 3)
@@ -75,6 +78,7 @@ def audit(request: AuditRequest) -> str:
     timed("feature_views", features_task, plan)
     # 5. Commit: the run becomes visible to readers all at once.
     timings["total_before_report"] = round(time.perf_counter() - clock, 3)
+    mark_stage(plan.folder, "commit")
     commit_task(plan, timings)
     # 6. The release gate (--fail-on, --policy), judged on the committed tables: its outcome goes on the cover.
     outcome = gate_task(plan.out_dir, plan.run_id, request.gate.gate_policy())

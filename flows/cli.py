@@ -131,21 +131,21 @@ def _quiet_run_failures() -> None:
 
 
 def _progress(plan: RunPlan, stop: threading.Event) -> None:
-    """Show shards as they land in the run's staging folder."""
+    """Count images as the shards finish their batches, then name each later stage
+    (``visaudit.tasks.audit.progress``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from visaudit.tasks.data.storage import staging_dir
+    from visaudit.tasks.audit.progress import read_progress
 
-    folder = staging_dir(Path(plan.out_dir), "predictions", plan.run_id)
-    sizes = {name: stop_ - start for name, start, stop_ in plan.shards}
+    run_dir = Path(plan.out_dir) / "runs" / plan.run_id
     with Progress(
-        TextColumn("images"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
         console=None,
     ) as bar:
-        job = bar.add_task("audit", total=plan.images)
+        job = bar.add_task("images", total=plan.images)
         while not stop.wait(0.25):
-            done = sum(sizes.get(p.stem.removeprefix("part-"), 0) for p in folder.glob("part-*.parquet"))
-            bar.update(job, completed=done)
+            now = read_progress(plan.folder, run_dir, plan.images)
+            bar.update(job, completed=now.images, description=now.label)
 
 
 def _print_result(run_dir: Path) -> None:
@@ -200,7 +200,8 @@ def serve_request(request: AuditRequest, cron: str, timezone: str, name: str) ->
     serve_audit(request, cron, timezone, name)
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command()
+@with_options(request_parameters(source_required=False))
 def serve(
     ctx: typer.Context,
     cron: Annotated[str, typer.Option(help="Cron schedule (default: every night at 02:00).")] = "0 2 * * *",
@@ -209,21 +210,21 @@ def serve(
     config: Annotated[
         Optional[Path], typer.Option(help="TOML file with the audit's parameters (the run options' names).")
     ] = None,
+    **options: Any,
 ) -> None:
-    """Serve the audit on a schedule (nightly by default). Audit options as for `run`
-    (SOURCE --out ... --arch ...), or from --config FILE.toml."""
+    """Serve the audit on a schedule (nightly by default): SOURCE and the run options, as for
+    `run`, or --config FILE.toml."""
+    given = [key for key in options if getattr(ctx.get_parameter_source(key), "name", "") == "COMMANDLINE"]
     if config is not None:
-        if ctx.args:
-            fail(f"give the audit's parameters either in {config} or as options, not both (got {' '.join(ctx.args)})")
+        if given:
+            flags = ", ".join("SOURCE" if key == "source" else "--" + key.replace("_", "-") for key in given)
+            fail(f"give the audit's parameters either in {config} or as options, not both (got {flags})")
         serve_request(request_from_config(config), cron, timezone, name)
         return
-    if not ctx.args:
-        fail("serve needs the audit to run: SOURCE and the run options (see `visaudit run --help`), or --config FILE")
-    command = typer.main.get_command(app)
-    code = command.main(["run", *ctx.args, "--cron", cron, "--timezone", timezone, "--deployment", name],
-                        prog_name="visaudit", standalone_mode=False)
-    if isinstance(code, int) and code:
-        raise typer.Exit(code)
+    if options["source"] is None:
+        fail("serve needs the audit to run: SOURCE and the run options (see `visaudit serve --help`), "
+             "or --config FILE")
+    serve_request(build_request(options), cron, timezone, name)
 
 
 def request_from_config(path: Path) -> AuditRequest:

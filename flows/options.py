@@ -68,11 +68,15 @@ def group_parameters(group: type[Settings], skip: Iterable[str] = ()) -> list[in
     return [option_parameter(info, name, group.title) for name, info in group.model_fields.items() if name not in skip]
 
 
-def request_parameters() -> list[inspect.Parameter]:
-    """The options of ``visaudit run``: the request's own fields, then every group's."""
+def request_parameters(source_required: bool = True) -> list[inspect.Parameter]:
+    """The options of ``visaudit run``: the request's own fields, then every group's (``serve``
+    takes them with SOURCE optional: a ``--config`` file can give it instead)."""
     own = AuditRequest.model_fields
-    source = inspect.Parameter("source", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
-        str, typer.Argument(help=own["source"].description)])
+    source = inspect.Parameter(
+        "source", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        default=inspect.Parameter.empty if source_required else None,
+        annotation=Annotated[str if source_required else Optional[str],
+                             typer.Argument(help=own["source"].description, show_default=False)])
     top = [option_parameter(own[name], name, "Run") for name in ("out_dir", "run_id", "series", "thresholds")]
     return [source, *top, *(p for group in GROUPS.values() for p in group_parameters(group))]
 

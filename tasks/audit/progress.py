@@ -1,0 +1,68 @@
+"""How far a run has got, as small files in its staging folder, for the command line's bar.
+
+Each shard writes ``progress/<shard>`` (the images it has finished) after every batch, and the
+flow writes ``progress/stage`` (the stage it starts) before each later stage. A reader sums
+the shards and reads the stage; once the run is committed (the staging folder gone, its
+``run.json`` written) the stage is the report. One tiny file write per batch and per stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from visaudit.tasks.data.files import write_atomically
+
+PROGRESS_DIR = "progress"
+STAGE_FILE = "stage"
+STAGE_LABELS = {  # the flow's stage names, as the bar shows them
+    "sanity_check": "sanity check", "deletion_insertion": "deletion/insertion",
+    "class_impressions": "class impressions", "findings": "findings", "feature_views": "feature views",
+    "commit": "commit", "report": "report",
+}
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Images finished by the shards, and the later stage running (None while the shards run)."""
+
+    images: int
+    stage: str | None
+
+    @property
+    def label(self) -> str:
+        return STAGE_LABELS.get(self.stage, self.stage) if self.stage else "images"
+
+
+def _write(path: Path, text: str) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def mark_images(plan_folder: Path, shard: str, done: int) -> None:
+    """Shard ``shard`` has finished ``done`` of its images."""
+    _write(Path(plan_folder) / PROGRESS_DIR / shard, str(done))
+
+
+def mark_stage(plan_folder: Path, stage: str) -> None:
+    """The flow starts ``stage`` (a key of :data:`STAGE_LABELS`)."""
+    _write(Path(plan_folder) / PROGRESS_DIR / STAGE_FILE, stage)
+
+
+def read_progress(plan_folder: Path, run_dir: Path, images: int) -> Progress:
+    """The run's progress (``images``: the planned total, reported once the shards are past)."""
+    folder = Path(plan_folder) / PROGRESS_DIR
+    if not folder.is_dir():
+        return Progress(images, "report") if (Path(run_dir) / "run.json").exists() else Progress(0, None)
+    done, stage = 0, None
+    for path in folder.iterdir():
+        if path.name.startswith("."):  # a write in flight
+            continue
+        try:
+            text = path.read_text().strip()
+        except OSError:  # renamed into place while we read, or the folder committed away
+            continue
+        if path.name == STAGE_FILE:
+            stage = text
+        elif text.isdigit():
+            done += int(text)
+    return Progress(images if stage else done, stage)
