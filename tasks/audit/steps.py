@@ -165,7 +165,7 @@ def find(plan: RunPlan) -> int:
 
     The fixed-location and shortcut-cue detectors also need the model: their candidate spots
     are probed by muting them on sample images of the class (``findings.fixed_location``),
-    their recurring attended patches by pasting and removing them (``findings.cue_probe``).
+    recurring near-identical patches by pasting and removing them (``findings.cue_probe``).
     """
     out_dir = Path(plan.out_dir)
     staged = {t: storage.read_staged(t, out_dir, plan.run_id)
@@ -185,7 +185,7 @@ def find(plan: RunPlan) -> int:
                     loaded.model, inputs, plan.classes.index(candidate.class_name),
                     candidate.x, candidate.y, plan.multi_label, thresholds.fixed_location_patch_ratio,
                 )
-    samples = cue_samples(audited, explanations[explanations["layer"] == plan.layer], thresholds)
+    samples = cue_samples(audited, thresholds)
     cues = {}
     if samples:
         loaded = plan.load_model()

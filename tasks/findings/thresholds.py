@@ -47,12 +47,11 @@ class Thresholds:
     fixed_location_patch_ratio: float = 0.5  # attended patches' spread vs. patches elsewhere (lower = same content)
     fixed_location_drop: float = 0.2  # mean drop of the class's probability when that spot is muted
     fixed_location_control: float = 2.0  # ... at least this many times the drop from muting elsewhere
-    cue_match_ratio: float = 0.5  # two attended crops carry the same thing when their best match distance is at
-    # most this share of a match to unrelated places (shortcut_cue)
+    cue_match_ratio: float = 0.5  # two images carry the same thing when a crop's best match in the other is
+    # within this share of the crop's own contrast (RMS, channel means removed; shortcut_cue)
     cue_min_share: float = 0.2  # ... and the carriers are at least this share of the class's searched images
     cue_flip_share: float = 0.25  # pasting the cue turns at least this share of other classes' images to the class
-    cue_drop: float = 0.2  # ... or removing it drops the carriers' probability of the class by at least this
-    cue_control: float = 2.0  # ... and at least this many times the same intervention with a patch from elsewhere
+    cue_control: float = 2.0  # ... and at least this many times the share that pasting the control patches turns
     colour_shortcut_probability: float = 0.9  # a plain image of one colour alone gets its class this probability
     colour_nearer_borders: float = 0.75  # ... and it is a background shortcut when the class's images' median
     # border distance to that colour (RGB, 0..255) is at most this share of the other images'
