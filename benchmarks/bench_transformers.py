@@ -4,7 +4,9 @@ pytorch-grad-cam with its reshape_transform, in one run, as ratios.
 Bundle = visaudit's ONE hooked forward + one backward giving Grad-CAM, Grad-CAM++ and
 LayerCAM at the automatically chosen layer for the predicted class; pytorch-grad-cam
 computes the same three maps on the same layer (one forward + backward each, its
-reshape_transform doing the token / channels-last layout). Random weights (the ViT head is
+reshape_transform doing the token / channels-last layout). On a ViT also the attention
+bundle: the same forward with every block's attention captured, attention rollout and
+gradient-weighted rollout (one backward to the first block) and the three CAM maps. Random weights (the ViT head is
 re-initialised: torchvision zeroes it). Run: ``.venv/bin/python benchmarks/bench_transformers.py
 --batch 16 --reps 5`` (on 2 CPU cores use ``--batch 4 --reps 3``).
 """
@@ -21,6 +23,8 @@ from pytorch_grad_cam.utils.reshape_transforms import vit_reshape_transform
 from timing import time_all
 
 from visaudit.tasks.explain import cam
+from visaudit.tasks.explain.attention_maps import attention_maps
+from visaudit.tasks.model.attention import captured_attention
 from visaudit.tasks.model.hooks import hooked_forward
 from visaudit.tasks.model.loading import ModelSpec, load_model
 
@@ -67,11 +71,25 @@ def main() -> None:
         def theirs() -> object:
             return [peer(input_tensor=x, targets=targets) for peer in peers]
 
-        times = time_all({"forward": forward, "visaudit": ours, "pytorch-grad-cam": theirs}, args.reps, device)
+        def attention() -> object:
+            sample = torch.arange(args.batch, device=device)
+            with captured_attention(model, gradients=True) as captured:
+                hooked = hooked_forward(model, x, [layer])
+            maps = attention_maps(captured, hooked.scores, sample, target,
+                                  ("attention_rollout", "gradient_rollout"), layout.grid)
+            return maps, cam.explain(hooked, sample, target, METHODS)
+
+        contenders = {"forward": forward, "visaudit": ours, "pytorch-grad-cam": theirs}
+        if layout.kind == "tokens":
+            contenders["attention"] = attention
+        times = time_all(contenders, args.reps, device)
         print(f"{arch}: layer {layer} ({layout.kind}); forward {times['forward']:.3f} s, visaudit bundle "
               f"{times['visaudit']:.3f} s = {times['visaudit'] / times['forward']:.2f}x the forward, "
               f"pytorch-grad-cam {times['pytorch-grad-cam']:.3f} s = "
               f"{times['pytorch-grad-cam'] / times['visaudit']:.2f}x slower than visaudit")
+        if "attention" in times:
+            print(f"{arch}: attention bundle (rollout, gradient rollout, the CAM maps) {times['attention']:.3f} s = "
+                  f"{times['attention'] / times['forward']:.2f}x the forward")
         for peer in peers:
             peer.activations_and_grads.release()
 
