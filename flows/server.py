@@ -38,7 +38,43 @@ def pin_ephemeral_port() -> int | None:
     server = SubprocessASGIServer()  # the instance prefect's get_client() starts (a singleton per port key)
     if not server.running:
         server.port = _free_port()
+        with _children_die_with_us():
+            server.start()  # now, from this (the main) thread: see _children_die_with_us
     return server.port
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+@contextlib.contextmanager
+def _children_die_with_us() -> Iterator[None]:
+    """Processes started meanwhile get SIGTERM when this process dies, even by SIGKILL (Linux's
+    ``prctl(PR_SET_PDEATHSIG)``, set in the child between fork and exec): a killed run must
+    not leave its ephemeral Prefect server running, orphaned, for minutes. Prefect starts that
+    server with a plain ``subprocess.Popen``, so the child hook is added to ``Popen`` for the
+    call. The signal follows the *thread* that started the child: call this from the main
+    thread, which lives as long as the process. Elsewhere than Linux, nothing changes."""
+    if not sys.platform.startswith("linux"):
+        yield
+        return
+    import ctypes
+    import functools
+    import signal
+
+    parent = os.getpid()
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def die_with_parent() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    popen = subprocess.Popen
+    subprocess.Popen = functools.partial(popen, preexec_fn=die_with_parent)  # type: ignore[misc]
+    try:
+        yield
+    finally:
+        subprocess.Popen = popen  # type: ignore[misc]
 
 
 @contextlib.contextmanager
