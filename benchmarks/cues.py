@@ -210,11 +210,7 @@ def main() -> None:
             other = findings[~findings["kind"].isin(BIAS_KINDS) & findings["severity"].isin(("medium", "high"))]
             table.append((case.name, "other medium/high rows", str(len(other)),
                           "; ".join(f"{k} {c}" for k, c in zip(other["kind"], other["class_name"])) or "-"))
-    print("| case | check | result | detail |")
-    print("|---|---|---|---|")
-    for row in table:
-        print("| " + " | ".join(row) + " |")
-    print(f"\n{time.perf_counter() - started:.0f} s in all; audits under {out}")
+    planted.print_table(table, time.perf_counter() - started, out)
 
 
 if __name__ == "__main__":

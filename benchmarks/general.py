@@ -143,11 +143,7 @@ def main() -> None:
         table.append((case, "likely_label_error rows", str(len(labels)),
                       "; ".join(f"{c} {s} ({sev})" for c, s, sev in zip(labels["class_name"], labels["slice"],
                                                                        labels["severity"])) or "-"))
-    print("| case | check | result | detail |")
-    print("|---|---|---|---|")
-    for row in table:
-        print("| " + " | ".join(row) + " |")
-    print(f"\n{time.perf_counter() - started:.0f} s in all; audits under {out}")
+    planted.print_table(table, time.perf_counter() - started, out)
 
 
 if __name__ == "__main__":

@@ -200,3 +200,12 @@ def recall_on(findings: pd.DataFrame, kind: str, predictions: pd.DataFrame, plan
     planted = {by_path[p] for p in planted_paths if p in by_path}
     hits = len(planted & listed)
     return (hits / len(planted) if planted else float("nan")), len(listed - planted)
+
+
+def print_table(rows: list[tuple[str, ...]], seconds: float, out: Path) -> None:
+    """Print the README's case | check | result | detail table, then the run time and where the audits are."""
+    print("| case | check | result | detail |")
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\n{seconds:.0f} s in all; audits under {out}")

@@ -47,10 +47,10 @@ def shortcut_cue(probes: dict[str, CueProbe], t: Thresholds, explained: frozense
                 f"content: a patch {p.side:.0%} of the image wide at {_places(p)}, its "
                 f"crops matching at {p.ratio:.2f}x their own contrast. It is causal: pasting it onto {p.others} "
                 f"images of other classes at those places turns {p.flip_share:.3f} of them into '{name}' "
-                f"({p.control_flip_share:.3f} pasting instead equal patches where the model looks on the class's "
-                f"other images); filling it with its local background on the carriers drops the class's "
-                f"probability by {p.drop:.3f} ({p.control_drop:.3f} filling where the model looks on the class's "
-                f"other images) and changes {p.removal_flip_share:.0%} of their predictions. The model takes this watermark, tag or token as '{name}': remove it "
+                f"({p.control_flip_share:.3f} pasting instead the patch most like it in the class's other images, "
+                f"its look-alikes); filling it with its local background on the carriers drops the class's "
+                f"probability by {p.drop:.3f} ({p.control_drop:.3f} filling the look-alikes) and changes "
+                f"{p.removal_flip_share:.0%} of their predictions. The model takes this watermark, tag or token as '{name}': remove it "
                 f"from the training images, or put it on images of every class."
             ),
             evidence=p.carriers[: t.evidence],
