@@ -102,8 +102,13 @@ def run_audit(request: AuditRequest) -> str:
         pin_ephemeral_port()
         return audit(request)
     import logging
+    import os
 
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # cluster start/stop chatter
+    # Cluster start/stop chatter: distributed sets its loggers' levels from dask's config when it is
+    # imported, in this process and in every worker process, so the config (the environment, which
+    # the workers inherit) says warning; the level is set too in case it is imported already.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     with shared_api():
         return audit.with_options(task_runner=task_runner_for(request))(request)
 

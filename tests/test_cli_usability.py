@@ -94,3 +94,43 @@ def test_config_takes_the_command_lines_names_and_the_groups_tables(tmp_path) ->
     wrong.write_text('source = "photos/"\narch = "resnet18"\nclases = "classes.txt"\n')
     result = runner.invoke(app, ["serve", "--config", str(wrong)])
     assert result.exit_code == 2 and "unknown keys ['clases']" in result.output and "classes" in result.output
+
+
+def test_named_and_top_k_targets_get_a_row_each_and_deleted_figures_are_not_called_not_computed(
+        tmp_path, tiny_model_file, prefect_server) -> None:
+    import json
+    import shutil
+
+    data = tmp_path / "data"
+    make_shapes(data, {"red": 8, "green": 8, "blue": 2})
+    model, weights = tiny_model_file
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", str(data / "manifest.csv"), "--out", str(out), "--model", f"{model}:build",
+                                 "--weights", str(weights), "--resize", "48", "--crop", "48", "--no-pdf",
+                                 "--no-sanity-check", "--no-setup-checks", "--targets", "predicted,top3",
+                                 "--target-class", "blue", "-q"])
+    assert result.exit_code == 0, result.output
+    run_dir = next((out / "runs").glob("r*"))
+    html = (run_dir / "report.html").read_text()
+    evidence = re.findall(r'<figure class="example evidence".*?</figure>', html, re.S)
+    assert evidence, "no finding showed evidence"
+    caption = re.compile(r'<span class="slot-caption">[^<:]*: ([^<]*)</span>')
+    for figure in evidence:  # top3 of 3 classes: every class explained; the first row's, then one row per other
+        first = set(caption.findall(figure.split('class="thumbs target-row"', 1)[0]))
+        rows = re.findall(r'<div class="thumbs target-row" data-target="([^"]*)">(.*?)</div>', figure, re.S)
+        assert len(first) == 1 and len(rows) == 2, (first, rows)
+        assert sorted(first | {target for target, _ in rows}) == ["blue", "green", "red"]
+        for target, row in rows:
+            assert "<img" in row and set(caption.findall(row)) == {target}
+
+    def feature_section(html: str) -> str:
+        return html[html.index("<h2>Feature views</h2>"):].split("</section>", 1)[0]
+
+    assert "Not computed" not in feature_section((run_dir / "report.html").read_text())
+    made = json.loads((run_dir / "run.json").read_text())["figures"]["features"]
+    shutil.rmtree(run_dir / "features")
+    result = runner.invoke(app, ["report", run_dir.name, "--out", str(out), "--no-pdf"])
+    assert result.exit_code == 0, result.output
+    section = feature_section((run_dir / "report.html").read_text())
+    assert "Not computed" not in section and f"Computed in this run ({made} files in features/)" in section
+    assert "deleted after the run" in section

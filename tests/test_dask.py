@@ -30,6 +30,8 @@ def test_dask_local_cluster_gives_the_same_tables(tmp_path, tiny_model_file) -> 
             env=env, capture_output=True, text=True, timeout=300,
         )
         assert result.returncode == 0, result.stderr[-3000:]
+        chatter = [line for line in result.stderr.splitlines() if "distributed." in line and "INFO" in line]
+        assert not chatter, chatter[:5]  # the cluster's (and its workers') INFO lines stay out of -q
         outputs[runner] = sorted_tables(out, ("predictions", "explanations", "signals", "findings"))
     assert len(outputs["dask"]["predictions"]) == 18
     for table, frame in outputs["threads"].items():

@@ -96,6 +96,8 @@ def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, fl
         metrics=metrics,
         setup=plan.setup,
         near_chance=audit_near_chance(predictions, plan.multi_label, request.setup.confidence),
+        figures={folder: sum(1 for p in (plan.folder / folder).rglob("*") if p.is_file())
+                 for folder in (FEATURES_DIR, IMPRESSIONS_DIR) if (plan.folder / folder).is_dir()},
     )
 
 

@@ -64,6 +64,7 @@ class RunRecord(BaseModel):
     metrics: RunMetrics | None = None
     setup: SetupReport | None = None  # the setup checks on the probe (None when skipped)
     near_chance: NearChance | None = None  # the whole audit's accuracy against chance
+    figures: dict[str, int] = Field(default_factory=dict)  # folders of figures drawn at audit time: files in each
 
     @property
     def multi_label(self) -> bool:

@@ -21,12 +21,13 @@ from visaudit.tasks.report.impressions import (
     impressions_view,
     label_peaks,
 )
-from visaudit.tasks.report.inputs import RunInputs
+from visaudit.tasks.report.inputs import FEATURES_DIR, RunInputs
 from visaudit.tasks.report.methods import (
     explained_layer,
     faithfulness_view,
     feature_view,
     methods_view,
+    missing_figures,
     sanity_view,
 )
 from visaudit.tasks.report.overview import (
@@ -91,6 +92,7 @@ def report_context(inputs: RunInputs, gallery_size: int, evidence_per_finding: i
         "explained_layer": explained_layer(record),
         "sanity": sanity_view(inputs.metrics, record),
         "features": feature_view(inputs.features, by_id),
+        "features_missing": missing_figures(record, inputs.run_dir, FEATURES_DIR),
         "impressions": impressions_view(inputs.impressions, class_examples, by_id, painter,
                                         label_peaks(inputs.explanations), colour_notes(findings)),
         "faithfulness": faithfulness_view(inputs.occlusion, inputs.metrics),

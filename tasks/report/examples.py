@@ -3,7 +3,7 @@ what the model said. Built for a finding's evidence, the failure gallery and the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -35,10 +35,19 @@ class Example:
     top: list[tuple[str, float]]
     attributes: list[tuple[str, str]]
     thumbs: list[Thumb]
+    target_rows: list[TargetRow] = field(default_factory=list)  # the other explained classes, one row each
 
 
-def make_example(row: pd.Series, thumbs: list[Thumb]) -> Example:
-    """A ``predictions`` row with its thumbnails."""
+@dataclass(frozen=True)
+class TargetRow:
+    """The maps of one more explained class of the image (``--targets top3``, ``--target-class``)."""
+
+    target: str
+    thumbs: list[Thumb]
+
+
+def make_example(row: pd.Series, thumbs: list[Thumb], target_rows: list[TargetRow] | None = None) -> Example:
+    """A ``predictions`` row with its thumbnails (and rows of the other explained classes)."""
     top = list(zip(names(row["top_classes"]), [float(s) for s in values(row["top_scores"])]))
     return Example(
         image_id=str(row["image_id"]),
@@ -49,6 +58,7 @@ def make_example(row: pd.Series, thumbs: list[Thumb]) -> Example:
         top=top,
         attributes=[(str(k), str(v)) for k, v in attribute_pairs(row["attributes"])],
         thumbs=thumbs,
+        target_rows=target_rows or [],
     )
 
 
@@ -59,18 +69,28 @@ def image_thumb(painter: Painter, image_id: str) -> Thumb:
 
 def evidence_example(row: pd.Series, class_name: str | None, painter: Painter, layer: str | None) -> Example:
     """An evidence image and every stored method's map for the TRUE label (the finding's class
-    first), else the prediction: Grad-CAM at the finding's layer, the others beside it."""
+    first), else the prediction: Grad-CAM at the finding's layer, the others beside it; then one
+    row per other class explained for the image (the predicted one, ``--targets top3``,
+    ``--target-class``), in the order they were stored."""
     image_id = str(row["image_id"])
     labels = names(row["labels"])
     preferred = [class_name] if class_name in labels else []
     targets = preferred + labels + names(row["predicted"])
     target = next((t for t in targets if painter.find_map(image_id, t, layer) is not None), None)
-    thumbs = [image_thumb(painter, image_id)]
+    thumbs = [image_thumb(painter, image_id), *_target_maps(painter, image_id, target, layer)]
+    others = [TargetRow(t, _target_maps(painter, image_id, t, layer))
+              for t in painter.targets.get(image_id, []) if target is not None and t != target]
+    return make_example(row, thumbs, [other for other in others if other.thumbs])
+
+
+def _target_maps(painter: Painter, image_id: str, target: str | None, layer: str | None) -> list[Thumb]:
+    """Every stored method's map of ``target`` for the image (Grad-CAM at ``layer``)."""
+    thumbs = []
     for method in painter.methods if target is not None else []:
         at = layer if method == painter.method else None
         if painter.find_map(image_id, target, at, method) is not None:
             thumbs.append(Thumb(painter.overlay(image_id, target, at, method), f"{method_title(method)}: {target}"))
-    return make_example(row, thumbs)
+    return thumbs
 
 
 def failure_gallery(predictions: pd.DataFrame, size: int) -> pd.DataFrame:

@@ -64,6 +64,10 @@ class Painter:
         self.maps: dict[tuple[str, str, str, str], Any] = {
             (r.image_id, r.method, r.layer, r.target): r for r in explanations.itertuples(index=False)
         }
+        self.targets: dict[str, list[str]] = {}  # every class explained for an image (--targets, --target-class)
+        for image_id, target in zip(explanations["image_id"], explanations["target"]):
+            if target not in self.targets.setdefault(image_id, []):
+                self.targets[image_id].append(target)
         self.decoded: dict[str, Decoded | None] = {}
         self.boxes: dict[str, np.ndarray] = {}
         self.written: set[str] = set()

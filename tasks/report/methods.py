@@ -4,6 +4,7 @@ faithfulness (Grad-CAM against occlusion; deletion and insertion) and the featur
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -198,6 +199,17 @@ def faithfulness_view(occlusion: pd.DataFrame, metrics: pd.DataFrame) -> Faithfu
         rise=auc_rows,
         rise_images=int(rise["images"].max()) if not rise.empty else 0,
     )
+
+
+def missing_figures(record: RunRecord, run_dir: Path, folder: str) -> str | None:
+    """What to say when the run drew figures into ``folder`` (run.json's ``figures``) and they
+    are no longer there: the truth, not "not computed"."""
+    made = record.figures.get(folder, 0)
+    if not made or (run_dir / folder).is_dir():
+        return None
+    return (f"Computed in this run ({made} files in {folder}/), but {run_dir / folder} is missing now: the "
+            "figures were deleted after the run. Re-rendering cannot draw them again (they need the model); "
+            "a new run does.")
 
 
 def feature_view(index: dict[str, Any] | None, by_id: pd.DataFrame) -> FeatureView | None:
