@@ -86,11 +86,12 @@ def prefect_server() -> Iterator[str]:
         return
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    with _children_die_with_us():  # a killed run or serve must not leave it behind either
+        server = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT
         while True:
