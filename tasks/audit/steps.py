@@ -31,6 +31,7 @@ from visaudit.tasks.findings.compute import compute_findings
 from visaudit.tasks.findings.cue_probe import cue_metric_rows, cue_samples, probe_cues
 from visaudit.tasks.findings.fixed_location import location_candidates, location_metric_rows, probe_location
 from visaudit.tasks.findings.inputs import FindingInputs
+from visaudit.tasks.model.channels import rgb_view
 from visaudit.tasks.model.head import Head
 from visaudit.tasks.model.hooks import hooked_forward
 from visaudit.tasks.model.layers import sanity_stages
@@ -148,11 +149,11 @@ def impressions(plan: RunPlan) -> int:
     pre = plan.preprocess
     loaded = plan.load_model()
     options = request.impressions.settings(pre.crop)
-    result = class_impressions(loaded.model, classes, options, pre.mean, pre.std, loaded.device,
-                               multi_label=plan.multi_label)
-    colours = colour_impressions(loaded.model, classes, options, pre.mean, pre.std, loaded.device,
+    model, mean, std = rgb_view(loaded.model, pre.mean, pre.std, pre.channels)  # impressions are RGB images
+    result = class_impressions(model, classes, options, mean, std, loaded.device, multi_label=plan.multi_label)
+    colours = colour_impressions(model, classes, options, mean, std, loaded.device,
                                  multi_label=plan.multi_label) if options.colour_levels else None
-    located = impression_cam(loaded.model, result.images, classes, plan.layer, pre.mean, pre.std)
+    located = impression_cam(loaded.model, normalise(result.images.to(loaded.device), pre), classes, plan.layer)
     paths = save_pngs(result, plan.classes, plan.folder / IMPRESSIONS_DIR)
     table = impression_table(result, located, plan.classes, [f"{IMPRESSIONS_DIR}/{path.name}" for path in paths],
                              colours)
