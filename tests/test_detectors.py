@@ -153,15 +153,19 @@ def test_near_duplicates_within_and_across_splits() -> None:
     noisy = lambda t: np.clip(t.astype(int) + rng.integers(-2, 3, t.shape), 0, 255).astype(np.uint8)  # noqa: E731
     signals.at[1, "thumbnail"] = noisy(signals.at[0, "thumbnail"])
     signals.at[11, "thumbnail"] = noisy(signals.at[10, "thumbnail"])
-    signals.at[2, "thumbnail"] = noisy(signals.at[3, "thumbnail"])  # same thumbnail, but the model sees them apart
+    flat = np.full(192, 128, np.uint8)  # plain images: an 8x8 thumbnail cannot tell them apart ...
+    signals.at[2, "thumbnail"], signals.at[3, "thumbnail"] = noisy(flat), noisy(flat)  # ... and the model sees them apart
+    signals.at[5, "thumbnail"] = noisy(signals.at[4, "thumbnail"])  # detailed copy, embeddings disagree: still a pair
     for copy, original in ((1, 0), (11, 10)):  # a copy's embedding is the original's, slightly perturbed
         signals.at[copy, "embedding"] = signals.at[original, "embedding"] + rng.normal(0, 0.01, 16).astype(np.float32)
     audited.at[11, "attributes"] = [("split", "train")]
     rows = {r.slice: r for r in near_duplicates(audited, signals, Thresholds())}
     assert set(rows) == {"leakage", "within split"}
     assert rows["leakage"].evidence == ("i0010", "i0011") and rows["leakage"].severity == "high"
-    assert rows["within split"].evidence == ("i0000", "i0001")  # not the pair 2-3: its embeddings disagree
-    assert "different labels" not in rows["within split"].message  # both images of the pair are 'cat'
+    assert rows["within split"].evidence == ("i0000", "i0001", "i0004", "i0005")  # not 2-3: flat and disagreeing
+    assert "different labels" not in rows["within split"].message  # both images of each pair are 'cat'
+    assert "in 1 pairs the model's embeddings disagree" in rows["within split"].message
+    assert "embeddings disagree" not in rows["leakage"].message
     assert near_duplicates(audited, _signals(audited), Thresholds()) == []
 
 

@@ -41,7 +41,8 @@ class Thresholds:
     label_error_share: float = 0.02  # flag a class when confident learning flags this share of its labels
     label_error_min_count: int = 2  # ... and at least this many of them
     duplicate_pixel_rms: float = 0.02  # RMS difference of 8x8 thumbnails (pixels in [0, 1]) of near-duplicates
-    duplicate_min_cosine: float = 0.9  # ... whose embeddings also agree at least this much (a JPEG re-encode: ~0.997)
+    duplicate_min_cosine: float = 0.9  # ... whose embeddings also agree at least this much (a JPEG re-encode: ~0.997),
+    duplicate_min_detail: float = 0.05  # ... unless both thumbnails vary this much (pixel std): then the match alone decides
     faithfulness_min_spearman: float = 0.2  # a class whose median Grad-CAM/occlusion rank correlation is lower
     fixed_location_share: float = 0.5  # share of a class's map peaks in one spot
     fixed_location_patch_ratio: float = 0.5  # attended patches' spread vs. patches elsewhere (lower = same content)
