@@ -17,6 +17,8 @@ class whose flagged images are all explained so gets a low row that says so.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 
@@ -41,7 +43,9 @@ def likely_label_errors(
     labels = frame["given"].map(position).to_numpy()
     probs = np.stack(frame["probabilities"].to_numpy()).astype(np.float64)
     probs = probs / probs.sum(axis=1, keepdims=True)
-    ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)  # no fork
+    with warnings.catch_warnings():  # cleanlab's "may not flag all label issues in class k" about small classes:
+        warnings.filterwarnings("ignore", message="May not flag all label issues", category=UserWarning)
+        ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)  # no fork
     flagged = frame.iloc[ranked].assign(suggested=[classes[i] for i in probs[ranked].argmax(axis=1)])
     sizes = frame["given"].value_counts()
     groups = failing_groups(audited, signals, t)
