@@ -85,15 +85,14 @@ def side(letter: str, record: RunRecord, images: int) -> RunSide:
 
 
 def painters(folder: Path, out_dir: Path, comparison: Comparison, records: dict[str, RunRecord],
-             shown: set[str]) -> dict[str, Painter]:
+             predictions: dict[str, pd.DataFrame], shown: set[str]) -> dict[str, Painter]:
     """One painter per run, each drawing into its own subfolder, knowing only the shown images' maps."""
     out = {}
     for letter, run in (("a", comparison.run_a), ("b", comparison.run_b)):
         maps = read_table(out_dir, "explanations", run, columns=MAP_COLUMNS)
         painter = Painter(folder / letter, records[run].preprocessing(), maps[maps["image_id"].isin(shown)],
                           list(records[run].model.layers))
-        predictions = read_table(out_dir, "predictions", run)
-        painter.decode(predictions[predictions["image_id"].isin(shown)])
+        painter.decode(predictions[run][predictions[run]["image_id"].isin(shown)])
         out[letter] = painter
     return out
 
@@ -140,8 +139,10 @@ def comparison_context(comparison: Comparison, out_dir: Path, folder: Path) -> t
     shown_flips = pd.concat([flips[flips["status"] == s].head(FLIPS_SHOWN) for s in ("broken", "fixed")])
     moved = comparison.shifts.dropna(subset=["spearman"]).head(MOVED_SHOWN)
     moved = moved[moved["spearman"] < MOVED_BELOW]
-    drawn = painters(folder, out_dir, comparison, records, set(shown_flips["image_id"]) | set(moved["image_id"]))
-    uris = read_table(out_dir, "predictions", comparison.run_a, columns=["image_id", "uri"]).set_index("image_id")["uri"]
+    predictions = {run: read_table(out_dir, "predictions", run) for run in (comparison.run_a, comparison.run_b)}
+    shown = set(shown_flips["image_id"]) | set(moved["image_id"])
+    drawn = painters(folder, out_dir, comparison, records, predictions, shown)
+    uris = predictions[comparison.run_a].set_index("image_id")["uri"]
     context: dict[str, object] = {
         "a": side("A", records[comparison.run_a], comparison.images_a),
         "b": side("B", records[comparison.run_b], comparison.images_b),
