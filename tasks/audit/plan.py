@@ -56,7 +56,7 @@ class RunPlan(BaseModel):
     classes: list[str]
     preprocess: Preprocess
     multi_label: bool
-    layers: list[str]  # hooked layers, shallow to deep; the explained layer last
+    layers: list[str]  # hooked layers, shallow to deep; the explained layer last (none: a TorchScript model)
     layer_reason: str = ""  # why the explained layer was chosen
     skipped: dict[str, str] = {}  # requested methods that cannot apply to the model -> the one-line note
     model_fingerprint: str
@@ -72,8 +72,8 @@ class RunPlan(BaseModel):
 
     @property
     def layer(self) -> str:
-        """The explained layer."""
-        return self.layers[-1]
+        """The explained layer; "" when there is none (a TorchScript model)."""
+        return self.layers[-1] if self.layers else ""
 
     def load_model(self, device: str | None = None) -> LoadedModel:
         """The run's model (cached per process), on ``device`` or the requested one."""
@@ -93,7 +93,9 @@ class RunPlan(BaseModel):
             stages=tuple(self.layers[:-1]),
             targets=tuple(request.explain.targets),
             target_classes=tuple(request.explain.target_classes),
+            wsl_fraction=request.explain.wsl_threshold,
             occlusion=request.occlusion.spec() if "occlusion" in request.explain.methods else None,
+            mil=request.mil.spec() if "mil_patches" in request.explain.methods else None,
             precision=request.compute.precision,
             gpu_decode=request.compute.gpu_decode,
             reads=request.data.read_policy(request.source),
@@ -215,7 +217,9 @@ def _check_labels_match(index: pd.DataFrame, classes: list[str]) -> None:
 
 def _explained_layers(loaded: LoadedModel, layer_by_layer: bool) -> list[str]:
     """The hooked layers, shallow to deep: one stage per resolution (layer-by-layer), then the
-    explained layer, which stands for its own resolution."""
+    explained layer, which stands for its own resolution; none for a model without a layer."""
+    if not loaded.layers:
+        return []
     layer = loaded.layers[-1]
     if not layer_by_layer:
         return [layer]

@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from visaudit.tasks.audit.gate import GatePolicy, load_policy
-from visaudit.tasks.audit.setup_checks import SetupThresholds
 from visaudit.tasks.data.reads import Limits, ReadPolicy
-from visaudit.tasks.data.sources import read_policy
 from visaudit.tasks.explain.impression_settings import ImpressionSettings, settings_for_input
-from visaudit.tasks.explain.occlusion import OcclusionSpec
 from visaudit.tasks.findings.thresholds import Thresholds
-from visaudit.tasks.model.loading import ModelSpec
+
+if TYPE_CHECKING:  # the command line's --help and option parsing read this module: torch and pandas load on use
+    from visaudit.tasks.audit.gate import GatePolicy
+    from visaudit.tasks.audit.setup_checks import SetupThresholds
+    from visaudit.tasks.explain.adversarial import AttackSettings
+    from visaudit.tasks.explain.mil import MilSpec
+    from visaudit.tasks.explain.occlusion import OcclusionSpec
+    from visaudit.tasks.model.loading import ModelSpec
 
 
 def option(default: Any = None, description: str = "", *, flag: str | None = None, key: str | None = None,
@@ -87,6 +90,8 @@ class ModelSettings(Settings):
 
     def spec(self) -> ModelSpec:
         """The loader's view of the model (a bad combination is a ModelError)."""
+        from visaudit.tasks.model.loading import ModelSpec
+
         return ModelSpec(arch=self.arch, factory=self.model, weights=self.weights, layer=self.layer,
                          trust_checkpoint=self.trust_checkpoint)
 
@@ -133,6 +138,8 @@ class DataSettings(Settings):
 
     def read_policy(self, source: str) -> ReadPolicy:
         """Where the run over ``source`` may read, with these limits."""
+        from visaudit.tasks.data.sources import read_policy
+
         return read_policy(source, self.allow_outside_paths, self.limits())
 
 
@@ -147,6 +154,9 @@ class ExplainSettings(Settings):
                                 form="comma")
     target_classes: list[str] = option([], "Also explain this class for every image (repeatable).",
                                        flag="target-class", form="repeat")
+    wsl_threshold: float = option(0.15, "Weakly supervised localisation: binarise each map at this fraction of its "
+                                  "maximum, box the largest segment (0.15 in the CAM and Grad-CAM papers).",
+                                  gt=0, le=1)
 
     _split_lists = field_validator("methods", "targets", mode="before")(lambda cls, value: _split(value))
 
@@ -177,16 +187,67 @@ class OcclusionSettings(Settings):
                                 flag="occlusion-stride", ge=1)
     baseline: str = option("zero", "Occlusion: what a muted window holds: zero, mean, blur.",
                            key="occlusion_baseline", flag="occlusion-baseline", pattern="^(zero|mean|blur)$")
-    rise_images: int = option(16, "With occlusion: images for RISE deletion/insertion of Grad-CAM and occlusion "
-                              "(0 = off).", ge=0, le=1024)
+    rise_images: int = option(16, "With occlusion or mil_patches: images for RISE deletion/insertion of Grad-CAM, "
+                              "occlusion and mil_patches (0 = off).", ge=0, le=1024)
 
     def spec(self) -> OcclusionSpec:
         """The occlusion geometry: a window in pixels when given, else the grid."""
+        from visaudit.tasks.explain.occlusion import OcclusionSpec
+
         if self.window is not None:
             return OcclusionSpec(window=self.window, stride=self.stride, baseline=self.baseline)
         if self.stride is not None:
             raise ValueError("--occlusion-stride needs --occlusion-window")
         return OcclusionSpec(grid=self.grid, baseline=self.baseline)
+
+
+class MilSettings(Settings):
+    """Multiple-instance patch maps (``mil_patches``): patch side and stride as fractions of the input side."""
+
+    title: ClassVar[str] = "MIL patches"
+    patch: float = option(0.25, "mil_patches: patch side as a fraction of the input side (0.25: 56 px at 224).",
+                          key="mil_patch", flag="mil-patch", gt=0, le=1)
+    stride: float = option(0.125, "mil_patches: stride as a fraction of the input side (at most the patch).",
+                           key="mil_stride", flag="mil-stride", gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _stride_within_patch(self) -> MilSettings:
+        from visaudit.tasks.explain.mil import MilSpec
+
+        MilSpec(self.patch, self.stride)  # a stride larger than the patch is refused with both values
+        return self
+
+    def spec(self) -> MilSpec:
+        """The patch geometry, resolved at the input size by :meth:`MilSpec.geometry`."""
+        from visaudit.tasks.explain.mil import MilSpec
+
+        return MilSpec(self.patch, self.stride)
+
+
+class AdversarialSettings(Settings):
+    """Explanations under adversarial noise (Grad-CAM paper, sec. 6.2): untargeted L-inf PGD on a
+    sample of correctly predicted images, at a ladder of budgets (``explain.adversarial``)."""
+
+    title: ClassVar[str] = "Adversarial noise"
+    images: int = option(0, "Adversarial: images attacked, spread evenly over the predicted classes (0 = off; "
+                         "about 3 s an image for a ResNet-18 at 224 px on 2 CPU cores).", key="adversarial_images",
+                         flag="adversarial-images", ge=0, le=100_000)
+    epsilons: list[Annotated[float, Field(gt=0, le=255)]] = option(
+        [1.0, 2.0, 4.0, 8.0], "Adversarial: L-inf budgets in 1/255 of the [0, 1] pixel range, before the model's "
+        "normalisation (comma-separated).", key="adversarial_epsilons", flag="adversarial-epsilons", form="comma",
+        min_length=1)
+    steps: int = option(10, "Adversarial: PGD steps.", key="adversarial_steps", flag="adversarial-steps", ge=1, le=1000)
+    step_ratio: float = option(2.5, "Adversarial: PGD step size = this x budget / steps (Madry et al. 2018).",
+                               key="adversarial_step_ratio", flag="adversarial-step-ratio", gt=0, le=100)
+    seed: int = option(0, "Adversarial: seed of PGD's random start.", key="adversarial_seed", flag="adversarial-seed")
+
+    _split_epsilons = field_validator("epsilons", mode="before")(lambda cls, value: _split(value))
+
+    def attack(self) -> AttackSettings:
+        """PGD's settings, budgets in [0, 1] pixel units (a budget outside (0, 255] / 255 is a ValueError)."""
+        from visaudit.tasks.explain.adversarial import AttackSettings
+
+        return AttackSettings(tuple(sorted({e / 255 for e in self.epsilons})), self.steps, self.step_ratio, True, self.seed)
 
 
 class SanitySettings(Settings):
@@ -246,6 +307,8 @@ class SetupSettings(Settings):
                                flag="setup-confidence", gt=0.5, lt=1)
 
     def thresholds(self) -> SetupThresholds:
+        from visaudit.tasks.audit.setup_checks import SetupThresholds
+
         return SetupThresholds(probe_images=self.probe_images, min_gain=self.min_gain,
                                max_loss_ratio=self.max_loss_ratio, confidence=self.confidence)
 
@@ -271,6 +334,8 @@ class GateSettings(Settings):
     @classmethod
     def _readable_policy(cls, path: str | None) -> str | None:
         if path is not None:
+            from visaudit.tasks.audit.gate import load_policy
+
             load_policy(Path(path))  # a bad file fails now, not after the audit
         return path
 
@@ -278,6 +343,8 @@ class GateSettings(Settings):
         """The policy to judge the run by, or None when none was asked for."""
         if self.policy is None and self.fail_on is None:
             return None
+        from visaudit.tasks.audit.gate import GatePolicy, load_policy
+
         policy = load_policy(Path(self.policy)) if self.policy else GatePolicy()
         return policy.model_copy(update={"fail_on": self.fail_on}) if self.fail_on else policy
 
@@ -293,7 +360,8 @@ class EventSettings(Settings):
 
 GROUPS: dict[str, type[Settings]] = {
     "model": ModelSettings, "compute": ComputeSettings, "data": DataSettings, "explain": ExplainSettings,
-    "occlusion": OcclusionSettings, "sanity": SanitySettings, "impressions": ImpressionRequest,
+    "occlusion": OcclusionSettings, "mil": MilSettings, "adversarial": AdversarialSettings,
+    "sanity": SanitySettings, "impressions": ImpressionRequest,
     "setup": SetupSettings, "report": ReportSettings, "gate": GateSettings, "events": EventSettings,
 }
 
@@ -336,6 +404,8 @@ class AuditRequest(BaseModel):
     data: DataSettings = Field(default_factory=DataSettings)
     explain: ExplainSettings = Field(default_factory=ExplainSettings)
     occlusion: OcclusionSettings = Field(default_factory=OcclusionSettings)
+    mil: MilSettings = Field(default_factory=MilSettings)
+    adversarial: AdversarialSettings = Field(default_factory=AdversarialSettings)
     sanity: SanitySettings = Field(default_factory=SanitySettings)
     impressions: ImpressionRequest = Field(default_factory=ImpressionRequest)
     setup: SetupSettings = Field(default_factory=SetupSettings)

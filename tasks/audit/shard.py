@@ -23,7 +23,7 @@ from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, deco
 from visaudit.tasks.data.labels import label_matrix
 from visaudit.tasks.data.reads import ReadPolicy
 from visaudit.tasks.data.schema import table_schema
-from visaudit.tasks.explain import cam, occlusion, signals
+from visaudit.tasks.explain import cam, localisation, mil, occlusion, signals
 from visaudit.tasks.explain.attention_maps import attention_maps
 from visaudit.tasks.explain.cam_family import class_activation_maps, linear_head
 from visaudit.tasks.explain.guided import guided_saliency
@@ -31,7 +31,7 @@ from visaudit.tasks.explain.registry import ATTENTION_METHODS, GRADIENT_METHODS,
 from visaudit.tasks.model.attention import captured_attention
 from visaudit.tasks.model.errors import ModelError
 from visaudit.tasks.model.head import Head
-from visaudit.tasks.model.hooks import hooked_forward
+from visaudit.tasks.model.hooks import HookedForward, hooked_forward
 from visaudit.tasks.model.layout import token_grid
 from visaudit.tasks.model.loading import LoadedModel
 
@@ -55,14 +55,16 @@ class ShardSettings:
     targets: tuple[str, ...] = ("predicted", "true")  # and/or "top<k>"
     target_classes: tuple[str, ...] = ()  # named classes explained for every image
     occlusion: occlusion.OcclusionSpec | None = None  # muting windows, when "occlusion" is a method
+    mil: mil.MilSpec | None = None  # the patches, when "mil_patches" is a method
+    wsl_fraction: float = localisation.WSL_FRACTION  # WSL: binarise each map at this fraction of its maximum
     precision: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 elsewhere; "fp32": fp32 everywhere
     gpu_decode: bool = True  # on CUDA, decode JPEG files with nvJPEG (PIL for everything else)
     reads: ReadPolicy = field(default_factory=ReadPolicy)  # where images may be read from, and how much
 
     @property
     def layers(self) -> list[str]:
-        """Hooked layers, shallow to deep, the explained layer last."""
-        return [s for s in self.stages if s != self.layer] + [self.layer]
+        """Hooked layers, shallow to deep, the explained layer last; none without a layer (TorchScript)."""
+        return [s for s in self.stages if s != self.layer] + ([self.layer] if self.layer else [])
 
 
 @dataclass
@@ -172,6 +174,7 @@ class BatchResult:
     is_label: np.ndarray
     maps: dict[tuple[str, str], np.ndarray]  # (method, layer) -> (M, h, w)
     scores: dict[tuple[str, str], cam.MapScores]
+    located: dict[tuple[str, str], localisation.Localisation]  # WSL box and IoU of each map
     occlusion: np.ndarray | None = None  # (M, gh, gw) drops of the target's probability
     occlusion_scores: cam.MapScores | None = None
     faithfulness: np.ndarray | None = None  # (M,) Spearman(Grad-CAM pooled to the grid, occlusion)
@@ -266,9 +269,15 @@ def _run_batch(
         maps[("cam", settings.layer)] = class_activation_maps(
             forward.activations[settings.layer], weights, sample, target_cls
         )
+    if "mil_patches" in settings.methods:  # every class's patch scores from one set of forwards
+        patches = mil.mil_maps(loaded.model, inputs, settings.mil or mil.MilSpec(), head=Head(settings.multi_label))
+        maps[("mil_patches", INPUT_LAYER)] = mil.stored_maps(patches.maps(sample, target_cls), patches.geometry)
     boxes = _input_boxes(rows, decoded, device)[sample]
     crop = settings.preprocess.crop
-    map_scores = {key: cam.score_maps(m, boxes, crop, box_tolerance(crop, m.shape[-2])) for key, m in maps.items()}
+    point = cam.pointing_tolerance(crop)
+    map_scores = {key: cam.score_maps(m, boxes, crop, box_tolerance(crop, m.shape[-2]), point) for key, m in maps.items()}
+    located = {key: localisation.localise(cam.upsample(m, crop), boxes, settings.wsl_fraction)
+               for key, m in maps.items()}
     occluded = occlusion_scores = faithful = None
     if "occlusion" in settings.methods:
         spec = settings.occlusion or occlusion.OcclusionSpec()
@@ -291,14 +300,23 @@ def _run_batch(
         is_label=labels[sample, target_cls].cpu().numpy(),
         maps={key: m.float().cpu().numpy() for key, m in maps.items()},
         scores=map_scores,
+        located=located,
         occlusion=occluded,
         occlusion_scores=occlusion_scores,
         faithfulness=faithful,
-        embeddings=signals.pooled_embedding(forward.activations[settings.layer].detach()).float().cpu().numpy(),
+        embeddings=_embeddings(forward, settings.layer, len(decoded)),
         properties={name: v.cpu().numpy() for name, v in signals.image_properties(pixels).items()},
         thumbnails=signals.thumbnails(pixels).cpu().numpy(),
         finite=torch.isfinite(scores).all(dim=1).cpu().numpy(),
     )
+
+
+def _embeddings(forward: HookedForward, layer: str, count: int) -> np.ndarray:
+    """(N, C) the explained layer's pooled activations; (N, 0) without a layer (a TorchScript
+    model), which the near-duplicate detector reads as no embedding evidence."""
+    if not layer:
+        return np.zeros((count, 0), np.float32)
+    return signals.pooled_embedding(forward.activations[layer].detach()).float().cpu().numpy()
 
 
 def box_tolerance(input_size: int, map_height: int) -> float:
@@ -406,6 +424,7 @@ def _box_columns(scores: cam.MapScores) -> dict[str, object]:
 
 def _explanation_rows(batch: pd.DataFrame, result: BatchResult, settings: ShardSettings) -> pd.DataFrame:
     image_ids = batch["image_id"].to_numpy()[result.pairs[:, 0]]
+    judged = ~np.isnan(result.correct[result.pairs[:, 0]])
     frames = []
     for (method, layer), maps in result.maps.items():
         scores = result.scores[(method, layer)]
@@ -422,7 +441,9 @@ def _explanation_rows(batch: pd.DataFrame, result: BatchResult, settings: ShardS
                     "peak_x": scores.peak_x.cpu().numpy(),
                     "peak_y": scores.peak_y.cpu().numpy(),
                     **_box_columns(scores),
+                    **localisation.wsl_columns(result.located[(method, layer)], result.is_predicted,
+                                               result.is_label, judged),
                 }
             )
         )
-    return pd.concat(frames, ignore_index=True)
+    return pd.concat(frames, ignore_index=True) if frames else table_schema("explanations").empty_table().to_pandas()

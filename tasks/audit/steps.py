@@ -19,7 +19,7 @@ from visaudit.tasks.data import storage
 from visaudit.tasks.data.images import Decoded, decode_many, normalise, to_batch
 from visaudit.tasks.data.records import MetricRow, metric_frame
 from visaudit.tasks.data.sources import read_index
-from visaudit.tasks.explain import cam, occlusion, rise
+from visaudit.tasks.explain import cam, mil, occlusion, rise
 from visaudit.tasks.explain.colour_impressions import colour_impressions
 from visaudit.tasks.explain.features import FEATURES_DIR, write_feature_views
 from visaudit.tasks.explain.impression_output import impression_cam, impression_table, save_pngs
@@ -31,6 +31,7 @@ from visaudit.tasks.findings.compute import compute_findings
 from visaudit.tasks.findings.cue_probe import cue_metric_rows, cue_samples, probe_cues
 from visaudit.tasks.findings.fixed_location import location_candidates, location_metric_rows, probe_location
 from visaudit.tasks.findings.inputs import FindingInputs
+from visaudit.tasks.findings.localisation_rates import localisation_metric_rows
 from visaudit.tasks.model.channels import rgb_view
 from visaudit.tasks.model.head import Head
 from visaudit.tasks.model.hooks import hooked_forward
@@ -108,25 +109,28 @@ def sanity(plan: RunPlan) -> int:
 
 
 def deletion_insertion(plan: RunPlan) -> int:
-    """RISE deletion and insertion AUC of Grad-CAM and occlusion for the predicted class, on
-    the first ``rise_images`` readable images; staged as ``metrics`` rows (mean per method)."""
+    """RISE deletion and insertion AUC of Grad-CAM, and of occlusion and mil_patches when they
+    are methods, for the predicted class, on the first ``rise_images`` readable images; staged
+    as ``metrics`` rows (mean per method)."""
     request = plan.request
-    if "occlusion" not in request.explain.methods or request.occlusion.rise_images < 1:
+    methods = request.explain.methods
+    if not {"occlusion", "mil_patches"} & set(methods) or request.occlusion.rise_images < 1:
         return 0
     loaded = plan.load_model()
     inputs = sample_inputs(plan, loaded, request.occlusion.rise_images)
     if inputs.shape[0] == 0:
         return 0
     head = Head(plan.multi_label)
-    forward = hooked_forward(loaded.model, inputs, [plan.layer])
+    forward = hooked_forward(loaded.model, inputs, plan.layers[-1:])  # no layer (TorchScript): the scores only
     target = forward.scores.detach().argmax(dim=1)
     sample = torch.arange(inputs.shape[0], device=inputs.device)
-    saliency = {
-        "gradcam": cam.grad_cam(forward, sample, target)[plan.layer].detach(),
-        "occlusion": occlusion.occlusion_maps(loaded.model, inputs, request.occlusion.spec(), head=head)
-        .maps(sample, target)
-        .clamp(min=0),
-    }
+    saliency = {"gradcam": cam.grad_cam(forward, sample, target)[plan.layer].detach()} if plan.layer else {}
+    if "occlusion" in methods:
+        muted = occlusion.occlusion_maps(loaded.model, inputs, request.occlusion.spec(), head=head)
+        saliency["occlusion"] = muted.maps(sample, target).clamp(min=0)
+    if "mil_patches" in methods:
+        patches = mil.mil_maps(loaded.model, inputs, request.mil.spec(), head=head)
+        saliency["mil_patches"] = mil.to_pixels(patches.maps(sample, target), patches.geometry)
     rows = []
     for method, maps in saliency.items():
         scores = rise.deletion_insertion(loaded.model, inputs, maps, target, head=head)
@@ -153,7 +157,8 @@ def impressions(plan: RunPlan) -> int:
     result = class_impressions(model, classes, options, mean, std, loaded.device, multi_label=plan.multi_label)
     colours = colour_impressions(model, classes, options, mean, std, loaded.device,
                                  multi_label=plan.multi_label) if options.colour_levels else None
-    located = impression_cam(loaded.model, normalise(result.images.to(loaded.device), pre), classes, plan.layer)
+    located = (impression_cam(loaded.model, normalise(result.images.to(loaded.device), pre), classes, plan.layer)
+               if plan.layer else None)  # no layer (TorchScript): the impressions without their Grad-CAM
     paths = save_pngs(result, plan.classes, plan.folder / IMPRESSIONS_DIR)
     table = impression_table(result, located, plan.classes, [f"{IMPRESSIONS_DIR}/{path.name}" for path in paths],
                              colours)
@@ -203,6 +208,8 @@ def find(plan: RunPlan) -> int:
         storage.write_part(rows, "metrics", out_dir, plan.run_id, "locations")
     if cues:
         storage.write_part(metric_frame(cue_metric_rows(cues, plan.layer)), "metrics", out_dir, plan.run_id, "cues")
+    if located := localisation_metric_rows(predictions, explanations, plan.multi_label):  # pointing game, WSL
+        storage.write_part(metric_frame(located), "metrics", out_dir, plan.run_id, "localisation")
     storage.write_part(findings, "findings", out_dir, plan.run_id, "00000")
     return len(findings)
 
@@ -220,7 +227,7 @@ def feature_views(plan: RunPlan) -> int:
     candidates = [ids[0] for ids in findings["evidence"] if ids is not None and len(ids)]
     candidates += failures["image_id"].tolist() + readable["image_id"].tolist()
     chosen = list(dict.fromkeys(candidates))[:FEATURE_IMAGES]
-    if not chosen:
+    if not chosen or not plan.layer:  # no layer (TorchScript): no module to read filters or channels from
         return 0
     uris = readable.set_index("image_id").loc[chosen, "uri"].tolist()
     reads = plan.request.data.read_policy(plan.request.source)

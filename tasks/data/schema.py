@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: explanations gained the wsl_* and localised columns
 PROPERTY_COLUMNS = (  # image properties in the signals table (model-input pixels in [0, 1])
     "mean_r", "mean_g", "mean_b", "brightness", "contrast", "border_r", "border_g", "border_b",
 )
@@ -59,6 +59,12 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("energy_in_box", pa.float32()),
             pa.field("box_area_fraction", pa.float32()),
             pa.field("pointing_hit", pa.bool_()),
+            pa.field("wsl_box_x0", pa.float32()),  # weakly supervised localisation: the largest segment's box
+            pa.field("wsl_box_y0", pa.float32()),  # (input pixels) at --wsl-threshold of the map's maximum,
+            pa.field("wsl_box_x1", pa.float32()),  # NaN without a true box
+            pa.field("wsl_box_y1", pa.float32()),
+            pa.field("wsl_iou", pa.float32()),  # IoU of that box with the true box
+            pa.field("localised", pa.bool_()),  # predicted target, a true label, and wsl_iou >= 0.5
         ]
     ),
     "findings": pa.schema(

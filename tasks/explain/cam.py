@@ -134,10 +134,20 @@ class MapScores:
     pointing_hit: torch.Tensor  # 1.0 / 0.0 / NaN
 
 
-def score_maps(maps: torch.Tensor, boxes: torch.Tensor, input_size: int, tolerance: float = 0.0) -> MapScores:
+def pointing_tolerance(input_size: int) -> float:
+    """The pointing game's 15 px tolerance (Zhang et al. 2016, at their 224 px input) scaled
+    to the model input: 15 * input_size / 224 pixels (6.4 px at 96 px)."""
+    return 15.0 * input_size / 224
+
+
+def score_maps(
+    maps: torch.Tensor, boxes: torch.Tensor, input_size: int, tolerance: float = 0.0,
+    pointing: float | None = None,
+) -> MapScores:
     """Peak location, and with a box (input pixels, (M,4) x0,y0,x1,y1; NaN = none) grown by
-    ``tolerance`` pixels on each side (the pointing game's tolerance, Zhang et al. 2016: a
-    coarse map cannot place its mass finer than its cells):
+    ``tolerance`` pixels on each side (a coarse map cannot place its mass finer than its
+    cells) for the energy, and by ``pointing`` pixels (default: ``tolerance``; the pointing
+    game's, :func:`pointing_tolerance`) for the peak:
 
     energy_in_box = sum of the upsampled map inside the box / its total sum
                     (a uniform map scores the box-area fraction; Score-CAM's energy pointing game)
@@ -149,17 +159,21 @@ def score_maps(maps: torch.Tensor, boxes: torch.Tensor, input_size: int, toleran
     up = upsample(maps, input_size)
     coords = torch.arange(input_size, device=maps.device, dtype=maps.dtype) + 0.5
     has_box = ~torch.isnan(boxes).any(dim=1)
-    safe = torch.nan_to_num(boxes, nan=0.0).to(maps.dtype)
-    safe = (safe + torch.tensor([-tolerance, -tolerance, tolerance, tolerance], device=safe.device, dtype=safe.dtype))
-    safe = safe.clamp(0, input_size)
-    inside_x = (coords[None] >= safe[:, 0:1]) & (coords[None] < safe[:, 2:3])  # (M, W)
-    inside_y = (coords[None] >= safe[:, 1:2]) & (coords[None] < safe[:, 3:4])  # (M, H)
-    mask = inside_y[:, :, None] & inside_x[:, None, :]
+    plain = torch.nan_to_num(boxes, nan=0.0).to(maps.dtype)
+
+    def grown(by: float) -> torch.Tensor:  # (M, H, W): inside the box grown by ``by`` pixels
+        safe = (plain + torch.tensor([-by, -by, by, by], device=plain.device, dtype=plain.dtype)).clamp(0, input_size)
+        inside_x = (coords[None] >= safe[:, 0:1]) & (coords[None] < safe[:, 2:3])  # (M, W)
+        inside_y = (coords[None] >= safe[:, 1:2]) & (coords[None] < safe[:, 3:4])  # (M, H)
+        return inside_y[:, :, None] & inside_x[:, None, :]
+
+    mask = grown(tolerance)
     total = up.sum(dim=(1, 2))
     energy = (up * mask).sum(dim=(1, 2)) / total
     area = mask.float().mean(dim=(1, 2))
     up_peak = up.reshape(m, -1).argmax(dim=1)
-    hit = mask.reshape(m, -1).gather(1, up_peak[:, None])[:, 0].float()
+    point_mask = mask if pointing is None or pointing == tolerance else grown(pointing)
+    hit = point_mask.reshape(m, -1).gather(1, up_peak[:, None])[:, 0].float()
     nan = torch.full_like(energy, float("nan"))
     return MapScores(
         peak_row=peak_row,

@@ -1,0 +1,98 @@
+"""Localisation rates per method, layer and class, as ``metrics`` rows.
+
+From the ``explanations`` rows of audited images with a box (the columns of
+:mod:`visaudit.tasks.explain.localisation` and :func:`visaudit.tasks.explain.cam.score_maps`):
+
+- **pointing game** (Zhang et al. 2016): over the maps of each image's true class,
+  ``pointing_rate = hits / (hits + misses)``, a hit when the map's maximum lies within the
+  tolerance (15 px at 224 px, scaled to the input) of the box;
+- **top-5 pointing game** (Grad-CAM paper, sec. 4.3 of its localisation experiments): the maps
+  of each image's five top predicted classes, a present class (the image's label) hits when
+  its maximum is in the box, an absent class hits when its map is rejected: it is empty
+  (every value 0, the Grad-CAM of a class with no positive evidence; the paper rejects maps
+  whose maximum is below a threshold, here 0). Needs maps for the top-5 classes:
+  ``--targets top5`` (skipped otherwise); multi-class runs only;
+- **WSL localisation error** (ILSVRC): over the maps of each image's predicted class,
+  ``wsl_error = 1 - localised / maps`` (localised: top-1 right and IoU >= 0.5), and
+  ``wsl_mean_iou`` over the same maps.
+
+Each rate has its 95% Wilson score interval (``<metric>_low``, ``<metric>_high``); rows per
+true class (``class_name``) and over all classes (``class_name`` null).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from visaudit.tasks.data.records import MetricRow
+from visaudit.tasks.findings.stats import wilson_interval
+
+Z_95 = 1.959964  # normal quantile of a two-sided 95% interval
+TOP = 5
+
+
+def _first_label(cell: object) -> str | None:
+    values = list(cell) if cell is not None and not isinstance(cell, float) else []
+    return str(values[0]) if len(values) == 1 else None
+
+
+def _rate_rows(metric: str, hits: pd.Series, classes: pd.Series, method: str, layer: str,
+               detail: str) -> list[MetricRow]:
+    """``metric`` with its Wilson interval, per class and over all, from boolean ``hits``."""
+    rows = []
+    groups = [(None, hits)] + [(str(name), group) for name, group in hits.groupby(classes.to_numpy(), sort=True)]
+    for name, group in groups:
+        n, k = len(group), int(group.sum())
+        if n == 0:
+            continue
+        low, high = wilson_interval(np.float64(k), np.float64(n), Z_95)
+        for suffix, value in (("", k / n), ("_low", float(low)), ("_high", float(high))):
+            rows.append(MetricRow(metric=metric + suffix, value=value, images=n, method=method, layer=layer,
+                                  class_name=name, detail=detail))
+    return rows
+
+
+def _top5_hits(maps: pd.DataFrame, top: pd.Series, labels: pd.Series) -> pd.Series | None:
+    """One hit per (image, top-5 class) pair, indexed by image; None when a pair has no map."""
+    pairs = top.explode().rename("target").reset_index()
+    found = pairs.merge(maps, on=["image_id", "target"], how="left", validate="one_to_one")
+    if found["heatmap"].isna().any():
+        return None
+    present = found["target"].to_numpy() == labels.loc[found["image_id"]].to_numpy()
+    empty = found["heatmap"].map(lambda h: float(np.max(h)) <= 0.0).to_numpy(bool)
+    hit = np.where(present, found["pointing_hit"].fillna(False).astype(bool).to_numpy(), empty)
+    return pd.Series(hit, index=found["image_id"].to_numpy())
+
+
+def localisation_metric_rows(predictions: pd.DataFrame, explanations: pd.DataFrame,
+                             multi_label: bool) -> list[MetricRow]:
+    """Pointing-game, top-5 pointing-game and WSL rows of a run's staged tables."""
+    audited = predictions[predictions["error"].isna() & predictions["box_x0"].notna()]
+    if audited.empty or explanations.empty or "localised" not in explanations:
+        return []
+    truth = audited.set_index("image_id")["labels"].map(_first_label)
+    maps = explanations[explanations["image_id"].isin(audited["image_id"])]
+    rows: list[MetricRow] = []
+    for (method, layer), group in maps.groupby(["method", "layer"], sort=True):
+        pointed = group[group["is_label"] & group["pointing_hit"].notna()]
+        rows += _rate_rows("pointing_rate", pointed["pointing_hit"].astype(bool), pointed["target"], method, layer,
+                           "true class's map; tolerance 15 px at 224 px, scaled to the input")
+        judged = group[group["localised"].notna()]
+        classes = truth.loc[judged["image_id"]].set_axis(judged.index)
+        rows += _rate_rows("wsl_error", ~judged["localised"].astype(bool), classes, method, layer,
+                           "predicted class's map: top-1 wrong or IoU < 0.5")
+        for name, part in [(None, judged)] + list(judged.groupby(classes.to_numpy(), sort=True)):
+            if len(part):
+                rows.append(MetricRow(metric="wsl_mean_iou", value=float(part["wsl_iou"].mean()), images=len(part),
+                                      method=method, layer=layer, class_name=name,
+                                      detail="predicted class's map"))
+        labelled = truth.dropna()
+        if not multi_label and len(labelled):
+            top = audited.set_index("image_id").loc[labelled.index, "top_classes"].map(lambda c: list(c)[:TOP])
+            hits = _top5_hits(group[["image_id", "target", "pointing_hit", "heatmap"]], top, labelled)
+            if hits is not None:
+                rows += _rate_rows("pointing_top5_rate", hits.reset_index(drop=True),
+                                   labelled.loc[hits.index].reset_index(drop=True), method, layer,
+                                   "top-5 classes' maps: present class's peak in the box, absent class's map empty")
+    return rows
