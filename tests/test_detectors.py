@@ -3,6 +3,8 @@ stays quiet on the same data without it, and its statistics match references."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -141,6 +143,54 @@ def test_label_errors_recall_flipped_labels() -> None:
     listed = {i for r in rows for i in r.evidence}
     assert listed == set(audited.loc[flipped, "image_id"])
     assert all(r.slice.startswith("suggested=") for r in rows)
+
+
+def _calibrated(n: int = 600, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """A clean control: each image's probabilities, its label drawn from them (a calibrated
+    model on right labels), so the model is wrong on ~15% and confident learning flags many."""
+    rng = np.random.default_rng(seed)
+    true = rng.integers(0, 3, n)
+    probs = rng.dirichlet([0.3, 0.3, 0.3], n) * 0.4
+    probs[np.arange(n), true] += 0.6
+    given = np.array([rng.choice(3, p=p / p.sum()) for p in probs])
+    audited = _audit(n_per_class=n // 3)
+    audited["labels"] = [[CLASSES[k]] for k in given]
+    signals = _signals(audited)
+    signals["probabilities"] = list(probs.astype(np.float32))
+    return audited, signals, probs
+
+
+def test_label_surprise_expectation_matches_simulated_right_labels() -> None:
+    from visaudit.tasks.findings.likely_label_error import label_surprise
+
+    _, _, probs = _calibrated()
+    rng = np.random.default_rng(1)
+    cumulative = probs.cumsum(axis=1) / probs.sum(axis=1, keepdims=True)
+    draws = (rng.random((2000, len(probs), 1)) > cumulative[None]).sum(axis=2)  # labels drawn from the probabilities
+    counts = (np.take_along_axis(probs[None].repeat(2000, 0), draws[..., None], 2)[..., 0] <= 0.05).sum(axis=1)
+    surprise = label_surprise(draws[0], probs, 0.05)
+    assert surprise.expected == pytest.approx(counts.mean(), rel=0.03)
+    assert surprise.observed == counts[0]
+    from scipy.stats import poisson
+    assert surprise.p_value == pytest.approx(poisson.sf(counts[0] - 1, surprise.expected))
+
+
+def test_label_errors_silent_on_clean_labels_that_the_model_gets_wrong() -> None:
+    from cleanlab.filter import find_label_issues
+
+    audited, signals, probs = _calibrated()
+    given = np.array([CLASSES.index(ls[0]) for ls in audited["labels"]])
+    assert find_label_issues(given, probs / probs.sum(1, keepdims=True), n_jobs=1).mean() > 0.05  # cleanlab alone flags them
+    assert likely_label_errors(audited, signals, CLASSES, Thresholds()) == []
+    flipped = audited.sample(60, random_state=3).index  # then 10% of the labels flipped: label noise, found
+    for k in flipped:
+        audited.at[k, "labels"] = [CLASSES[(CLASSES.index(audited.at[k, "labels"][0]) + 1) % 3]]
+    rows = likely_label_errors(audited, signals, CLASSES, Thresholds())
+    listed = {i for r in rows for i in r.evidence}
+    assert rows and len(listed & set(audited.loc[flipped, "image_id"])) >= 0.6 * len(flipped)
+    for r in rows:
+        observed, expected = re.search(r"across the run (\d+) given labels .* predict (\d+\.\d)", r.message).groups()
+        assert int(observed) > float(expected) and f"{r.value:.1%}" in r.message
 
 
 # ----------------------------------------------------------------------------- near_duplicate

@@ -7,6 +7,19 @@ prune are those off the diagonal, ranked by self-confidence p_i. It needs out-of
 probabilities (``signals.probabilities``): audit a held-out split, not the training set.
 Multi-class runs only.
 
+On clean labels, confident learning still flags the model's own confident errors (a clean
+set the model gets 10% wrong shows ~10% "issues"): from one model's probabilities, a wrong
+label and a model error look alike image by image. What tells them apart is how often the
+labels are surprising: if the model is calibrated and the labels are right, image n's label
+is drawn from its probabilities p_n, so the count of given labels the model gives at most
+tau (``label_error_probability``), O = sum_n 1[p_{n,y_n} <= tau], has expectation
+E = sum_n sum_k p_{nk} 1[p_{nk} <= tau]. Label noise is supported only when O surely exceeds
+E: P(Poisson(E) >= O) <= 1 - ``label_error_confidence`` (for O >= E + 1 the Poisson tail is
+at least the Poisson-binomial's, Anderson and Samuels 1967, so the test is conservative).
+Otherwise the flagged images are model errors (``confident_error``, ``confused_pair`` show
+them) and nothing is raised. An overconfident model also makes O exceed E; the message says
+so.
+
 A group shift makes errors that look like label errors: the model is confidently wrong on
 a group (say "waterbird on land") whose labels are right. Flagged images that lie in a
 failing group (``group_gap.failing_groups``) are therefore not counted as label errors: the
@@ -18,13 +31,36 @@ class whose flagged images are all explained so gets a low row that says so.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+from scipy.stats import poisson
 
 from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.group_gap import describe_groups, failing_groups, in_failing_group
 from visaudit.tasks.findings.thresholds import Thresholds, severity
+
+
+@dataclass(frozen=True)
+class LabelSurprise:
+    """How often given labels get at most ``tau`` from the model, against what its probabilities predict."""
+
+    tau: float
+    observed: int  # O: given labels with model probability <= tau
+    expected: float  # E: the count calibrated probabilities and right labels predict
+    p_value: float  # P(Poisson(E) >= O)
+
+
+def label_surprise(labels: np.ndarray, probs: np.ndarray, tau: float) -> LabelSurprise:
+    """O = sum_n 1[p_{n,y_n} <= tau] against E = sum_n sum_k p_{nk} 1[p_{nk} <= tau], with the
+    one-sided Poisson p-value P(Poisson(E) >= O); ``labels`` are class positions, ``probs`` (n, K)."""
+    if probs.ndim != 2 or len(labels) != len(probs):
+        raise ValueError(f"labels ({len(labels)}) and probabilities {probs.shape} must describe the same images")
+    observed = int((probs[np.arange(len(labels)), labels] <= tau).sum())
+    expected = float(np.where(probs <= tau, probs, 0.0).sum())
+    p_value = float(poisson.sf(observed - 1, expected)) if observed else 1.0
+    return LabelSurprise(tau, observed, expected, p_value)
 
 
 def likely_label_errors(
@@ -49,6 +85,9 @@ def likely_label_errors(
     flagged = frame.iloc[ranked].assign(suggested=[classes[i] for i in probs[ranked].argmax(axis=1)])
     sizes = frame["given"].value_counts()
     groups = failing_groups(audited, signals, t)
+    outside = ~frame["image_id"].isin({i for g in groups for i in g.image_ids}).to_numpy()
+    surprise = label_surprise(labels[outside], probs[outside], t.label_error_probability)
+    supported = surprise.p_value <= 1 - t.label_error_confidence
     found = []
     for name, everything in flagged.groupby("given", sort=True):
         n = int(sizes[name])
@@ -70,6 +109,12 @@ def likely_label_errors(
                     evidence=tuple(everything["image_id"]),
                 ))
             continue
+        if not supported:
+            continue
+        mine_outside = outside & (labels == position[name])
+        observed = int((probs[mine_outside, position[name]] <= t.label_error_probability).sum())
+        column = probs[outside, position[name]]
+        expected = float(column[column <= t.label_error_probability].sum())
         suggested = group["suggested"].value_counts()
         found.append(
             Finding(
@@ -83,7 +128,13 @@ def likely_label_errors(
                 message=(
                     f"{len(group)} of {n} images labelled '{name}' ({share:.1%}) look mislabelled: the model is "
                     f"confident they are another class (mostly '{suggested.index[0]}', {suggested.iloc[0]} "
-                    "images), beyond the per-class thresholds of confident learning. Wrong labels bias both "
+                    "images), beyond the per-class thresholds of confident learning. The labels are more "
+                    f"surprising than the model's errors explain: across the run {surprise.observed} given labels "
+                    f"get at most {t.label_error_probability:.0%} from the model where its own probabilities "
+                    f"predict {surprise.expected:.1f} (Poisson p = {surprise.p_value:.2g}), {observed} of them in "
+                    f"'{name}' against {expected:.1f} predicted; the excess, {surprise.observed - surprise.expected:.0f}, is "
+                    "a floor on the wrong labels run-wide (a wrong label the model gives more is not counted), unless "
+                    "the model is overconfident (see calibration). Wrong labels bias both "
                     "training and every accuracy figure: review these images (all are listed, least "
                     "likely label first) and fix their labels before retraining or reporting accuracy. Where "
                     "a label is right, the model is confidently wrong instead (see confused pairs)."

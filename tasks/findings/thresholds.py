@@ -40,6 +40,9 @@ class Thresholds:
     min_group_images: int = 10  # (class, attribute value) groups with fewer images are not judged
     label_error_share: float = 0.02  # flag a class when confident learning flags this share of its labels
     label_error_min_count: int = 2  # ... and at least this many of them
+    label_error_probability: float = 0.05  # a given label the model gives at most this probability is surprising;
+    # label noise is supported when surprising labels outnumber what the model's own probabilities predict
+    label_error_confidence: float = 0.95  # ... at this level (one-sided Poisson test over the run)
     duplicate_pixel_rms: float = 0.02  # RMS difference of 8x8 thumbnails (pixels in [0, 1]) of near-duplicates
     duplicate_min_cosine: float = 0.9  # ... whose embeddings also agree at least this much (a JPEG re-encode: ~0.997),
     duplicate_min_detail: float = 0.05  # ... unless both thumbnails vary this much (pixel std): then the match alone decides
@@ -56,6 +59,9 @@ class Thresholds:
     colour_shortcut_probability: float = 0.9  # a plain image of one colour alone gets its class this probability
     colour_nearer_borders: float = 0.75  # ... and it is a background shortcut when the class's images' median
     # border distance to that colour (RGB, 0..255) is at most this share of the other images'
+    adversarial_epsilon: float = 2.0  # PGD budgets up to this, in 1/255 of the pixel range, are tiny (adversarial_fragility)
+    adversarial_share: float = 0.5  # flag a class when surely (Wilson lower end) this share of its attacked images
+    # flip at a tiny budget
 
     def __post_init__(self) -> None:
         """Refuse a threshold that is not a finite number in its range (NaN would silently
