@@ -35,7 +35,8 @@ class Detached(nn.Module):
 def test_names_titles_and_kinds() -> None:
     assert registry.method_names() == (
         "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "counterfactual", "cam",
-        "guided_backprop", "guided_gradcam", "attention_rollout", "gradient_rollout", "occlusion", "impressions",
+        "guided_backprop", "guided_gradcam", "attention_rollout", "gradient_rollout", "occlusion", "mil_patches",
+        "impressions",
     )
     assert [registry.method_title(m) for m in ("gradcam", "gradcam++", "guided_gradcam", "impressions")] == [
         "Grad-CAM", "Grad-CAM++", "Guided Grad-CAM", "Class impressions"]
@@ -45,6 +46,7 @@ def test_names_titles_and_kinds() -> None:
     assert registry.GUIDED_METHODS == ("guided_backprop", "guided_gradcam")
     assert registry.METHODS["guided_backprop"].stored_layer("layer4") == registry.INPUT_LAYER
     assert registry.METHODS["cam"].stored_layer("layer4") == "layer4"
+    assert registry.METHODS["mil_patches"].stored_layer("layer4") == registry.INPUT_LAYER
     assert registry.ATTENTION_METHODS == ("attention_rollout", "gradient_rollout")
     assert registry.METHODS["gradient_rollout"].stored_layer("blocks.11.norm1") == registry.ATTENTION_LAYER
     with pytest.raises(ValueError, match="weight function goes with the 'gradient' kind"):

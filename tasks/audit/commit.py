@@ -26,6 +26,7 @@ from visaudit.tasks.audit.setup_checks import NearChance, near_chance
 from visaudit.tasks.audit.steps import IMPRESSIONS_DIR
 from visaudit.tasks.data import storage
 from visaudit.tasks.data.records import MetricRow, metric_frame
+from visaudit.tasks.explain.adversarial_output import ADVERSARIAL_DIR
 from visaudit.tasks.explain.features import FEATURES_DIR
 from visaudit.tasks.findings.metrics import RunMetrics, judged_rows, summary_metrics
 
@@ -73,6 +74,13 @@ def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, fl
         "thresholds": request.finding_thresholds().as_dict(),
         "setup_checks": request.setup.enabled,
     }
+    if "mil_patches" in request.explain.methods:
+        geometry = request.mil.spec().geometry(plan.preprocess.crop)
+        parameters["mil_patches"] = {"patch": request.mil.patch, "stride": request.mil.stride,
+                                     "patch_px": geometry.patch[0], "stride_px": geometry.stride[0],
+                                     "patches_per_image": geometry.count}
+    if request.adversarial.images:
+        parameters["adversarial"] = request.adversarial.model_dump()
     if "impressions" in request.explain.methods:
         chosen = request.impressions.classes or f"up to {request.impressions.max_classes}"
         parameters["impressions"] = {"classes": chosen, **request.impressions.settings(plan.preprocess.crop).as_dict()}
@@ -97,7 +105,7 @@ def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, fl
         setup=plan.setup,
         near_chance=audit_near_chance(predictions, plan.multi_label, request.setup.confidence),
         figures={folder: sum(1 for p in (plan.folder / folder).rglob("*") if p.is_file())
-                 for folder in (FEATURES_DIR, IMPRESSIONS_DIR) if (plan.folder / folder).is_dir()},
+                 for folder in (FEATURES_DIR, IMPRESSIONS_DIR, ADVERSARIAL_DIR) if (plan.folder / folder).is_dir()},
     )
 
 
@@ -117,7 +125,7 @@ def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
     run_dir = out_dir / "runs" / plan.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     record = build_record(plan, predictions, timings)
-    for folder in (FEATURES_DIR, IMPRESSIONS_DIR):  # figures made at audit time (they need the model)
+    for folder in (FEATURES_DIR, IMPRESSIONS_DIR, ADVERSARIAL_DIR):  # figures made at audit time (they need the model)
         staged = plan.folder / folder
         if staged.is_dir():
             shutil.rmtree(run_dir / folder, ignore_errors=True)

@@ -12,12 +12,16 @@ Kinds:
 - ``attention``    a transformer's attention rolled out over its blocks (maps keyed at
                    :data:`ATTENTION_LAYER`, :mod:`visaudit.tasks.explain.attention_maps`);
 - ``occlusion``    muting windows (:mod:`visaudit.tasks.explain.occlusion`);
+- ``patches``      every patch classified on its own, multiple-instance style (maps keyed at
+                   :data:`INPUT_LAYER`, :mod:`visaudit.tasks.explain.mil`);
 - ``impressions``  class impressions synthesised from noise (:mod:`visaudit.tasks.explain.impressions`).
 
 A new CAM variant is one weight function in ``cam_family`` and one :class:`Method` entry
 here: the audit's method list, the CLI's and the report's titles all read this registry.
 :func:`check_methods` finds, before any image is read, the methods the model cannot support:
-they are skipped with a one-line note, and only a run where none applies is refused.
+they are skipped with a one-line note, and only a run where none applies is refused. A model
+with no layer to hook (a TorchScript archive: its modules refuse hooks) gets only the methods
+that need none (:attr:`Method.needs_layer` false: occlusion, MIL patches, class impressions).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from visaudit.tasks.model.hooks import frozen_parameters, head_features, hooked_
 from visaudit.tasks.model.layout import token_grid
 from visaudit.tasks.model.loading import LoadedModel
 
-Kind = Literal["gradient", "guided", "cam", "attention", "occlusion", "impressions"]
+Kind = Literal["gradient", "guided", "cam", "attention", "occlusion", "patches", "impressions"]
 WeightFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Check = Callable[[LoadedModel, list[str], int], None]
 
@@ -130,14 +134,20 @@ class Method:
             raise ValueError(f"method {self.name!r}: a weight function goes with the 'gradient' kind, and only with it")
 
     @property
+    def needs_layer(self) -> bool:
+        """Whether the method hooks the model's modules (every kind but occlusion, patches and
+        impressions, which only run the model and take gradients with respect to its input)."""
+        return self.kind not in ("occlusion", "patches", "impressions")
+
+    @property
     def needs_gradients(self) -> bool:
         """Whether the method backpropagates to the explained layer (the gradient and guided kinds)."""
         return self.kind in ("gradient", "guided")
 
     def stored_layer(self, layer: str) -> str:
-        """The layer the method's maps are keyed at: :data:`INPUT_LAYER` for guided maps,
-        :data:`ATTENTION_LAYER` for attention maps, else ``layer``."""
-        return {"guided": INPUT_LAYER, "attention": ATTENTION_LAYER}.get(self.kind, layer)
+        """The layer the method's maps are keyed at: :data:`INPUT_LAYER` for guided and patch
+        maps, :data:`ATTENTION_LAYER` for attention maps, else ``layer``."""
+        return {"guided": INPUT_LAYER, "patches": INPUT_LAYER, "attention": ATTENTION_LAYER}.get(self.kind, layer)
 
 
 REGISTRY: tuple[Method, ...] = (
@@ -153,12 +163,14 @@ REGISTRY: tuple[Method, ...] = (
     Method("attention_rollout", "Attention rollout", "attention", check=check_attention_applies),
     Method("gradient_rollout", "Gradient-weighted rollout", "attention", check=check_attention_applies),
     Method("occlusion", "Occlusion", "occlusion"),
+    Method("mil_patches", "MIL patches", "patches"),
     Method("impressions", "Class impressions", "impressions"),
 )
 METHODS: dict[str, Method] = {method.name: method for method in REGISTRY}
 GRADIENT_METHODS: dict[str, WeightFunction] = {m.name: m.weights for m in REGISTRY if m.weights is not None}
 GUIDED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kind == "guided")
 ATTENTION_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kind == "attention")
+PATCH_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kind == "patches")
 
 
 def method_names() -> tuple[str, ...]:
@@ -191,10 +203,19 @@ def check_methods(loaded: LoadedModel, methods: Sequence[str], layers: list[str]
     then each requested method's own check, once per check, in registry order (CAM's linear
     head, guided backprop's ``nn.ReLU`` modules): a method whose check fails is skipped.
     Unknown names raise ValueError; a model no requested method applies to, or whose
-    layers the gradients do not reach, :class:`ModelError`.
+    layers the gradients do not reach, :class:`ModelError`. Without ``layers`` (a TorchScript
+    model) every method that needs a layer is skipped, with ``loaded.layer_reason`` as its note.
     """
     check_method_names(methods)
     requested = [method for method in REGISTRY if method.name in set(methods)]
+    if not layers:
+        skipped = {m.name: f"{m.title} needs hooks on the model's layers; {loaded.layer_reason}"
+                   for m in requested if m.needs_layer}
+        if len(skipped) == len(requested):
+            agnostic = ",".join(m.name for m in REGISTRY if not m.needs_layer)
+            raise ModelError(f"none of the requested methods applies to this model: {loaded.layer_reason} "
+                             f"(use --methods {agnostic})")
+        return skipped
     if any(method.needs_gradients for method in requested) or len(layers) > 1:
         check_gradients_reach(loaded, layers, input_size)
     notes: dict[Check, str | None] = {}

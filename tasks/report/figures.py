@@ -27,6 +27,7 @@ from visaudit.tasks.explain.registry import (
     ATTENTION_METHODS,
     GUIDED_METHODS,
     INPUT_LAYER,
+    PATCH_METHODS,
     method_names,
 )
 from visaudit.tasks.findings.calibration import Reliability
@@ -86,9 +87,9 @@ class Painter:
 
     def find_map(self, image_id: str, target: str, layer: str | None = None, method: str | None = None) -> Any:
         """The stored map row of ``target`` for this image at ``layer`` (else the default layer),
-        by ``method`` (default Grad-CAM; guided methods are found at the input), or None."""
+        by ``method`` (default Grad-CAM; guided and patch methods are found at the input), or None."""
         method = method or self.method
-        if method in GUIDED_METHODS:
+        if method in GUIDED_METHODS or method in PATCH_METHODS:
             return self.maps.get((image_id, method, INPUT_LAYER, target))
         if method in ATTENTION_METHODS:
             return self.maps.get((image_id, method, ATTENTION_LAYER, target))
@@ -120,7 +121,8 @@ class Painter:
         name = f"{digest(image_id)}-{digest(f'{method}/{row.layer}/{target}')[:8]}.jpg"
         if method in GUIDED_METHODS:
             return self.save(name, lambda tmp: save_photo(saliency_pixels(heat, size), tmp))
-        return self.save(name, lambda tmp: save_photo(overlay_pixels(heat, pixels, size, box), tmp))
+        wsl = np.array([getattr(row, f"wsl_box_{c}", np.nan) for c in ("x0", "y0", "x1", "y1")], dtype=np.float64)
+        return self.save(name, lambda tmp: save_photo(overlay_pixels(heat, pixels, size, box, wsl), tmp))
 
     def picture_overlay(self, image_path: str, heat: np.ndarray) -> str | None:
         """A map over a picture of the run folder (a class impression), or None when the picture is gone."""
