@@ -175,7 +175,47 @@ def test_torchscript_archive_weights_into_the_named_architecture(tmp_path, photo
             loaded = load_model(ModelSpec(arch="resnet18", weights=str(path)), "cpu", 64)
             assert loaded.num_classes == 3 and loaded.layers == ["layer4"]
             torch.testing.assert_close(loaded.model(x), original(x), atol=1e-5, rtol=1e-5)
-        with pytest.raises(ModelError, match="a TorchScript archive; its modules refuse the forward hooks"):
+        with pytest.raises(ModelError, match="a TorchScript archive; audit it as the whole model with --arch torchscript:"):
             load_model(ModelSpec(factory=str(scripted)), "cpu", 64)
     with pytest.raises(RuntimeError, match="not supported on ScriptModules"):  # why: the premise, checked
         torch.jit.load(str(scripted)).layer4.register_forward_hook(lambda *_: None)
+
+
+def test_torchscript_archive_as_the_whole_model(tmp_path, photos) -> None:
+    """``--arch torchscript:FILE``: the archive is the model, with no layer; every method that
+    hooks a layer is skipped with its note, the model-agnostic ones stay; a run of hooked methods
+    only is the none-applies error; --weights / --layer are refused. The chunk size's activation
+    measure (saved tensors: a ScriptModule refuses hooks) equals the hooks' on the eager model."""
+    import warnings
+
+    from visaudit.tasks.explain.perturb import probe_activation
+    from visaudit.tasks.explain.registry import check_methods, method_names
+    from visaudit.tasks.model.errors import ModelError
+    from visaudit.tasks.model.sources import NO_LAYER
+
+    torch.manual_seed(1)
+    original = torchvision_resnet18(num_classes=3).eval()
+    x = photos[64]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        scripted, traced = tmp_path / "scripted.pt", tmp_path / "traced.pt"
+        torch.jit.script(original).save(str(scripted))
+        torch.jit.trace(original, x).save(str(traced))
+        for path in (scripted, traced):
+            loaded = load_model(ModelSpec(arch=f"torchscript:{path}"), "cpu", 64)
+            assert loaded.num_classes == 3 and loaded.layers == [] and loaded.layer_reason == NO_LAYER
+            torch.testing.assert_close(loaded.model(x), original(x), atol=1e-5, rtol=1e-5)
+            skipped = check_methods(loaded, method_names(), [], 64)
+            assert set(method_names()) - set(skipped) == {"occlusion", "mil_patches", "impressions"} & set(method_names())
+            assert skipped["gradcam"] == f"Grad-CAM needs hooks on the model's layers; {NO_LAYER}"
+            logits, largest = probe_activation(loaded.model, x[:1])
+            eager_logits, eager_largest = probe_activation(original, x[:1])
+            assert largest == eager_largest > 0
+            torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
+        with pytest.raises(ModelError, match="none of the requested methods applies to this model: no layer: TorchScript"):
+            check_methods(loaded, ["gradcam", "cam", "guided_backprop"], [], 64)
+        for extra in ({"weights": str(traced)}, {"layer": "layer4"}):
+            with pytest.raises(ModelError, match="a TorchScript archive holds its own weights"):
+                load_model(ModelSpec(arch=f"torchscript:{scripted}", **extra), "cpu", 64)
+        with pytest.raises(ModelError, match="not found; give the file torch.jit.save wrote"):
+            load_model(ModelSpec(arch=f"torchscript:{tmp_path / 'missing.pt'}"), "cpu", 64)

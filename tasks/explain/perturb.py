@@ -121,7 +121,10 @@ def _available_bytes(device: torch.device) -> int:
 
 
 def probe_activation(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Forward ``x`` (one image) and measure the largest module output, in bytes per image."""
+    """Forward ``x`` (one image) and measure the largest module output, in bytes per image
+    (a TorchScript model, whose modules refuse hooks: :func:`largest_saved_activation`)."""
+    if isinstance(model, torch.jit.ScriptModule):
+        return largest_saved_activation(model, x)
     largest = [0]
 
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
@@ -131,6 +134,26 @@ def probe_activation(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, i
     with forward_hooks((module, hook) for module in model.modules()):
         logits = model(x)
     return logits, largest[0]
+
+
+def largest_saved_activation(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Forward ``x`` with autograd on and measure the largest tensor autograd saves for the
+    backward, parameters and buffers aside, in bytes per image: the saved tensors are the
+    operations' inputs, so the largest is the largest activation, as the module hooks measure
+    it on a Python model. Runs outside inference mode on a copy of ``x``; the logits come back
+    detached."""
+    weights = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    count = x.shape[0]
+    largest = [0]
+
+    def pack(saved: torch.Tensor) -> torch.Tensor:
+        if saved.dim() and saved.shape[0] == count and saved.untyped_storage().data_ptr() not in weights:
+            largest[0] = max(largest[0], saved.numel() * saved.element_size() // count)
+        return saved
+
+    with torch.inference_mode(False), torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(x.clone().requires_grad_(True))
+    return logits.detach(), largest[0]
 
 
 def auto_chunk(per_image_input: int, per_image_activation: int, device: torch.device) -> int:

@@ -77,7 +77,9 @@ def probe(model: nn.Module, device: torch.device, size: int) -> Probe:
 
         return hook
 
-    with forward_hooks((module, record(name)) for name, module in model.named_modules() if name):
+    hookable = ((module, record(name)) for name, module in model.named_modules()
+                if name and not isinstance(module, torch.jit.ScriptModule))  # a TorchScript module refuses hooks
+    with forward_hooks(hookable):
         try:
             with torch.no_grad():
                 out = model(torch.zeros(1, 3, size, size, device=device))

@@ -1,10 +1,12 @@
-"""Model loading: torchvision architecture, timm or Hugging Face model + weights, or a user factory.
+"""Model loading: torchvision architecture, timm or Hugging Face model + weights, a TorchScript
+archive, or a user factory.
 
 A model is described by a :class:`ModelSpec` (plain strings, so it can travel between
 Prefect tasks and processes) and built once per process by :func:`load_model`.
 Checkpoints load with ``torch.load(weights_only=True)``; a full pickle is refused unless
-the user says they trust it. ``timm:NAME`` and ``hf:PATH_OR_ID`` are built by
-:mod:`visaudit.tasks.model.sources`. Which layer is explained, and why, is chosen by
+the user says they trust it. ``timm:NAME``, ``hf:PATH_OR_ID`` and ``torchscript:FILE`` are built by
+:mod:`visaudit.tasks.model.sources`; a TorchScript model has no explained layer (its modules
+refuse hooks): ``layers`` is empty and ``layer_reason`` says so. Which layer is explained, and why, is chosen by
 :mod:`visaudit.tasks.model.layers`.
 """
 
@@ -30,12 +32,21 @@ from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from visaudit.tasks.model.errors import ModelError
 from visaudit.tasks.model.layers import check_layer, choose_layer, probe
 from visaudit.tasks.model.layout import Layout
-from visaudit.tasks.model.sources import HF_PREFIX, TIMM_PREFIX, build_hf, build_timm
+from visaudit.tasks.model.sources import (
+    HF_PREFIX,
+    NO_LAYER,
+    TIMM_PREFIX,
+    TORCHSCRIPT_PREFIX,
+    build_hf,
+    build_timm,
+    build_torchscript,
+    read_torchscript,
+)
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What to load: ``arch`` (torchvision name, ``timm:NAME`` or ``hf:PATH_OR_ID``) or
+    """What to load: ``arch`` (torchvision name, ``timm:NAME``, ``hf:PATH_OR_ID`` or ``torchscript:FILE``) or
     ``factory`` (``module:function`` or ``path/to/file.py:function``), and ``weights`` (a
     state_dict file, or for ``arch`` a torchvision weights name such as ``IMAGENET1K_V1``,
     or timm's ``pretrained`` / a timm pretrained tag)."""
@@ -63,7 +74,7 @@ class LoadedModel:
     model: nn.Module
     device: torch.device
     num_classes: int
-    layers: list[str]
+    layers: list[str]  # empty for a TorchScript model: no layer can be hooked
     preprocess: Preprocess | None  # known from torchvision weights, else None
     categories: list[str] | None  # class names shipped with torchvision weights
     fingerprint: str
@@ -94,6 +105,14 @@ def load_model(spec: ModelSpec, device_name: str = "auto", input_size: int = 224
         built = build_hf(spec.arch)
         model, preprocess, categories = built.model, built.preprocess, built.categories
         fingerprint = built.fingerprint or fingerprint
+    elif spec.arch is not None and spec.arch.startswith(TORCHSCRIPT_PREFIX):
+        for flag, given in (("--weights", spec.weights), ("--layer", spec.layer)):
+            if given is not None:
+                raise ModelError(f"--arch {spec.arch}: a TorchScript archive holds its own weights and its modules "
+                                 f"refuse the hooks a layer needs; drop {flag}")
+        built = build_torchscript(spec.arch)
+        model, preprocess, categories = built.model, None, None
+        fingerprint = built.fingerprint or fingerprint
     elif spec.arch is not None and spec.arch.startswith(TIMM_PREFIX):
         size = classifier_size(state) if isinstance(state, dict) else None
         built = build_timm(spec.arch, None if state is not None else spec.weights, size)
@@ -109,13 +128,15 @@ def load_model(spec: ModelSpec, device_name: str = "auto", input_size: int = 224
         model.to(memory_format=torch.channels_last)
     size = preprocess.crop if preprocess is not None else input_size
     found = probe(model, device, size)
-    if spec.layer is not None:
+    if isinstance(model, torch.jit.ScriptModule):
+        layers, reason = [], NO_LAYER
+    elif spec.layer is not None:
         check_layer(model, spec.layer, found.shapes)
-        layer, reason = spec.layer, "named with --layer"
+        layers, reason = [spec.layer], "named with --layer"
     else:
         choice = choose_layer(model, found, device, size)
-        layer, reason = choice.name, choice.reason
-    return LoadedModel(model, device, found.num_classes, [layer], preprocess, categories, fingerprint,
+        layers, reason = [choice.name], choice.reason
+    return LoadedModel(model, device, found.num_classes, layers, preprocess, categories, fingerprint,
                        found.shapes, found.layouts, reason)
 
 
@@ -127,8 +148,8 @@ def _read_weights(spec: ModelSpec) -> tuple[dict[str, torch.Tensor] | nn.Module 
     if not path.is_file():
         raise ModelError(f"{path}: weights file not found")
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if is_torchscript(path):
-        return _torchscript_state(path), digest
+    if is_torchscript(path):  # its weights, into the Python architecture named (every method applies then)
+        return dict(read_torchscript(path).state_dict()), digest
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -160,18 +181,6 @@ def is_torchscript(path: Path) -> bool:
         return False
     with zipfile.ZipFile(path) as archive:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
-
-
-def _torchscript_state(path: Path) -> dict[str, torch.Tensor]:
-    """The parameters and buffers of a TorchScript archive, read with ``torch.jit.load`` (no
-    pickle; the module is built by the TorchScript loader, never run). A ScriptModule refuses
-    the forward hooks every map method needs, so only its weights are used, loaded into the
-    Python architecture the user names (``--arch`` or ``--model``)."""
-    try:
-        scripted = torch.jit.load(str(path), map_location="cpu")
-    except Exception as exc:
-        raise ModelError(f"{path}: cannot read the TorchScript archive ({type(exc).__name__}: {exc})") from exc
-    return dict(scripted.state_dict())
 
 
 def _is_file_spec(weights: str) -> bool:
@@ -254,9 +263,10 @@ def import_factory(reference: str) -> Callable[..., Any]:
     module_ref, sep, attr = reference.rpartition(":")
     if Path(reference).expanduser().is_file() and is_torchscript(Path(reference).expanduser()):
         raise ModelError(
-            f"--model {reference}: a TorchScript archive; its modules refuse the forward hooks every map method "
-            f"needs, so name its architecture (--arch NAME, or --model path/to/file.py:function) and pass "
-            f"--weights {reference}: its weights are read from the archive"
+            f"--model {reference}: a TorchScript archive; audit it as the whole model with --arch "
+            f"torchscript:{reference} (model-agnostic methods only: its modules refuse hooks), or name its "
+            f"architecture (--arch NAME, or --model path/to/file.py:function) with --weights {reference} "
+            "for every method"
         )
     if not sep or not module_ref or not attr:
         raise ModelError(f"--model {reference!r}: expected 'package.module:function' or 'path/to/file.py:function'")

@@ -1,16 +1,19 @@
-"""Model zoos beyond torchvision: ``timm:NAME`` and ``hf:PATH_OR_ID``.
+"""Model sources beyond torchvision: ``timm:NAME``, ``hf:PATH_OR_ID`` and ``torchscript:FILE``.
 
 timm and transformers are optional extras (``pip install 'visaudit[timm]'``,
 ``'visaudit[hf]'``); a missing one is a one-line error naming the extra. A Hugging Face
 image classifier returns an output object; :class:`LogitsOnly` unwraps its ``.logits`` so
 the rest of visaudit sees (N, K) class scores, and its class names come from the config's
-``id2label``.
+``id2label``. A TorchScript archive (``torch.jit.save``) is read with ``torch.jit.load``:
+no pickle, but the archive's own TorchScript code runs whenever the model does; its
+modules refuse forward hooks, so it is audited without a layer (:data:`NO_LAYER`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +27,8 @@ from visaudit.tasks.model.errors import ModelError
 
 TIMM_PREFIX = "timm:"
 HF_PREFIX = "hf:"
+TORCHSCRIPT_PREFIX = "torchscript:"
+NO_LAYER = "no layer: TorchScript model, model-agnostic methods only"
 
 
 @dataclass
@@ -106,3 +111,24 @@ def build_hf(arch: str) -> Built:
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         digest = hashlib.sha256(b"".join(p.name.encode() + p.read_bytes() for p in files)).hexdigest()
     return Built(LogitsOnly(model), preprocess, categories, digest)
+
+
+def read_torchscript(path: Path) -> torch.jit.ScriptModule:
+    """A TorchScript archive, loaded on the CPU with ``torch.jit.load`` (the TorchScript loader
+    builds it from the archive's code and constants; no Python pickle is run)."""
+    try:
+        with warnings.catch_warnings():  # torch.jit's deprecation notice is not the user's concern here
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot read the TorchScript archive ({type(exc).__name__}: {exc})") from exc
+
+
+def build_torchscript(arch: str) -> Built:
+    """``torchscript:FILE``: the archive as the whole model, fingerprinted by the file's sha256.
+    Its modules refuse forward hooks, so no layer is explained: only the methods that need
+    none apply (occlusion, class impressions); the others are skipped with their note."""
+    path = Path(arch.removeprefix(TORCHSCRIPT_PREFIX)).expanduser()
+    if not path.is_file():
+        raise ModelError(f"--arch {arch}: {path} not found; give the file torch.jit.save wrote")
+    return Built(read_torchscript(path), fingerprint=hashlib.sha256(path.read_bytes()).hexdigest())
