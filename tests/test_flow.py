@@ -102,7 +102,8 @@ def test_manifest_with_boxes_scores_energy(tmp_path, tiny_model_file) -> None:
     model, weights = tiny_model_file
     out = tmp_path / "out"
     result = runner.invoke(app, ["run", str(manifest), "--out", str(out), "--model", f"{model}:build",
-                                 "--weights", str(weights), "--crop", "48", "--resize", "48", "--no-pdf", "-q"])
+                                 "--weights", str(weights), "--crop", "48", "--resize", "48", "--no-pdf", "-q",
+                                 "--targets", "predicted,true,top5", "--wsl-threshold", "0.2"])
     assert result.exit_code == 0, result.output
     explanations = read_table(out, "explanations")
     energy = explanations["energy_in_box"]
@@ -112,6 +113,22 @@ def test_manifest_with_boxes_scores_energy(tmp_path, tiny_model_file) -> None:
     assert explanations["box_area_fraction"].between(0, 1).all()
     predictions = read_table(out, "predictions")
     assert predictions["attributes"].map(dict).map(lambda a: a["background"]).isin(["dark", "light"]).all()
+    # weakly supervised localisation: a box inside the input for every non-empty map, its IoU, and localised
+    drawn = explanations[explanations["heatmap"].map(max) > 0]
+    box = drawn[["wsl_box_x0", "wsl_box_y0", "wsl_box_x1", "wsl_box_y1"]].to_numpy()
+    assert (box[:, :2] >= 0).all() and (box[:, 2:] <= 48).all() and (box[:, 2:] > box[:, :2]).all()
+    assert drawn["wsl_iou"].between(0, 1).all()
+    judged = explanations[explanations["localised"].notna()]
+    assert len(judged) == 15 and judged["is_predicted"].all(), "one predicted-class map per image"
+    assert (judged["localised"] == (judged["is_label"] & (judged["wsl_iou"] >= 0.5))).all()
+    metrics = read_table(out, "metrics").set_index(["metric", "class_name"], drop=False)
+    for name in ("pointing_rate", "pointing_top5_rate", "wsl_error"):
+        overall = metrics[(metrics["metric"] == name) & metrics["class_name"].isna()]
+        low = metrics[(metrics["metric"] == f"{name}_low") & metrics["class_name"].isna()]["value"].item()
+        assert overall["images"].item() == (45 if name == "pointing_top5_rate" else 15)
+        assert low <= overall["value"].item() <= 1, name
+    wrong = 1 - judged["localised"].astype(bool).mean()
+    assert metrics[(metrics["metric"] == "wsl_error") & metrics["class_name"].isna()]["value"].item() == wrong
 
 
 def test_second_run_of_a_series_shows_trends_and_changes(tmp_path, tiny_model_file) -> None:
@@ -241,10 +258,11 @@ def test_occlusion_beside_gradcam_with_faithfulness(tmp_path, tiny_model_file) -
     out = tmp_path / "out"
     result = runner.invoke(app, ["run", str(manifest), "--out", str(out), "--model", f"{model}:build",
                                  "--weights", str(weights), "--crop", "48", "--resize", "48", "-q",
-                                 "--methods", "gradcam,occlusion", "--occlusion-grid", "4",
+                                 "--methods", "gradcam,occlusion,mil_patches", "--occlusion-grid", "4",
                                  "--occlusion-baseline", "mean"])
     assert result.exit_code == 0, result.output
-    explanations = read_table(out, "explanations")
+    stored = read_table(out, "explanations")
+    explanations = stored[stored["method"] == "gradcam"]
     occlusion = read_table(out, "occlusion")
     assert set(SCHEMAS["occlusion"].names) | {"run_id"} == set(occlusion.columns)
     key = ["image_id", "target"]
@@ -256,10 +274,20 @@ def test_occlusion_beside_gradcam_with_faithfulness(tmp_path, tiny_model_file) -
     metrics = read_table(out, "metrics")
     rise = metrics[metrics["metric"].isin(["deletion_auc", "insertion_auc"])]
     assert set(zip(rise["metric"], rise["method"])) == {(m, k) for m in ("deletion_auc", "insertion_auc")
-                                                         for k in ("gradcam", "occlusion")}
+                                                         for k in ("gradcam", "occlusion", "mil_patches")}
     assert rise["value"].between(0, 1).all()
-    text = _pdf_text(out / "runs" / occlusion["run_id"].iloc[0] / "report.pdf")
+    # mil_patches at 48 px: 12 px patches every 6 px (7 x 7), stored on 8 x 8 cells, one per (image, target)
+    patches = stored[stored["method"] == "mil_patches"]
+    assert sorted(map(tuple, patches[key].to_numpy())) == sorted(map(tuple, explanations[key].to_numpy()))
+    assert patches["layer"].eq("input").all() and patches["height"].eq(8).all() and patches["width"].eq(8).all()
+    assert patches["heatmap"].map(min).ge(0).all() and patches["heatmap"].map(max).le(1).all(), "probabilities"
+    assert patches["energy_in_box"].notna().all()
+    run_dir = out / "runs" / occlusion["run_id"].iloc[0]
+    recorded = json.loads((run_dir / "run.json").read_text())["parameters"]["mil_patches"]
+    assert recorded == {"patch": 0.25, "stride": 0.125, "patch_px": 12, "stride_px": 6, "patches_per_image": 49}
+    text = _pdf_text(run_dir / "report.pdf")
     assert "Grad-CAM against occlusion" in text and "0.254" in text and "deletion AUC" in text
+    assert "MIL patches" in text
 
 
 def test_occlusion_window_that_does_not_fit_is_one_line(tmp_path, tiny_model_file) -> None:
@@ -376,3 +404,51 @@ def test_methods_that_cannot_apply_are_skipped_and_the_rest_complete(tmp_path) -
     for note in skipped.values():
         assert note in page
     assert "Attention rollout" in page and "Gradient-weighted rollout" in page
+
+
+def test_torchscript_archive_audited_without_a_layer(tmp_path, tiny_model_file) -> None:
+    """``--arch torchscript:FILE`` audits a scripted CNN end to end: predictions, setup checks,
+    occlusion equal to the same eager model's to 1e-5, class impressions without a Grad-CAM;
+    Grad-CAM skipped with its note; run.json and the report say there is no layer."""
+    import html as html_lib
+    import warnings
+
+    from visaudit.tasks.model.sources import NO_LAYER
+
+    manifest = make_shapes(tmp_path / "data", {"red": 3, "green": 3, "blue": 3})
+    model, weights = tiny_model_file
+    namespace: dict = {}
+    exec(model.read_text(), namespace)
+    net = namespace["build"](3)
+    net.load_state_dict(torch.load(weights, weights_only=True))
+    archive = tmp_path / "tiny.ts"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        torch.jit.script(net.eval()).save(str(archive))
+    common = ["--crop", "48", "--resize", "48", "-q", "--no-pdf", "--occlusion-grid", "4", "--no-sanity-check"]
+    scripted, eager = tmp_path / "scripted", tmp_path / "eager"
+    result = runner.invoke(app, ["run", str(manifest), "--out", str(scripted), "--arch", f"torchscript:{archive}",
+                                 *common, "--methods", "gradcam,occlusion,impressions",
+                                 "--impression-iterations", "5", "--impression-max-classes", "2"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["run", str(manifest), "--out", str(eager), "--model", f"{model}:build",
+                                 "--weights", str(weights), *common, "--methods", "occlusion", "--no-setup-checks"])
+    assert result.exit_code == 0, result.output
+    ours, theirs = (read_table(out, "occlusion").sort_values(["image_id", "target"]) for out in (scripted, eager))
+    assert len(ours) >= 9 and ours[["image_id", "target"]].values.tolist() == theirs[["image_id", "target"]].values.tolist()
+    np.testing.assert_allclose(np.stack(ours["heatmap"]), np.stack(theirs["heatmap"]), atol=1e-5)
+    predictions = read_table(scripted, "predictions")
+    assert predictions["error"].isna().all() and predictions["confidence"].between(0, 1).all()
+    assert read_table(scripted, "explanations").empty
+    impressions = read_table(scripted, "impressions")
+    assert len(impressions) == 2 and impressions["layer"].eq("").all() and impressions["heatmap"].map(len).eq(0).all()
+    metrics = read_table(scripted, "metrics")
+    assert set(metrics.loc[metrics["metric"] == "deletion_auc", "method"]) == {"occlusion"}
+    run_dir = scripted / "runs" / predictions["run_id"].iloc[0]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["model"]["layers"] == [] and record["model"]["layer_reason"] == NO_LAYER
+    assert record["model"]["skipped"] == {"gradcam": f"Grad-CAM needs hooks on the model's layers; {NO_LAYER}"}
+    assert record["setup"]["probe_images"] == 9, "the setup checks ran the scripted model"
+    page = html_lib.unescape((run_dir / "report.html").read_text())
+    assert f"Explained layer: none ({NO_LAYER})." in page and record["model"]["skipped"]["gradcam"] in page
+    assert all(path in page for path in impressions["image_path"])

@@ -81,6 +81,8 @@ def test_localise_only_boxed_maps_and_localised_flag() -> None:
     located = localise(up, truth)
     assert located.iou[0] == pytest.approx(1.0) and located.iou[1] < 0.5 and np.isnan(located.iou[2])
     assert np.isnan(located.boxes[2]).all(), "no true box: not labelled"
+    empty = localise(torch.zeros(1, 12, 12), truth[:1])
+    assert np.isnan(empty.boxes).all() and empty.iou[0] == 0.0, "an empty map localises nothing"
     columns = wsl_columns(located, np.array([True, True, True]), np.array([True, True, True]),
                           np.array([True, True, True]))
     assert columns["localised"].tolist() == [True, False, pd.NA]
@@ -116,7 +118,8 @@ def _tables() -> tuple[pd.DataFrame, pd.DataFrame]:
             ("i2", "a", False, False, False, 0.0, None, np.nan)]
     for image, target, pred, lab, hit, peak, loc, iou in spec:
         rows.append(dict(image_id=image, method="gradcam", layer="4", target=target, is_predicted=pred, is_label=lab,
-                         pointing_hit=hit, heatmap=np.array([0.0, peak], np.float32), localised=loc, wsl_iou=iou))
+                         pointing_hit=hit if peak else None, heatmap=np.array([0.0, peak], np.float32),
+                         box_area_fraction=0.2, localised=loc, wsl_iou=iou))
     explanations = pd.DataFrame(rows)
     explanations["localised"] = explanations["localised"].astype("boolean")
     return predictions, explanations
@@ -153,3 +156,21 @@ def test_top5_needs_every_top_class_map() -> None:
     rows = localisation_metric_rows(predictions, partial, multi_label=False)
     assert not [r for r in rows if r.metric.startswith("pointing_top5")], "no top-5 maps: no top-5 rate"
     assert [r for r in rows if r.metric == "pointing_rate"]
+
+
+def test_report_view_and_the_drawn_box() -> None:
+    from visaudit.tasks.data.records import metric_frame
+    from visaudit.tasks.explain.overlay import WSL_BOX_COLOUR, overlay_pixels
+    from visaudit.tasks.report.localisation import localisation_view
+
+    predictions, explanations = _tables()
+    view = localisation_view(metric_frame(localisation_metric_rows(predictions, explanations, multi_label=False)))
+    assert view is not None and view.top5
+    overall = view.rows[0]
+    ci = binomtest(2, 3).proportion_ci(method="wilson")
+    assert (overall.class_name, overall.maps) == ("all classes", 3)
+    assert overall.pointing == f"0.67 ({ci.low:.2f}-{ci.high:.2f})" and overall.mean_iou == "0.40"
+    assert localisation_view(metric_frame([])) is None
+    heat = np.zeros((4, 4), np.float32)
+    drawn = overlay_pixels(heat, np.zeros((16, 16, 3)), 16, None, np.array([2.0, 3.0, 10.0, 12.0]))
+    assert tuple(drawn[3, 6]) == WSL_BOX_COLOUR and tuple(drawn[7, 6]) != WSL_BOX_COLOUR

@@ -92,7 +92,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def localise(up: torch.Tensor, true_boxes: torch.Tensor, fraction: float = WSL_FRACTION) -> Localisation:
     """WSL boxes of upsampled maps (M, H, W) whose image has a box in ``true_boxes`` (M, 4,
     input pixels, NaN rows: none; clamped to the input as they are drawn on it), and their IoU
-    with it; NaN for the maps without a box."""
+    with it: 0 for an empty map (no segment, no box), NaN for the maps without a true box."""
     size = np.array([up.shape[-1], up.shape[-2], up.shape[-1], up.shape[-2]], dtype=np.float32)
     truth = np.clip(true_boxes.detach().float().cpu().numpy(), 0, size)
     has_box = ~np.isnan(truth).any(axis=1)
@@ -100,7 +100,9 @@ def localise(up: torch.Tensor, true_boxes: torch.Tensor, fraction: float = WSL_F
     if has_box.any():
         pick = torch.from_numpy(np.flatnonzero(has_box)).to(up.device)
         boxes[has_box] = largest_segment_boxes(up[pick].detach().float().cpu().numpy(), fraction)
-    return Localisation(boxes=boxes, iou=box_iou(boxes, truth))
+    iou = box_iou(boxes, truth)
+    iou[has_box & np.isnan(boxes[:, 0])] = 0.0  # an empty map localises nothing
+    return Localisation(boxes=boxes, iou=iou)
 
 
 def wsl_columns(located: Localisation, is_predicted: np.ndarray, is_label: np.ndarray,

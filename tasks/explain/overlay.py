@@ -18,21 +18,25 @@ COLORMAP = "jet"
 SALIENCY_COLORMAP = "inferno"
 OVERLAY_ALPHA = 0.5
 BOX_COLOUR = (0, 210, 0)
+WSL_BOX_COLOUR = (255, 0, 255)
 MAX_FIGURE_PX = 224  # larger model inputs are shrunk: the report shows thumbnails
 
 
-def overlay_pixels(heat: np.ndarray, pixels: np.ndarray | None, size: int, box: np.ndarray | None) -> np.ndarray:
-    """Map upsampled (bilinear) to the input size, over its max, colour-mapped, blended 0.5; box in green."""
+def overlay_pixels(heat: np.ndarray, pixels: np.ndarray | None, size: int, box: np.ndarray | None,
+                   wsl_box: np.ndarray | None = None) -> np.ndarray:
+    """Map upsampled (bilinear) to the input size, over its max, colour-mapped, blended 0.5; the
+    true box in green, the map's weakly supervised localisation box (input pixels) in magenta."""
     upsampled = np.asarray(Image.fromarray(heat).resize((size, size), Image.Resampling.BILINEAR))
     peak = float(upsampled.max())
     scaled = np.clip(upsampled / peak, 0.0, 1.0) if peak > 0 else np.zeros_like(upsampled)
     colour = colormaps[COLORMAP](scaled)[..., :3] * 255.0
     blended = colour if pixels is None else (1 - OVERLAY_ALPHA) * pixels + OVERLAY_ALPHA * colour
     image = Image.fromarray(blended.round().astype(np.uint8))
-    if box is not None:
-        x0, x1 = sorted((float(box[0]), float(box[2])))
-        y0, y1 = sorted((float(box[1]), float(box[3])))
-        ImageDraw.Draw(image).rectangle([x0, y0, x1, y1], outline=BOX_COLOUR, width=max(1, size // 112))
+    for drawn, colour in ((box, BOX_COLOUR), (wsl_box, WSL_BOX_COLOUR)):
+        if drawn is not None and not np.isnan(drawn).any():
+            x0, x1 = sorted((float(drawn[0]), float(drawn[2])))
+            y0, y1 = sorted((float(drawn[1]), float(drawn[3])))
+            ImageDraw.Draw(image).rectangle([x0, y0, x1, y1], outline=colour, width=max(1, size // 112))
     return np.asarray(image)
 
 

@@ -5,7 +5,7 @@ From the ``explanations`` rows of audited images with a box (the columns of
 
 - **pointing game** (Zhang et al. 2016): over the maps of each image's true class,
   ``pointing_rate = hits / (hits + misses)``, a hit when the map's maximum lies within the
-  tolerance (15 px at 224 px, scaled to the input) of the box;
+  tolerance (15 px at 224 px, scaled to the input) of the box (an empty map is a miss);
 - **top-5 pointing game** (Grad-CAM paper, sec. 4.3 of its localisation experiments): the maps
   of each image's five top predicted classes, a present class (the image's label) hits when
   its maximum is in the box, an absent class hits when its map is rejected: it is empty
@@ -13,7 +13,8 @@ From the ``explanations`` rows of audited images with a box (the columns of
   whose maximum is below a threshold, here 0). Needs maps for the top-5 classes:
   ``--targets top5`` (skipped otherwise); multi-class runs only;
 - **WSL localisation error** (ILSVRC): over the maps of each image's predicted class,
-  ``wsl_error = 1 - localised / maps`` (localised: top-1 right and IoU >= 0.5), and
+  ``wsl_error = 1 - localised / maps`` (localised: top-1 right and IoU >= 0.5; an empty map
+  has IoU 0), and
   ``wsl_mean_iou`` over the same maps.
 
 Each rate has its 95% Wilson score interval (``<metric>_low``, ``<metric>_high``); rows per
@@ -75,8 +76,9 @@ def localisation_metric_rows(predictions: pd.DataFrame, explanations: pd.DataFra
     maps = explanations[explanations["image_id"].isin(audited["image_id"])]
     rows: list[MetricRow] = []
     for (method, layer), group in maps.groupby(["method", "layer"], sort=True):
-        pointed = group[group["is_label"] & group["pointing_hit"].notna()]
-        rows += _rate_rows("pointing_rate", pointed["pointing_hit"].astype(bool), pointed["target"], method, layer,
+        pointed = group[group["is_label"] & group["box_area_fraction"].notna()]  # an empty map is a miss
+        rows += _rate_rows("pointing_rate", pointed["pointing_hit"].fillna(False).astype(bool), pointed["target"],
+                           method, layer,
                            "true class's map; tolerance 15 px at 224 px, scaled to the input")
         judged = group[group["localised"].notna()]
         classes = truth.loc[judged["image_id"]].set_axis(judged.index)

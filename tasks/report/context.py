@@ -22,6 +22,7 @@ from visaudit.tasks.report.impressions import (
     label_peaks,
 )
 from visaudit.tasks.report.inputs import FEATURES_DIR, RunInputs
+from visaudit.tasks.report.localisation import localisation_view
 from visaudit.tasks.report.methods import (
     explained_layer,
     faithfulness_view,
@@ -96,6 +97,7 @@ def report_context(inputs: RunInputs, gallery_size: int, evidence_per_finding: i
         "impressions": impressions_view(inputs.impressions, class_examples, by_id, painter,
                                         label_peaks(inputs.explanations), colour_notes(findings)),
         "faithfulness": faithfulness_view(inputs.occlusion, inputs.metrics),
+        "localisation": localisation_view(inputs.metrics),
         "unreadable": unreadable_rows(predictions),
         "calibration": None if multilabel else calibration_view(predictions, painter),
         "slices": slice_rows(predictions),

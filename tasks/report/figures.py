@@ -124,14 +124,15 @@ class Painter:
         wsl = np.array([getattr(row, f"wsl_box_{c}", np.nan) for c in ("x0", "y0", "x1", "y1")], dtype=np.float64)
         return self.save(name, lambda tmp: save_photo(overlay_pixels(heat, pixels, size, box, wsl), tmp))
 
-    def picture_overlay(self, image_path: str, heat: np.ndarray) -> str | None:
-        """A map over a picture of the run folder (a class impression), or None when the picture is gone."""
+    def picture_overlay(self, image_path: str, heat: np.ndarray, tag: str = "") -> str | None:
+        """A map over a picture of the run folder (a class impression, an adversarial image), or None
+        when the picture is gone; ``tag`` names one of several maps drawn over the same picture."""
         path = self.run_dir / image_path
         if not path.is_file():
             return None
         with Image.open(path) as image:
             pixels = np.asarray(image.convert("RGB"))
-        return self.save(f"impression-{digest(image_path)}.jpg",
+        return self.save(f"impression-{digest(image_path + tag)}.jpg",
                          lambda tmp: save_photo(overlay_pixels(heat, pixels, pixels.shape[0], None), tmp))
 
     def swatch(self, rgb: np.ndarray) -> str:
