@@ -9,12 +9,14 @@ module under ``tasks/findings/`` defining its ``DETECTOR`` and one line below.
 from __future__ import annotations
 
 from visaudit.tasks.findings import (
+    adversarial_fragility,
     attention_fixed_location,
     attention_off_object,
     class_imbalance,
     colour_shortcut,
     confident_error,
     confused_pair,
+    error_slice,
     group_gap,
     likely_label_error,
     near_duplicate,
@@ -33,8 +35,10 @@ DETECTORS: tuple[Detector, ...] = (
     attention_off_object.DETECTOR,
     slice_gap.DETECTOR,
     group_gap.DETECTOR,
+    error_slice.DETECTOR,
     unfaithful_explanation.DETECTOR,
     confident_error.DETECTOR,
+    adversarial_fragility.DETECTOR,
     confused_pair.DETECTOR,
     likely_label_error.DETECTOR,
     near_duplicate.DETECTOR,
