@@ -36,6 +36,7 @@ shard_task = _task(steps.run_shard, "audit-shard", task_run_name="shard-{shard}"
 sanity_task = _task(steps.sanity, "sanity-check")
 rise_task = _task(steps.deletion_insertion, "deletion-insertion")
 impressions_task = _task(steps.impressions, "class-impressions")
+adversarial_task = _task(steps.adversarial, "adversarial")
 find_task = _task(steps.find, "findings")
 features_task = _task(steps.feature_views, "feature-views")
 commit_task = _task(commit, "commit")
@@ -73,6 +74,8 @@ def audit(request: AuditRequest) -> str:
     timed("sanity_check", sanity_task, plan)
     timed("deletion_insertion", rise_task, plan)
     timed("class_impressions", impressions_task, plan)
+    #    Does a tiny adversarial perturbation flip the prediction, and where do the maps point then?
+    timed("adversarial", adversarial_task, plan)
     # 4. Findings over the staged tables, then feature views of a few of the images they show.
     timed("findings", find_task, plan)
     timed("feature_views", features_task, plan)

@@ -53,7 +53,7 @@ def option_parameter(info: FieldInfo, name: str, panel: str) -> inspect.Paramete
     if form.startswith("switch:"):
         names, annotation = (form.removeprefix("switch:"),), annotation
     elif form == "comma":
-        annotation, default = str, ",".join(default)
+        annotation, default = str, ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in default)
     elif form in ("repeat", "pairs"):
         annotation, default = list[str], []
     if flag == "--out":

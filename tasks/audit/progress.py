@@ -17,7 +17,8 @@ PROGRESS_DIR = "progress"
 STAGE_FILE = "stage"
 STAGE_LABELS = {  # the flow's stage names, as the bar shows them
     "sanity_check": "sanity check", "deletion_insertion": "deletion/insertion",
-    "class_impressions": "class impressions", "findings": "findings", "feature_views": "feature views",
+    "class_impressions": "class impressions", "adversarial": "adversarial noise",
+    "findings": "findings", "feature_views": "feature views",
     "commit": "commit", "report": "report",
 }
 

@@ -71,8 +71,10 @@ class ModelSettings(Settings):
 
     title: ClassVar[str] = "Model"
     arch: str | None = option(None, "torchvision architecture name (resnet18, vit_b_16, swin_t, ...), "
-                                    "timm:NAME (pip install 'visaudit[timm]') or hf:PATH_OR_ID, a Hugging Face "
-                                    "image classifier folder or hub id (pip install 'visaudit[hf]').")
+                                    "timm:NAME (pip install 'visaudit[timm]'), hf:PATH_OR_ID, a Hugging Face "
+                                    "image classifier folder or hub id (pip install 'visaudit[hf]'), or "
+                                    "torchscript:FILE, a torch.jit.save archive (no layer: model-agnostic "
+                                    "methods only).")
     model: str | None = option(None, "Model factory 'package.module:function' or 'path/to/file.py:function'.")
     weights: str | None = option(None, "state_dict file, or a torchvision weights name such as IMAGENET1K_V1.")
     layer: str | None = option(None, "Layer to explain (default: the last spatial conv stage).")
@@ -225,21 +227,18 @@ class MilSettings(Settings):
 
 
 class AdversarialSettings(Settings):
-    """Explanations under adversarial noise (Grad-CAM paper, sec. 6.2): untargeted L-inf PGD on a
-    sample of correctly predicted images, at a ladder of budgets (``explain.adversarial``)."""
+    """Explanations under adversarial noise (Grad-CAM paper, sec. 6.2): L-inf PGD on a sample (``explain.adversarial``)."""
 
     title: ClassVar[str] = "Adversarial noise"
-    images: int = option(0, "Adversarial: images attacked, spread evenly over the predicted classes (0 = off; "
-                         "about 3 s an image for a ResNet-18 at 224 px on 2 CPU cores).", key="adversarial_images",
-                         flag="adversarial-images", ge=0, le=100_000)
-    epsilons: list[Annotated[float, Field(gt=0, le=255)]] = option(
-        [1.0, 2.0, 4.0, 8.0], "Adversarial: L-inf budgets in 1/255 of the [0, 1] pixel range, before the model's "
-        "normalisation (comma-separated).", key="adversarial_epsilons", flag="adversarial-epsilons", form="comma",
-        min_length=1)
-    steps: int = option(10, "Adversarial: PGD steps.", key="adversarial_steps", flag="adversarial-steps", ge=1, le=1000)
+    images: int = option(0, "Adversarial: correctly predicted images attacked, taken in turn from each class (0 = off; "
+                         "~3 s an image for a ResNet-18 at 224 px on 2 CPUs).", key="adversarial_images", ge=0)
+    epsilons: list[Annotated[float, Field(gt=0, le=255)]] = option([1.0, 2.0, 4.0, 8.0], "Adversarial: L-inf budgets "
+        "in 1/255 of the [0, 1] pixel range, before normalisation (comma-separated).", key="adversarial_epsilons",
+        form="comma", min_length=1)
+    steps: int = option(10, "Adversarial: PGD steps.", key="adversarial_steps", ge=1, le=1000)
     step_ratio: float = option(2.5, "Adversarial: PGD step size = this x budget / steps (Madry et al. 2018).",
-                               key="adversarial_step_ratio", flag="adversarial-step-ratio", gt=0, le=100)
-    seed: int = option(0, "Adversarial: seed of PGD's random start.", key="adversarial_seed", flag="adversarial-seed")
+                               key="adversarial_step_ratio", gt=0, le=100)
+    seed: int = option(0, "Adversarial: seed of PGD's random start.", key="adversarial_seed")
 
     _split_epsilons = field_validator("epsilons", mode="before")(lambda cls, value: _split(value))
 

@@ -1,6 +1,6 @@
 """The steps of a run after planning, each a plain function of the plan (the flow wraps each
 in a Prefect task): audit a shard, the sanity check, deletion/insertion, class impressions,
-findings, feature views. Each reads what earlier steps staged and stages its own rows.
+the adversarial experiment, findings, feature views. Each reads what earlier steps staged and stages its own rows.
 
 Every step loads the model through the per-process cache (:meth:`RunPlan.load_model`), so
 tasks pass only the plan and names, never models or tensors.
@@ -10,16 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from visaudit.tasks.audit.plan import INDEX_NAME, RunPlan, load_plan
 from visaudit.tasks.audit.progress import mark_images
 from visaudit.tasks.audit.shard import ShardResult, audit_shard
 from visaudit.tasks.data import storage
-from visaudit.tasks.data.images import Decoded, decode_many, normalise, to_batch
+from visaudit.tasks.data.images import Decoded, boxes_to_input, decode_many, normalise, standardise, to_batch
 from visaudit.tasks.data.records import MetricRow, metric_frame
 from visaudit.tasks.data.sources import read_index
 from visaudit.tasks.explain import cam, mil, occlusion, rise
+from visaudit.tasks.explain.adversarial import attack_and_explain
+from visaudit.tasks.explain.adversarial_output import ADVERSARIAL_DIR, adversarial_table, save_strip_pngs
 from visaudit.tasks.explain.colour_impressions import colour_impressions
 from visaudit.tasks.explain.features import FEATURES_DIR, write_feature_views
 from visaudit.tasks.explain.impression_output import impression_cam, impression_table, save_pngs
@@ -166,6 +169,44 @@ def impressions(plan: RunPlan) -> int:
     return len(table)
 
 
+def attack_sample(predictions: pd.DataFrame, count: int) -> pd.DataFrame:
+    """Up to ``count`` readable images the model gets right (or unlabelled ones), taken in turn
+    from each predicted class (the first of each class, then the second, ...), in table order."""
+    rows = predictions[predictions["error"].isna() & predictions["correct"].ne(False)]
+    rows = rows.assign(_top=rows["top_classes"].map(lambda top: top[0]))
+    turn = rows.groupby("_top", sort=False).cumcount()
+    return rows.assign(_turn=turn).sort_values(["_turn", "_top"], kind="stable").head(count)
+
+
+def adversarial(plan: RunPlan) -> int:
+    """PGD at every budget on a sample (``--adversarial-images``), Grad-CAM of the original and
+    the adversarial class (``explain.adversarial``); rows staged as ``adversarial``, the strip
+    PNGs beside the plan. Multi-class runs only. Returns how many rows."""
+    settings = plan.request.adversarial
+    if settings.images < 1 or plan.multi_label or not plan.layer:
+        return 0
+    predictions = storage.read_staged("predictions", Path(plan.out_dir), plan.run_id)
+    sample = attack_sample(predictions, settings.images)
+    reads = plan.request.data.read_policy(plan.request.source)
+    decoded = decode_many(sample["uri"].tolist(), plan.preprocess, plan.request.compute.decode_workers, policy=reads)
+    readable = [isinstance(d, Decoded) for d in decoded]
+    sample, decoded = sample[readable], [d for d in decoded if isinstance(d, Decoded)]
+    if not decoded:
+        return 0
+    loaded = plan.load_model()
+    pixels = to_batch(decoded, loaded.device).float() / 255
+    boxes = torch.from_numpy(boxes_to_input(sample[["box_x0", "box_y0", "box_x1", "box_y1"]].to_numpy(float), decoded))
+    attack = settings.attack()
+    result = attack_and_explain(loaded.model, pixels, boxes, plan.layer, attack,
+                                lambda x: standardise(x, plan.preprocess), plan.request.compute.batch_size)
+    ids = sample["image_id"].tolist()
+    paths = save_strip_pngs(result, pixels, ids, plan.folder / ADVERSARIAL_DIR)
+    confidence = sample["confidence"].to_numpy(float)
+    table = adversarial_table(result, ids, plan.classes, confidence, attack, plan.layer, paths)
+    storage.write_part(table, "adversarial", Path(plan.out_dir), plan.run_id, "00000")
+    return len(table)
+
+
 def find(plan: RunPlan) -> int:
     """Compute findings over the run's staged tables and stage them; returns how many.
 
@@ -175,7 +216,7 @@ def find(plan: RunPlan) -> int:
     """
     out_dir = Path(plan.out_dir)
     staged = {t: storage.read_staged(t, out_dir, plan.run_id)
-              for t in ("predictions", "explanations", "signals", "occlusion", "metrics", "impressions")}
+              for t in ("predictions", "explanations", "signals", "occlusion", "metrics", "impressions", "adversarial")}
     thresholds = plan.request.finding_thresholds()
     predictions, explanations = staged["predictions"], staged["explanations"]
     audited = predictions[predictions["error"].isna()]
@@ -202,6 +243,7 @@ def find(plan: RunPlan) -> int:
         predictions=predictions, explanations=explanations, classes=plan.classes, multi_label=plan.multi_label,
         layer=plan.layer, signals=staged["signals"], occlusion=staged["occlusion"], metrics=staged["metrics"],
         impressions=staged["impressions"], locations=(candidates, probes), cues=cues,
+        adversarial=staged["adversarial"],
     ), thresholds)
     if probes:  # every probed candidate's numbers, flagged or not, for the record
         rows = metric_frame(location_metric_rows(candidates, probes, plan.layer))

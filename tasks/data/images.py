@@ -263,10 +263,15 @@ def to_batch(images: list[Decoded], device: torch.device) -> torch.Tensor:
 def normalise(batch: torch.Tensor, pre: Preprocess) -> torch.Tensor:
     """uint8 RGB (N,3,H,W) -> float, scaled to [0,1], channels reversed for a BGR model, and
     standardised with the model's mean/std: ``x = (p / 255 - mean) / std``."""
-    mean = torch.tensor(pre.mean, device=batch.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=batch.device).view(1, 3, 1, 1)
-    pixels = batch.flip(1) if pre.channels == "bgr" else batch
-    return (pixels.float() / 255.0 - mean) / std
+    return standardise(batch.float() / 255.0, pre)
+
+
+def standardise(pixels: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """RGB pixels in [0, 1] (N,3,H,W, float) -> the model's input: channels reversed for a BGR
+    model, then ``x = (p - mean) / std``; differentiable (attacks work in the [0, 1] pixel space)."""
+    mean = torch.tensor(pre.mean, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+    return ((pixels.flip(1) if pre.channels == "bgr" else pixels) - mean) / std
 
 
 def boxes_to_input(boxes: np.ndarray, decoded: list[Decoded]) -> np.ndarray:

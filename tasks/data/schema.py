@@ -79,6 +79,7 @@ SCHEMAS: dict[str, pa.Schema] = {
             pa.field("message", pa.string(), nullable=False),
             pa.field("evidence", pa.list_(pa.string())),
             pa.field("confidence", pa.string()),  # "low" when the maps it rests on failed a faithfulness check
+            pa.field("cause", pa.string()),  # the finding that explains the same images best (findings.causes)
         ]
     ),
 }
@@ -192,6 +193,38 @@ SCHEMAS["comparisons"] = pa.schema(
         pa.field("fixed", pa.int32()),  # accuracy: images wrong in A, right in B
         pa.field("broken", pa.int32()),  # accuracy: images right in A, wrong in B
         pa.field("detail", pa.string()),  # accuracy: the test; flip: predictions A -> B; finding: its message
+    ]
+)
+
+SCHEMAS["adversarial"] = pa.schema(
+    [
+        # one row per (attacked image, PGD budget) (tasks/explain/adversarial.py); multi-class runs, --adversarial-images
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("target", pa.string(), nullable=False),  # the original class: the clean top-1 (= the label)
+        pa.field("target_index", pa.int32(), nullable=False),
+        pa.field("clean_confidence", pa.float32()),  # its probability on the clean image
+        pa.field("epsilon", pa.float32(), nullable=False),  # L-inf budget, [0, 1] pixel units (before normalisation)
+        pa.field("steps", pa.int32(), nullable=False),
+        pa.field("step_size", pa.float32(), nullable=False),  # [0, 1] pixel units
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("linf", pa.float32()),  # measured max |adversarial - clean|, pixel units
+        pa.field("success", pa.bool_(), nullable=False),  # the top-1 class changed
+        pa.field("adversarial_class", pa.string(), nullable=False),  # top-1 on the adversarial image
+        pa.field("adversarial_index", pa.int32(), nullable=False),
+        pa.field("adversarial_confidence", pa.float32()),  # its probability there
+        pa.field("original_probability", pa.float32()),  # the original class's probability there
+        pa.field("layer", pa.string(), nullable=False),  # where Grad-CAM is taken
+        pa.field("height", pa.int32(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("clean_heatmap", pa.list_(pa.float32()), nullable=False),  # Grad-CAM, original class, clean image
+        pa.field("heatmap", pa.list_(pa.float32()), nullable=False),  # ... original class, adversarial image
+        pa.field("adversarial_heatmap", pa.list_(pa.float32())),  # ... adversarial class there (null: attack failed)
+        pa.field("spearman", pa.float32()),  # rank correlation of heatmap with clean_heatmap over the map cells
+        pa.field("pointing_hit_clean", pa.bool_()),  # pointing game on the box (null: no box)
+        pa.field("pointing_hit", pa.bool_()),  # ... of heatmap
+        pa.field("pointing_hit_adversarial", pa.bool_()),  # ... of adversarial_heatmap
+        pa.field("image_path", pa.string()),  # clean PNG, relative to runs/<run_id>/ (the report's strip)
+        pa.field("adversarial_path", pa.string()),  # adversarial PNG (the smallest successful budget's row)
     ]
 )
 

@@ -25,8 +25,8 @@ class FindingInputs:
     properties), ``occlusion``, ``metrics`` (the sanity check's rows) and ``impressions``
     (colour impressions) feed the detectors that need them; ``locations`` are the
     fixed-location candidates with their probe results by class and ``cues`` the
-    shortcut-cue probes by class (both need the model, so the flow runs them). A detector
-    whose input is missing is skipped.
+    shortcut-cue probes by class (both need the model, so the flow runs them);
+    ``adversarial`` the PGD experiment's rows. A detector whose input is missing is skipped.
     """
 
     predictions: pd.DataFrame
@@ -40,6 +40,7 @@ class FindingInputs:
     impressions: pd.DataFrame | None = None
     locations: Locations | None = None
     cues: dict[str, CueProbe] | None = None
+    adversarial: pd.DataFrame | None = None
 
     def tables(self) -> AuditTables:
         """The inputs as the detectors read them."""
@@ -58,6 +59,7 @@ class FindingInputs:
             impressions=self.impressions,
             locations=self.locations,
             cues=self.cues,
+            adversarial=self.adversarial,
         )
 
 
@@ -78,6 +80,7 @@ class AuditTables:
     impressions: pd.DataFrame | None
     locations: Locations | None
     cues: dict[str, CueProbe] | None
+    adversarial: pd.DataFrame | None = None
 
     def has(self, name: str) -> bool:
         """Whether input ``name`` is present: not None and, for a table, not empty."""

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from visaudit.tasks.audit.gate import GateOutcome
+from visaudit.tasks.report.adversarial import adversarial_view
 from visaudit.tasks.report.classes import calibration_view, class_table, confusion_view, slice_rows
 from visaudit.tasks.report.examples import failure_gallery, gallery_example, layer_strips
 from visaudit.tasks.report.figures import OCCLUSION_LAYER, Painter
@@ -97,6 +98,7 @@ def report_context(inputs: RunInputs, gallery_size: int, evidence_per_finding: i
         "impressions": impressions_view(inputs.impressions, class_examples, by_id, painter,
                                         label_peaks(inputs.explanations), colour_notes(findings)),
         "faithfulness": faithfulness_view(inputs.occlusion, inputs.metrics),
+        "adversarial": adversarial_view(inputs.adversarial, painter),
         "localisation": localisation_view(inputs.metrics),
         "unreadable": unreadable_rows(predictions),
         "calibration": None if multilabel else calibration_view(predictions, painter),

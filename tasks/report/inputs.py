@@ -30,6 +30,7 @@ class RunInputs:
     explanations: pd.DataFrame
     occlusion: pd.DataFrame
     impressions: pd.DataFrame
+    adversarial: pd.DataFrame
     history: pd.DataFrame
     features: dict[str, Any] | None
 
@@ -57,6 +58,7 @@ def read_inputs(out_dir: Path, run_id: str) -> RunInputs:
         explanations=read_table(out_dir, "explanations", run_id),
         occlusion=read_table(out_dir, "occlusion", run_id),
         impressions=read_table(out_dir, "impressions", run_id),
+        adversarial=read_table(out_dir, "adversarial", run_id),
         history=read_table(out_dir, "metrics"),
         features=read_features(run_dir),
     )
