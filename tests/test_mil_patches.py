@@ -166,3 +166,14 @@ def test_bad_calls() -> None:
         mil.mil_maps(tiny_net(), torch.zeros(1, 3, SIZE, SIZE), chunk_size=0)
     with pytest.raises(ValueError, match="grid"):
         mil.to_pixels(torch.zeros(3, 3), mil.MilSpec().geometry(SIZE))
+
+
+def test_settings_route_flat_keys_and_refuse_a_stride_past_the_patch() -> None:
+    from pydantic import ValidationError
+
+    from visaudit.tasks.audit.request import AuditRequest
+
+    request = AuditRequest(source="photos/", methods="mil_patches", mil_patch=0.5, mil_stride=0.25)
+    assert request.mil.spec() == mil.MilSpec(0.5, 0.25) and request.mil.spec().geometry(48).grid == (3, 3)
+    with pytest.raises(ValidationError, match="stride 0.5 is larger than the patch 0.25"):
+        AuditRequest(source="photos/", mil_patch=0.25, mil_stride=0.5)

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from visaudit.tasks.data.reads import Limits, ReadPolicy
 from visaudit.tasks.explain.impression_settings import ImpressionSettings, settings_for_input
@@ -212,12 +212,13 @@ class MilSettings(Settings):
     stride: float = option(0.125, "mil_patches: stride as a fraction of the input side (at most the patch).",
                            key="mil_stride", flag="mil-stride", gt=0, le=1)
 
-    @model_validator(mode="after")
-    def _stride_within_patch(self) -> MilSettings:
-        from visaudit.tasks.explain.mil import MilSpec
-
-        MilSpec(self.patch, self.stride)  # a stride larger than the patch is refused with both values
-        return self
+    @field_validator("stride")
+    @classmethod
+    def _stride_within_patch(cls, stride: float, info: ValidationInfo) -> float:
+        if stride > info.data.get("patch", stride):
+            raise ValueError(f"the stride {stride} is larger than the patch {info.data['patch']}: pixels between "
+                             "patches would never be classified")
+        return stride
 
     def spec(self) -> MilSpec:
         """The patch geometry, resolved at the input size by :meth:`MilSpec.geometry`."""
