@@ -55,4 +55,5 @@ DETECTOR = Detector(
     detect=lambda tables, t: attention_fixed_location(*tables.locations, t),
     needs=("locations",),
     map_based=True,
+    support="intervention",
 )

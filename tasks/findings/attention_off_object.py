@@ -90,4 +90,5 @@ DETECTOR = Detector(
     kind="attention_off_object",
     detect=lambda tables, t: attention_off_object(tables.audited, tables.explanations, t),
     map_based=True,
+    support="association",
 )

@@ -89,4 +89,5 @@ DETECTOR = Detector(
     kind="colour_shortcut",
     detect=lambda tables, t: colour_shortcuts(tables.audited, tables.impressions, tables.signals, t),
     needs=("impressions",),
+    support="intervention",
 )

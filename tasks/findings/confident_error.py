@@ -70,4 +70,5 @@ DETECTOR = Detector(
     kind="confident_error",
     detect=lambda tables, t: confident_errors(tables.audited, tables.signals, t),
     multi_label=False,
+    support="association",
 )

@@ -62,4 +62,5 @@ DETECTOR = Detector(
     kind="confused_pair",
     detect=lambda tables, t: confused_pairs(tables.audited, tables.signals, t),
     multi_label=False,
+    support="association",
 )

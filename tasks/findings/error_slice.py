@@ -194,4 +194,5 @@ DETECTOR = Detector(
     detect=lambda tables, t: error_slices(tables.audited, tables.signals, t),
     needs=("signals",),
     multi_label=False,
+    support="association",
 )

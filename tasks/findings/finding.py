@@ -11,6 +11,7 @@ from visaudit.tasks.findings.inputs import AuditTables
 from visaudit.tasks.findings.thresholds import SEVERITY_ORDER, Thresholds
 
 CONFIDENCES = ("normal", "low")
+SUPPORTS = ("intervention", "comparison", "association")  # kinds of evidence, strongest first (see ``causes``)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,6 +22,8 @@ class Finding:
     ``undermines_maps``: set by a finding that shows the explanation maps cannot be trusted
     (on ``class_name``, or on every class when that is None), it says why; map-based
     findings there then get ``confidence`` "low" and the reason. It is not stored.
+    ``cause``: set by ``causes.link_causes`` when other findings flag the same images: the
+    name of the finding whose evidence best explains them (the same on all of them).
     """
 
     kind: str  # the detector's kind, e.g. "confident_error"
@@ -33,6 +36,7 @@ class Finding:
     message: str  # what was seen, why it matters, what to try
     evidence: tuple[str, ...] = ()  # image ids that show it, most telling first
     confidence: str = "normal"  # "low" when the maps it rests on failed a faithfulness check
+    cause: str | None = None  # the finding the evidence supports, when several flag the same images
     undermines_maps: str | None = None
 
     def __post_init__(self) -> None:
@@ -56,8 +60,10 @@ class Detector:
     input named in ``needs`` (fields of :class:`~visaudit.tasks.findings.inputs.AuditTables`,
     e.g. "signals") is present and not empty, and on multi-label runs only when
     ``multi_label`` is true. ``map_based``: its evidence is the class's explanation maps, so
-    an unfaithful-explanation finding lowers its confidence. Its rank in the within-severity
-    order is its position in ``registry.DETECTORS``.
+    an unfaithful-explanation finding lowers its confidence. ``support``: the kind of evidence
+    its findings rest on (one of ``SUPPORTS``), which decides the explanation when findings
+    of several detectors flag the same images (``causes``); None: never linked (a cause of
+    its own). Its rank in the within-severity order is its position in ``registry.DETECTORS``.
     """
 
     kind: str
@@ -65,3 +71,8 @@ class Detector:
     needs: tuple[str, ...] = ()
     multi_label: bool = True
     map_based: bool = False
+    support: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.support is not None and self.support not in SUPPORTS:
+            raise ValueError(f"support must be one of {', '.join(SUPPORTS)} or None, got {self.support!r}")

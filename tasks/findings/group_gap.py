@@ -145,4 +145,5 @@ def group_gap(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> li
 DETECTOR = Detector(
     kind="group_gap",
     detect=lambda tables, t: group_gap(tables.audited, tables.signals, t),
+    support="comparison",
 )

@@ -64,4 +64,4 @@ def _detect(tables: AuditTables, t: Thresholds) -> list[Finding]:
     return shortcut_cue(tables.cues, t, explained)
 
 
-DETECTOR = Detector(kind="shortcut_cue", detect=_detect, needs=("cues",))
+DETECTOR = Detector(kind="shortcut_cue", detect=_detect, needs=("cues",), support="intervention")

@@ -173,4 +173,5 @@ DETECTOR = Detector(
     kind="shortcut_property",
     detect=lambda tables, t: shortcut_property(tables.audited, tables.signals, tables.classes, t),
     needs=("signals",),
+    support="association",
 )

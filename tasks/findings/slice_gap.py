@@ -105,4 +105,5 @@ def slice_gap(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> li
 DETECTOR = Detector(
     kind="slice_gap",
     detect=lambda tables, t: slice_gap(tables.audited, tables.signals, t),
+    support="comparison",
 )

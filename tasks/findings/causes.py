@@ -1,0 +1,98 @@
+"""Same-cause findings: when two detectors flag the same images, one cause, and which explanation the evidence supports.
+
+A shortcut token can raise ``shortcut_cue`` (pasting it turns other images), ``shortcut_property``
+(a border colour follows it) and ``group_gap`` (the images without it fail) at once; a group
+shift makes errors that look like label errors. Findings are linked when their evidence
+shares images: at least two, and at least half of the smaller evidence list. Each linked set
+(connected through such pairs) is one cause. Its lead is the finding whose evidence is
+strongest, by its detector's ``support`` (``finding.SUPPORTS``): an intervention on the model
+(pasting, muting, a plain-colour probe) over a tested comparison on named metadata (an
+interval on a group or slice) over an association (a property that predicts the class, a
+cluster, a confident error); ties go to the registry's order. Every member gets the lead's
+``cause`` label ("kind on class, slice"); the lead's message names the other detectors, the
+others' say which explanation the evidence supports. Detectors whose ``support`` is None
+(copies, map faithfulness, class counts: causes of their own) are never linked. A row its
+detector already marked ``explained=KIND`` (label errors in a failing group: its message says
+so) is linked to that kind's finding sharing most of its images, label only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from visaudit.tasks.findings.finding import SUPPORTS, Detector, Finding
+
+MIN_SHARED = 2  # images two findings must share to be linked ...
+MIN_SHARED_SHARE = 0.5  # ... and this share of the smaller evidence list
+
+_WHY = {
+    "intervention": "an intervention on the model confirms it",
+    "comparison": "it is a tested comparison on named metadata",
+    "association": "it is the more direct of two associations",
+}
+
+
+def cause_label(finding: Finding) -> str:
+    """How a cause is named: "kind on 'class' (slice)"."""
+    where = f" on '{finding.class_name}'" if finding.class_name else ""
+    return f"{finding.kind}{where}" + (f" ({finding.slice})" if finding.slice else "")
+
+
+def _shared(a: Finding, b: Finding) -> int:
+    """Images both findings' evidence lists name, when that is enough to link them (else 0)."""
+    common = len(set(a.evidence) & set(b.evidence))
+    smaller = min(len(set(a.evidence)), len(set(b.evidence)))
+    return common if common >= MIN_SHARED and common >= MIN_SHARED_SHARE * smaller else 0
+
+
+def link_causes(found: list[Finding], detectors: tuple[Detector, ...]) -> list[Finding]:
+    """``found`` with every finding of a linked set carrying its lead's ``cause`` and messages
+    saying which explanation the evidence supports; unlinked findings are returned unchanged."""
+    support = {d.kind: d.support for d in detectors}
+    rank = {d.kind: i for i, d in enumerate(detectors)}
+    explained = {i: f.slice.removeprefix("explained=") for i, f in enumerate(found)
+                 if (f.slice or "").startswith("explained=")}
+    linkable = [i for i, f in enumerate(found) if support.get(f.kind) is not None and i not in explained]
+    parent = {i: i for i in linkable}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for n, i in enumerate(linkable):
+        for j in linkable[n + 1:]:
+            if found[i].kind != found[j].kind and _shared(found[i], found[j]):
+                parent[root(i)] = root(j)
+    sets: dict[int, list[int]] = {}
+    for i in linkable:
+        sets.setdefault(root(i), []).append(i)
+    out = list(found)
+    for members in (m for m in sets.values() if len({found[i].kind for i in m}) > 1):
+        lead_at = min(members, key=lambda i: (SUPPORTS.index(support[found[i].kind]), rank[found[i].kind]))
+        lead = found[lead_at]
+        label = cause_label(lead)
+        others = [found[i] for i in members if i != lead_at]
+        out[lead_at] = replace(out[lead_at], cause=label, message=(
+            f"{lead.message} One cause: the same images also raise "
+            + "; ".join(f"{cause_label(f)} ({len(set(f.evidence) & set(lead.evidence))} shared)" for f in others)
+            + f"; this finding's evidence is the strongest ({_WHY[support[lead.kind]]})."))
+        for i in members:
+            if i == lead_at:
+                continue
+            f = found[i]
+            stronger = SUPPORTS.index(support[lead.kind]) < SUPPORTS.index(support[f.kind])
+            out[i] = replace(f, cause=label, message=(
+                f"{f.message} Same cause as {label}: {len(set(f.evidence) & set(lead.evidence))} of this finding's "
+                "evidence images are its too, and "
+                + (f"that finding's evidence is stronger ({_WHY[support[lead.kind]]}): it is the explanation the "
+                   "evidence supports, and this finding a symptom of it." if stronger else
+                   "both rest on evidence of the same kind: read them together as one cause.")))
+    for i, kind in explained.items():  # after the sets: an owner linked to a stronger finding passes its cause on
+        owners = [j for j in linkable if found[j].kind == kind]
+        if owners:
+            j = max(owners, key=lambda j: len(set(found[i].evidence) & set(found[j].evidence)))
+            cause = out[j].cause or cause_label(found[j])
+            out[i], out[j] = replace(out[i], cause=cause), replace(out[j], cause=cause)
+    return out

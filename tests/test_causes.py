@@ -1,0 +1,59 @@
+"""Same-cause findings: linked by shared evidence images, led by the strongest kind of evidence."""
+
+from __future__ import annotations
+
+import pandas as pd
+import test_findings_general as general
+
+from visaudit.tasks.findings.causes import cause_label, link_causes
+from visaudit.tasks.findings.compute import FindingInputs, Thresholds, compute_findings, detect_all
+from visaudit.tasks.findings.finding import Finding
+from visaudit.tasks.findings.registry import DETECTORS
+
+
+def _row(kind: str, evidence: list[str], class_name: str | None = "hospital", slice_: str | None = None) -> Finding:
+    return Finding(kind=kind, severity="medium", class_name=class_name, slice=slice_, metric="m", value=0.5,
+                   threshold=0.1, message=f"{kind} says so.", evidence=tuple(evidence))
+
+
+TOKEN = [f"t{k}" for k in range(8)]
+
+
+def test_the_intervention_leads_and_the_others_say_they_are_its_symptoms() -> None:
+    found = [
+        _row("shortcut_property", TOKEN[:6], slice_="property=border_r"),
+        _row("group_gap", TOKEN[2:8], slice_="token=yes"),
+        _row("shortcut_cue", TOKEN, slice_="cue at (0.1, 0.9)"),
+        _row("near_duplicate", TOKEN[:4], class_name=None, slice_="within split"),  # copies: a cause of its own
+        _row("confident_error", ["x1", "x2", "x3", TOKEN[0]], class_name="other"),  # shares one image: not linked
+    ]
+    out = link_causes(found, DETECTORS)
+    lead = cause_label(found[2])
+    assert lead == "shortcut_cue on 'hospital' (cue at (0.1, 0.9))"
+    assert [f.cause for f in out] == [lead, lead, lead, None, None]
+    assert out[3] == found[3] and out[4] == found[4]
+    assert "shortcut_property on 'hospital' (property=border_r) (6 shared)" in out[2].message
+    assert "group_gap on 'hospital' (token=yes) (6 shared)" in out[2].message
+    assert "an intervention on the model confirms it" in out[2].message
+    for f, shared in ((out[0], 6), (out[1], 6)):
+        assert f.message.startswith(f"{f.kind} says so. Same cause as {lead}: {shared} of this finding's")
+        assert "the explanation the evidence supports" in f.message
+
+
+def test_a_comparison_on_metadata_leads_an_association() -> None:
+    out = link_causes([_row("error_slice", TOKEN[:5]), _row("group_gap", TOKEN[:8], slice_="site=b")], DETECTORS)
+    assert {f.cause for f in out} == {"group_gap on 'hospital' (site=b)"}
+    assert "tested comparison on named metadata" in out[0].message
+
+
+def test_a_group_shift_links_the_errors_it_explains() -> None:
+    audited, signals, _ = general._birds()
+    found = detect_all(FindingInputs(audited, pd.DataFrame(), general.BIRDS, multi_label=False, layer=None,
+                                     signals=signals), Thresholds())
+    gap = next(f for f in found if f.kind == "group_gap")
+    explained = [f for f in found if (f.slice or "").startswith("explained=")]
+    assert explained and gap.cause == cause_label(gap)
+    assert all(f.cause == gap.cause and "Same cause as" not in f.message for f in explained)
+    table = compute_findings(FindingInputs(audited, pd.DataFrame(), general.BIRDS, multi_label=False, layer=None,
+                                           signals=signals), Thresholds())
+    assert (table.loc[table["kind"] == "group_gap", "cause"] == gap.cause).all()
