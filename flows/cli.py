@@ -2,7 +2,8 @@
 
 Bad input ends with a one-line ``error: ...`` naming the file and the fix (exit code 2),
 never a traceback; a run that breaks its release policy (``--fail-on``, ``--policy``) ends with
-the gate's one-line summary and exit code 3, its tables and report written.
+the gate's one-line summary and exit code 3, its tables and report written; one whose PDF could
+not be rendered ends with that one line and exit code 1, its tables and report.html written.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
 import typer
 from pydantic import ValidationError
@@ -31,13 +32,11 @@ from visaudit.flows.options import (
     validation_message,
     with_options,
 )
-from visaudit.tasks.audit.gate import GATE_EXIT_CODE, GateFailed, GateOutcome
-from visaudit.tasks.audit.plan import RunPlan, prepare_run
-from visaudit.tasks.audit.record import RunRecord
 from visaudit.tasks.audit.request import FLAT_KEYS, AuditRequest, ModelSettings
-from visaudit.tasks.data.sources import DataSourceError, read_class_file
 from visaudit.tasks.model.errors import ModelError
-from visaudit.tasks.model.loading import load_model
+
+if TYPE_CHECKING:  # --help and the option parsing import neither torch nor pandas nor Prefect: each command imports its work
+    from visaudit.tasks.audit.plan import RunPlan
 
 app = typer.Typer(
     help="Audit image classifiers: predictions, Grad-CAM, Parquet tables, and a PDF report of bias and failure modes.",
@@ -47,7 +46,7 @@ app = typer.Typer(
 )
 
 DEFAULT_OUT = Path("visaudit-out")
-USER_ERRORS = (DataSourceError, ModelError, ValueError, FileNotFoundError)
+USER_ERRORS = (ValueError, FileNotFoundError)  # DataSourceError, ModelError and SetupError are ValueErrors
 
 
 def fail(message: str) -> NoReturn:
@@ -71,19 +70,29 @@ def build_request(values: dict[str, Any]) -> AuditRequest:
 
 
 def execute(request: AuditRequest, quiet: bool = False) -> Path:
-    """Validate and plan (clean errors), then run the flow with a progress bar; returns the run folder."""
-    from visaudit.flows.audit import run_audit
+    """Validate and plan (clean errors), then run the flow with a progress bar; returns the run folder.
+    Prefect's ephemeral server boots while the run is planned (with the default thread runner and
+    no PREFECT_API_URL); a bad request still ends at once with its one line."""
+    from visaudit.flows.server import start_ephemeral_api
+    from visaudit.tasks.audit.gate import GATE_EXIT_CODE, GateFailed
+    from visaudit.tasks.audit.plan import prepare_run
+    from visaudit.tasks.report.pdf import PdfFailed
 
+    api = start_ephemeral_api() if request.compute.runner == "threads" else None
     try:
         plan = prepare_run(request)
     except USER_ERRORS as exc:
         fail(str(exc))
     except Exception as exc:  # the model's own failure while the run is planned (the setup checks run it)
         fail(f"the run could not be prepared: {type(exc).__name__}: {exc}")
+    from visaudit.flows.audit import run_audit
+
+    if api is not None:
+        api.result()  # started (or its failure raised here, as the flow's own start would)
     request = request.model_copy(update={"run_id": plan.run_id})
     typer.echo(
         f"auditing {plan.images} images of {len(plan.classes)} classes from {request.source} "
-        f"(run {plan.run_id}, layer {', '.join(plan.layers)})",
+        f"(run {plan.run_id}, {'layer ' + ', '.join(plan.layers) if plan.layers else plan.layer_reason})",
         err=True,
     )
     _quiet_run_failures()
@@ -91,11 +100,13 @@ def execute(request: AuditRequest, quiet: bool = False) -> Path:
     watcher = None if quiet else threading.Thread(target=_progress, args=(plan, stop), daemon=True)
     if watcher:
         watcher.start()
-    gate_failure = None
+    gate_failure = pdf_failure = None
     try:
         run_audit(request)
     except GateFailed as exc:
         gate_failure = str(exc)
+    except PdfFailed as exc:
+        pdf_failure = str(exc)
     except USER_ERRORS as exc:
         fail(f"{exc} (finished shards are kept: rerun with --run-id {plan.run_id} to resume)")
     except Exception as exc:
@@ -112,6 +123,10 @@ def execute(request: AuditRequest, quiet: bool = False) -> Path:
         _print_result(run_dir)
         typer.echo(gate_failure, err=True)
         raise typer.Exit(GATE_EXIT_CODE)
+    if pdf_failure is not None:
+        _print_result(run_dir)
+        typer.echo(f"error: the PDF could not be rendered: {pdf_failure}", err=True)
+        raise typer.Exit(1)
     return run_dir
 
 
@@ -149,6 +164,9 @@ def _progress(plan: RunPlan, stop: threading.Event) -> None:
 
 
 def _print_result(run_dir: Path) -> None:
+    from visaudit.tasks.audit.gate import GateOutcome
+    from visaudit.tasks.audit.record import RunRecord
+
     metrics = RunRecord.load(run_dir).metrics
     if metrics is not None:
         typer.echo(
@@ -186,6 +204,7 @@ def run(
 def serve_request(request: AuditRequest, cron: str, timezone: str, name: str) -> None:
     """Check the request once (a bad source or model fails now, not at 2 a.m.), then serve it."""
     from visaudit.flows.schedule import check_schedule, serve_audit
+    from visaudit.tasks.audit.plan import prepare_run
 
     try:
         check_schedule(cron, timezone)
@@ -327,7 +346,9 @@ def explain(
     **options: Any,
 ) -> None:
     """Explain one image: a panel PNG with Grad-CAM, guided backprop, Guided Grad-CAM, counterfactual, top-5."""
+    from visaudit.tasks.data.sources import read_class_file
     from visaudit.tasks.explain.panel import explain_image
+    from visaudit.tasks.model.loading import load_model
 
     try:
         settings = ModelSettings.model_validate(options)

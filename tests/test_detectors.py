@@ -219,6 +219,23 @@ def test_near_duplicates_within_and_across_splits() -> None:
     assert near_duplicates(audited, _signals(audited), Thresholds()) == []
 
 
+def test_near_duplicates_without_embeddings_rest_on_the_thumbnails() -> None:
+    """No embeddings (a TorchScript model has no layer to read them from): a detailed thumbnail
+    match stands, a low-detail one is not confirmed, and no label or instability claim is made."""
+    audited = _audit(n_per_class=20)
+    signals = _signals(audited).assign(embedding=[np.zeros(0, np.float32)] * 60)
+    rng = np.random.default_rng(6)
+    noisy = lambda t: np.clip(t.astype(int) + rng.integers(-2, 3, t.shape), 0, 255).astype(np.uint8)  # noqa: E731
+    signals.at[1, "thumbnail"] = noisy(signals.at[0, "thumbnail"])
+    signals.at[25, "thumbnail"] = noisy(signals.at[0, "thumbnail"])  # another class: a label claim needs embeddings
+    flat = np.full(192, 128, np.uint8)
+    signals.at[2, "thumbnail"], signals.at[3, "thumbnail"] = noisy(flat), noisy(flat)
+    (row,) = near_duplicates(audited, signals, Thresholds())
+    assert set(row.evidence) == {"i0000", "i0001", "i0025"} and row.value == 3
+    assert "no model embeddings to compare" in row.message and "nan" not in row.message
+    assert "different labels" not in row.message and "embeddings disagree" not in row.message
+
+
 # ----------------------------------------------------------------------------- unfaithful_explanation
 
 

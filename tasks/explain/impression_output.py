@@ -144,11 +144,12 @@ def save_pngs(result: ImpressionResult, class_names: Sequence[str] | None, out_d
     return paths
 
 
-def impression_table(result: ImpressionResult, cam: ImpressionCam, class_names: Sequence[str] | None,
+def impression_table(result: ImpressionResult, cam: ImpressionCam | None, class_names: Sequence[str] | None,
                      image_paths: Sequence[str], colours: ColourImpression | None = None) -> pd.DataFrame:
     """The rows of ``tables/impressions``: scores of each impression, its PNG (relative path),
     its Grad-CAM for its class with where the evidence sits, and its colour impression (null
-    columns without one)."""
+    columns without one). Without ``cam`` (a model with no layer to explain: TorchScript) the
+    Grad-CAM columns are empty: layer "", a 0x0 heatmap, NaN positions, never off-centre."""
     rows = pd.DataFrame(result.records(class_names))
     if colours is not None:
         if colours.classes != result.classes:
@@ -158,10 +159,15 @@ def impression_table(result: ImpressionResult, cam: ImpressionCam, class_names: 
                            colour_probability=colours.probability.float().numpy())
     else:
         rows = rows.assign(colour_r=None, colour_g=None, colour_b=None, colour_probability=np.nan)
-    k, h, w = cam.maps.shape
+    names = ("peak_x", "peak_y", "centroid_x", "centroid_y", "centroid_offset", "spread")
+    k = len(rows)
+    if cam is None:
+        return rows.assign(image_path=list(image_paths), layer="", height=0, width=0,
+                           heatmap=[np.zeros(0, np.float32)] * k, off_centre=np.zeros(k, bool),
+                           **{name: np.full(k, np.nan, np.float32) for name in names})
+    _, h, w = cam.maps.shape
     heat = cam.maps.float().cpu().reshape(k, h * w).numpy()
-    located = {name: getattr(cam, name).float().cpu().numpy() for name in
-               ("peak_x", "peak_y", "centroid_x", "centroid_y", "centroid_offset", "spread")}
+    located = {name: getattr(cam, name).float().cpu().numpy() for name in names}
     return rows.assign(
         image_path=list(image_paths),
         layer=cam.layer,

@@ -65,6 +65,9 @@ def explain_image(
     unknown = [t for t in targets or [] if t not in classes]
     if unknown:
         raise ValueError(f"--target {unknown}: not among the model's classes ({', '.join(classes[:8])}, ...)")
+    if not loaded.layers:
+        raise ValueError(f"{loaded.layer_reason}: the panel's Grad-CAM and guided maps need a layer; "
+                         "audit the model with visaudit run --methods occlusion")
     pre = default_preprocess(loaded, resize, crop)
     decoded = decode(uri, pre)
     inputs = normalise(to_batch([decoded], loaded.device), pre)

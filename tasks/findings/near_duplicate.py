@@ -81,7 +81,8 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
         return []
     embeddings = np.stack(frame["embedding"].to_numpy()).astype(np.float64)
     embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
-    sims = (embeddings[i] * embeddings[j]).sum(axis=1)
+    # no embeddings (a model with no layer to read them from: TorchScript): NaN, no veto lifted, no label claim
+    sims = (embeddings[i] * embeddings[j]).sum(axis=1) if embeddings.shape[1] else np.full(len(i), np.nan)
     detail = thumbnails.std(axis=1)
     same = (sims >= t.duplicate_min_cosine) | (np.minimum(detail[i], detail[j]) >= t.duplicate_min_detail)
     if not same.any():
@@ -100,7 +101,7 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
         share = images / len(frame)
         agreeing = group["sim"].to_numpy() >= t.duplicate_min_cosine
         disagree = int(((labels[group["a"]] != labels[group["b"]]) & agreeing).sum())
-        unstable = int((~agreeing).sum())
+        unstable = int((~agreeing & ~np.isnan(group["sim"].to_numpy())).sum())
         evidence = list(dict.fromkeys(np.column_stack([ids[group["a"]], ids[group["b"]]]).ravel().tolist()))
         where = (
             "across splits (" + ", ".join(sorted({f"{splits[a]}/{splits[b]}" for a, b in zip(group["a"], group["b"])})) + ")"
@@ -124,8 +125,10 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
                 threshold=1.0,
                 message=(
                     f"{len(group)} pairs of images {where} are near-duplicates (their 8x8 thumbnails differ by "
-                    f"at most {t.duplicate_pixel_rms} RMS; embedding cosine similarity median "
-                    f"{np.median(group['sim']):.4f}), {images} images in all ({share:.1%})"
+                    f"at most {t.duplicate_pixel_rms} RMS; "
+                    + (f"embedding cosine similarity median {np.median(group['sim']):.4f}"
+                       if group["sim"].notna().all() else "no model embeddings to compare")
+                    + f"), {images} images in all ({share:.1%})"
                     + (f"; {disagree} pairs whose embeddings also agree (cosine at least {t.duplicate_min_cosine}) "
                        "carry different labels: the same image under two labels, so at least one label of each such "
                        "pair is wrong" if disagree else "")

@@ -96,8 +96,9 @@ def impression_note(row: Any, peaks: pd.DataFrame) -> str | None:
 def impression_thumbs(row: Any, painter: Painter, examples: list[str], by_id: pd.DataFrame) -> list[Thumb]:
     """The impression, its Grad-CAM, its colour impression (when computed) and real images of the class."""
     heat = np.asarray(row.heatmap, dtype=np.float32).reshape(row.height, row.width)
-    overlay = painter.picture_overlay(row.image_path, heat)
-    thumbs = [Thumb(row.image_path if overlay is not None else None, "impression")]
+    present = (painter.run_dir / row.image_path).is_file()
+    overlay = painter.picture_overlay(row.image_path, heat) if present and heat.size else None  # 0x0: no layer
+    thumbs = [Thumb(row.image_path if present else None, "impression")]
     if overlay is not None:
         thumbs.append(Thumb(overlay, "Grad-CAM"))
     if optional_float(getattr(row, "colour_probability", None)) is not None:

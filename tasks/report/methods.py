@@ -35,7 +35,8 @@ class MethodView:
 
 @dataclass(frozen=True)
 class ExplainedLayer:
-    """The layer the maps explain and the reason it was chosen."""
+    """The layer the maps explain and the reason it was chosen; ``name`` is "" for a model
+    with no layer (TorchScript), whose ``reason`` says so."""
 
     name: str
     reason: str
@@ -128,9 +129,12 @@ def methods_view(record: RunRecord, stored: list[str]) -> list[MethodView]:
 
 
 def explained_layer(record: RunRecord) -> ExplainedLayer | None:
-    """The explained layer (the last hooked one) and its reason, from run.json."""
-    layers = record.model.layers
-    return ExplainedLayer(layers[-1], record.model.layer_reason) if layers else None
+    """The explained layer (the last hooked one) and its reason, from run.json; a run with no
+    layer but a reason (a TorchScript model) gets a nameless one carrying that reason."""
+    layers, reason = record.model.layers, record.model.layer_reason
+    if not layers:
+        return ExplainedLayer("", reason) if reason else None
+    return ExplainedLayer(layers[-1], reason)
 
 
 def ordered_methods(stored: pd.Series) -> list[str]:
