@@ -103,7 +103,8 @@ def test_manifest_with_boxes_scores_energy(tmp_path, tiny_model_file) -> None:
     out = tmp_path / "out"
     result = runner.invoke(app, ["run", str(manifest), "--out", str(out), "--model", f"{model}:build",
                                  "--weights", str(weights), "--crop", "48", "--resize", "48", "--no-pdf", "-q",
-                                 "--targets", "predicted,true,top5", "--wsl-threshold", "0.2"])
+                                 "--targets", "predicted,true,top5", "--wsl-threshold", "0.2",
+                                 "--adversarial-images", "4", "--adversarial-epsilons", "2,8"])
     assert result.exit_code == 0, result.output
     explanations = read_table(out, "explanations")
     energy = explanations["energy_in_box"]
@@ -113,6 +114,19 @@ def test_manifest_with_boxes_scores_energy(tmp_path, tiny_model_file) -> None:
     assert explanations["box_area_fraction"].between(0, 1).all()
     predictions = read_table(out, "predictions")
     assert predictions["attributes"].map(dict).map(lambda a: a["background"]).isin(["dark", "light"]).all()
+    # explanations under adversarial noise (tests/test_adversarial.py checks the numbers): correct images, each budget
+    adversarial = read_table(out, "adversarial")
+    right = predictions[predictions["correct"].astype(bool)]
+    assert adversarial["image_id"].nunique() == min(4, len(right)) > 0
+    assert set(adversarial["image_id"]) <= set(right["image_id"]) and len(adversarial) == 2 * min(4, len(right))
+    assert sorted(set((adversarial["epsilon"] * 255).round(3))) == [2.0, 8.0]
+    assert (adversarial["linf"] <= adversarial["epsilon"] + 1e-6).all()
+    run_dir = out / "runs" / adversarial["run_id"].iloc[0]
+    shown = adversarial.dropna(subset=["adversarial_path"])
+    assert all((run_dir / path).is_file() for path in [*shown["image_path"], *shown["adversarial_path"]])
+    html = (run_dir / "report.html").read_text()
+    assert "Explanations under adversarial noise" in html
+    assert all(f"<h3>{name}</h3>" in html for name in set(adversarial["target"]))
     # weakly supervised localisation: a box inside the input for every non-empty map, its IoU, and localised
     drawn = explanations[explanations["heatmap"].map(max) > 0]
     box = drawn[["wsl_box_x0", "wsl_box_y0", "wsl_box_x1", "wsl_box_y1"]].to_numpy()
@@ -287,7 +301,9 @@ def test_occlusion_beside_gradcam_with_faithfulness(tmp_path, tiny_model_file) -
     assert recorded == {"patch": 0.25, "stride": 0.125, "patch_px": 12, "stride_px": 6, "patches_per_image": 49}
     text = _pdf_text(run_dir / "report.pdf")
     assert "Grad-CAM against occlusion" in text and "0.254" in text and "deletion AUC" in text
-    assert "MIL patches" in text
+    aucs = rise[rise["method"] == "mil_patches"].set_index("metric")["value"]
+    row = f"MIL patches {aucs['deletion_auc']:.2f} {aucs['insertion_auc']:.2f}"
+    assert row in re.sub(r"\s+", " ", text), "the mil_patches AUCs in the report's faithfulness table"
 
 
 def test_occlusion_window_that_does_not_fit_is_one_line(tmp_path, tiny_model_file) -> None:
@@ -408,7 +424,7 @@ def test_methods_that_cannot_apply_are_skipped_and_the_rest_complete(tmp_path) -
 
 def test_torchscript_archive_audited_without_a_layer(tmp_path, tiny_model_file) -> None:
     """``--arch torchscript:FILE`` audits a scripted CNN end to end: predictions, setup checks,
-    occlusion equal to the same eager model's to 1e-5, class impressions without a Grad-CAM;
+    occlusion equal to the same eager model's to 1e-5, MIL patch maps, class impressions without a Grad-CAM;
     Grad-CAM skipped with its note; run.json and the report say there is no layer."""
     import html as html_lib
     import warnings
@@ -428,7 +444,7 @@ def test_torchscript_archive_audited_without_a_layer(tmp_path, tiny_model_file) 
     common = ["--crop", "48", "--resize", "48", "-q", "--no-pdf", "--occlusion-grid", "4", "--no-sanity-check"]
     scripted, eager = tmp_path / "scripted", tmp_path / "eager"
     result = runner.invoke(app, ["run", str(manifest), "--out", str(scripted), "--arch", f"torchscript:{archive}",
-                                 *common, "--methods", "gradcam,occlusion,impressions",
+                                 *common, "--methods", "gradcam,occlusion,mil_patches,impressions",
                                  "--impression-iterations", "5", "--impression-max-classes", "2"])
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["run", str(manifest), "--out", str(eager), "--model", f"{model}:build",
@@ -439,11 +455,13 @@ def test_torchscript_archive_audited_without_a_layer(tmp_path, tiny_model_file) 
     np.testing.assert_allclose(np.stack(ours["heatmap"]), np.stack(theirs["heatmap"]), atol=1e-5)
     predictions = read_table(scripted, "predictions")
     assert predictions["error"].isna().all() and predictions["confidence"].between(0, 1).all()
-    assert read_table(scripted, "explanations").empty
+    explanations = read_table(scripted, "explanations")
+    assert set(zip(explanations["method"], explanations["layer"])) == {("mil_patches", "input")}
+    assert len(explanations) == len(ours), "one MIL map per explained (image, target)"
     impressions = read_table(scripted, "impressions")
     assert len(impressions) == 2 and impressions["layer"].eq("").all() and impressions["heatmap"].map(len).eq(0).all()
     metrics = read_table(scripted, "metrics")
-    assert set(metrics.loc[metrics["metric"] == "deletion_auc", "method"]) == {"occlusion"}
+    assert set(metrics.loc[metrics["metric"] == "deletion_auc", "method"]) == {"occlusion", "mil_patches"}
     run_dir = scripted / "runs" / predictions["run_id"].iloc[0]
     record = json.loads((run_dir / "run.json").read_text())
     assert record["model"]["layers"] == [] and record["model"]["layer_reason"] == NO_LAYER
