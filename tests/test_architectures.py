@@ -5,6 +5,7 @@ user's model left untouched. Random weights, the smallest input each family take
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,7 +156,23 @@ def test_squeezenet_class_count_from_its_conv_classifier(tmp_path) -> None:
     assert load_model(ModelSpec(arch="squeezenet1_1", weights=str(path)), "cpu", 64).num_classes == 7
 
 
-def test_torchscript_archive_weights_into_the_named_architecture(tmp_path, photos) -> None:
+@pytest.fixture(scope="module")
+def resnet18_archives(tmp_path_factory, photos) -> tuple[torch.nn.Module, Path, Path]:
+    """A random-weight resnet18 (3 classes) and its scripted and traced TorchScript archives."""
+    import warnings
+
+    torch.manual_seed(1)
+    original = torchvision_resnet18(num_classes=3).eval()
+    folder = tmp_path_factory.mktemp("torchscript")
+    scripted, traced = folder / "scripted.pt", folder / "traced.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
+        torch.jit.script(original).save(str(scripted))
+        torch.jit.trace(original, photos[64]).save(str(traced))
+    return original, scripted, traced
+
+
+def test_torchscript_archive_weights_into_the_named_architecture(resnet18_archives, photos) -> None:
     """A TorchScript file (scripted or traced) gives its weights to the Python architecture
     named with --arch, read with torch.jit.load (no pickle); alone it is refused in one line,
     because ScriptModules refuse the forward hooks every map method needs."""
@@ -163,14 +180,10 @@ def test_torchscript_archive_weights_into_the_named_architecture(tmp_path, photo
 
     from visaudit.tasks.model.errors import ModelError
 
-    torch.manual_seed(1)
-    original = torchvision_resnet18(num_classes=3).eval()
+    original, scripted, traced = resnet18_archives
     x = photos[64]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
-        scripted, traced = tmp_path / "scripted.pt", tmp_path / "traced.pt"
-        torch.jit.script(original).save(str(scripted))
-        torch.jit.trace(original, x).save(str(traced))
         for path in (scripted, traced):
             loaded = load_model(ModelSpec(arch="resnet18", weights=str(path)), "cpu", 64)
             assert loaded.num_classes == 3 and loaded.layers == ["layer4"]
@@ -181,7 +194,7 @@ def test_torchscript_archive_weights_into_the_named_architecture(tmp_path, photo
         torch.jit.load(str(scripted)).layer4.register_forward_hook(lambda *_: None)
 
 
-def test_torchscript_archive_as_the_whole_model(tmp_path, photos) -> None:
+def test_torchscript_archive_as_the_whole_model(tmp_path, resnet18_archives, photos) -> None:
     """``--arch torchscript:FILE``: the archive is the model, with no layer; every method that
     hooks a layer is skipped with its note, the model-agnostic ones stay; a run of hooked methods
     only is the none-applies error; --weights / --layer are refused. The chunk size's activation
@@ -193,14 +206,10 @@ def test_torchscript_archive_as_the_whole_model(tmp_path, photos) -> None:
     from visaudit.tasks.model.errors import ModelError
     from visaudit.tasks.model.sources import NO_LAYER
 
-    torch.manual_seed(1)
-    original = torchvision_resnet18(num_classes=3).eval()
+    original, scripted, traced = resnet18_archives
     x = photos[64]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export
-        scripted, traced = tmp_path / "scripted.pt", tmp_path / "traced.pt"
-        torch.jit.script(original).save(str(scripted))
-        torch.jit.trace(original, x).save(str(traced))
         for path in (scripted, traced):
             loaded = load_model(ModelSpec(arch=f"torchscript:{path}"), "cpu", 64)
             assert loaded.num_classes == 3 and loaded.layers == [] and loaded.layer_reason == NO_LAYER
