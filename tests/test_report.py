@@ -122,6 +122,8 @@ def explanation_rows(predictions: pd.DataFrame) -> pd.DataFrame:
                     is_label=target in row.labels, height=4, width=4,
                     heatmap=rng.random(16).astype(np.float32).tolist(), peak_row=1, peak_col=2,
                     peak_x=0.6, peak_y=0.4, energy_in_box=0.3, box_area_fraction=0.25, pointing_hit=True,
+                    wsl_box_x0=8.0, wsl_box_y0=8.0, wsl_box_x1=24.0, wsl_box_y1=24.0, wsl_iou=0.5,
+                    localised=target in row.labels if target in row.predicted else None,
                 )
             )
     return pd.DataFrame(rows)
