@@ -24,6 +24,7 @@ from visaudit.tasks.audit.gate import GateFailed, judge_run
 from visaudit.tasks.audit.plan import RunPlan, prepare_run
 from visaudit.tasks.audit.progress import mark_stage
 from visaudit.tasks.audit.request import AuditRequest
+from visaudit.tasks.report.pdf import PdfFailed, PdfProcess
 from visaudit.tasks.report.render import render_report
 
 
@@ -79,20 +80,38 @@ def audit(request: AuditRequest) -> str:
     # 4. Findings over the staged tables, then feature views of a few of the images they show.
     timed("findings", find_task, plan)
     timed("feature_views", features_task, plan)
-    # 5. Commit: the run becomes visible to readers all at once.
+    # 5. Commit: the run becomes visible to readers all at once. The PDF's own process starts now:
+    #    WeasyPrint loads there while the tables are committed and the HTML is written.
     timings["total_before_report"] = round(time.perf_counter() - clock, 3)
-    mark_stage(plan.folder, "commit")
-    commit_task(plan, timings)
-    # 6. The release gate (--fail-on, --policy), judged on the committed tables: its outcome goes on the cover.
-    outcome = gate_task(plan.out_dir, plan.run_id, request.gate.gate_policy())
-    # 7. Report from the committed tables (re-rendered later with `visaudit report`).
-    templates = request.report.template_dir
-    report_task(Path(plan.out_dir), plan.run_id, Path(templates) if templates else None, pdf=request.report.pdf)
+    pdf = PdfProcess() if request.report.pdf else None
+    try:
+        mark_stage(plan.folder, "commit")
+        commit_task(plan, timings)
+        # 6. The release gate (--fail-on, --policy), judged on the committed tables: its outcome goes on the cover.
+        outcome = gate_task(plan.out_dir, plan.run_id, request.gate.gate_policy())
+        # 7. Report from the committed tables (re-rendered later with `visaudit report`): the HTML, then its PDF
+        #    twin in the child; a failed PDF loses nothing else (the flow fails at the end, saying so).
+        templates = request.report.template_dir
+        html = report_task(Path(plan.out_dir), plan.run_id, Path(templates) if templates else None, pdf=False).html
+        pdf_failure = None
+        if pdf is not None:
+            pdf.submit(html, html.parent, html.with_suffix(".pdf"))
+            try:
+                pdf.result()
+            except PdfFailed as exc:
+                pdf_failure = exc
+    finally:
+        if pdf is not None:
+            pdf.close()
     # 8. Tell Prefect: artifacts keyed by the run's series, and events (completed, new findings, drops).
     publish_task(plan.out_dir, plan.run_id, request.events.drop_margin, outcome)
-    # 9. A broken release policy fails the flow run with its reason, now that everything is written.
+    # 9. A broken release policy, or a PDF that could not be written, fails the flow run with its reason, now
+    #    that everything else is written.
     if outcome is not None and not outcome.passed:
         raise GateFailed(outcome.summary)
+    if pdf_failure is not None:
+        raise PdfFailed(f"{html.with_suffix('.pdf')}: {pdf_failure} (the tables and {html.name} are written; "
+                        f"`visaudit report {plan.run_id}` renders the PDF again)")
     return plan.run_id
 
 

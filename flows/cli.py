@@ -87,8 +87,6 @@ def execute(request: AuditRequest, quiet: bool = False) -> Path:
         fail(f"the run could not be prepared: {type(exc).__name__}: {exc}")
     from visaudit.flows.audit import run_audit
 
-    if api is not None:
-        api.result()  # started (or its failure raised here, as the flow's own start would)
     request = request.model_copy(update={"run_id": plan.run_id})
     typer.echo(
         f"auditing {plan.images} images of {len(plan.classes)} classes from {request.source} "
@@ -102,6 +100,8 @@ def execute(request: AuditRequest, quiet: bool = False) -> Path:
         watcher.start()
     gate_failure = pdf_failure = None
     try:
+        if api is not None:
+            api.result()  # the server is up (or its failure is the audit's, as the flow's own start would be)
         run_audit(request)
     except GateFailed as exc:
         gate_failure = str(exc)

@@ -7,9 +7,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 SERVER_START_TIMEOUT = 90.0
 
@@ -43,6 +45,28 @@ def pin_ephemeral_port() -> int | None:
     return server.port
 
 
+def start_ephemeral_api() -> Future[int | None]:
+    """Start :func:`pin_ephemeral_port` now, in the background, and return its future port.
+
+    The server takes seconds to import and boot (6-10 s on a 2-core machine); started here it boots
+    while the run is planned and the model loaded instead of after. It is started from a daemon
+    thread that then waits for the process to end, so the thread lives as long as the process and
+    the server still dies with it (see :func:`_children_die_with_us`); the flow's own call of
+    :func:`pin_ephemeral_port` then finds it running."""
+    port: Future[int | None] = Future()
+
+    def keeper() -> None:
+        try:
+            port.set_result(pin_ephemeral_port())
+        except BaseException as exc:  # handed to the caller of port.result()
+            port.set_exception(exc)
+            return
+        threading.Event().wait()  # never set: the thread (and the server's death signal) ends with the process
+
+    threading.Thread(target=keeper, name="visaudit-prefect-api", daemon=True).start()
+    return port
+
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -53,7 +77,8 @@ def _children_die_with_us() -> Iterator[None]:
     not leave its ephemeral Prefect server running, orphaned, for minutes. Prefect starts that
     server with a plain ``subprocess.Popen``, so the child hook is added to ``Popen`` for the
     call. The signal follows the *thread* that started the child: call this from the main
-    thread, which lives as long as the process. Elsewhere than Linux, nothing changes."""
+    thread, or from a thread that lives as long as the process (:func:`start_ephemeral_api`).
+    Elsewhere than Linux, nothing changes."""
     if not sys.platform.startswith("linux"):
         yield
         return

@@ -1,4 +1,4 @@
-"""Rendering: the view models -> Jinja2 HTML (autoescaped, stylesheet inlined) -> WeasyPrint PDF.
+"""Rendering: the view models -> Jinja2 HTML (autoescaped, stylesheet inlined) -> WeasyPrint PDF (``pdf``).
 
 Figures are small files under ``runs/<run_id>/images/``, referenced by relative paths and
 shared by the HTML (which works offline) and the PDF; see the package's docstring for the
@@ -7,19 +7,18 @@ modules that read the run and build the views.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined
 from markupsafe import Markup
-from weasyprint import HTML, URLFetcher
 
 from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.report.context import report_context
 from visaudit.tasks.report.formatting import number, percent, score
 from visaudit.tasks.report.inputs import read_inputs
+from visaudit.tasks.report.pdf import write_pdf
 
 DEFAULT_TEMPLATES: Path = Path(str(files("visaudit.templates")))  # shipped as package data
 TEMPLATE_NAME = "report.html.j2"
@@ -85,11 +84,3 @@ def stylesheet(env: Environment) -> Markup:
     source, _, _ = env.loader.get_source(env, STYLESHEET_NAME)  # type: ignore[union-attr]
     return Markup(source)
 
-
-def write_pdf(html_path: Path, run_dir: Path, target: Path) -> None:
-    """Lay the HTML out as the PDF; only local files and data: URLs are fetched (offline, no surprises)."""
-    fetcher = URLFetcher(allowed_protocols=("file", "data"))
-    # font-subsetting notices ("Using fontTools instead of HarfBuzz-Subset") are not the user's concern
-    logging.getLogger("weasyprint").setLevel(logging.ERROR)
-    logging.getLogger("fontTools").setLevel(logging.ERROR)
-    HTML(filename=str(html_path), base_url=str(run_dir), url_fetcher=fetcher).write_pdf(str(target))

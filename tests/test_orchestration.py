@@ -1,0 +1,93 @@
+"""Orchestration cost (issue 21): a light command line, the PDF in its own process, and a failed
+PDF that loses nothing else."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_shapes
+from typer.testing import CliRunner
+
+from visaudit.flows.cli import app
+from visaudit.tasks.data.storage import read_table
+from visaudit.tasks.report.pdf import PdfFailed, PdfProcess
+
+HEAVY = ("torch", "torchvision", "pandas", "pyarrow", "scipy", "weasyprint", "matplotlib", "prefect")
+LOADED = """
+import json, sys
+sys.argv = ["visaudit", *sys.argv[1:]]
+from visaudit.flows.cli import main
+try:
+    main()
+except SystemExit:
+    pass
+print(json.dumps(sorted({name.split(".")[0] for name in sys.modules} & set(%r))), file=sys.stderr)
+""" % (HEAVY,)
+
+
+@pytest.mark.parametrize("command", [["--help"], ["run", "--help"], ["serve", "--help"]])
+def test_help_imports_no_heavy_library(command: list[str]) -> None:
+    """`visaudit --help` and the run options (generated from the request's settings) load neither
+    torch nor pandas nor WeasyPrint nor Prefect: each command imports its own work."""
+    done = subprocess.run([sys.executable, "-c", LOADED, *command], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "Usage" in done.stdout
+    assert json.loads(done.stderr.strip().splitlines()[-1]) == []
+
+
+def test_the_import_probe_sees_a_heavy_import() -> None:
+    """The control: the wrapper sees a heavy import when there is one (else the test above could not fail)."""
+    probe = LOADED.replace("from visaudit.flows.cli import main", "import pandas\nfrom visaudit.flows.cli import main")
+    done = subprocess.run([sys.executable, "-c", probe, "--help"], capture_output=True, text=True, timeout=60)
+    assert "pandas" in json.loads(done.stderr.strip().splitlines()[-1])
+
+
+def test_pdf_process_renders_and_reports_failures(tmp_path) -> None:
+    html = tmp_path / "page.html"
+    html.write_text("<html><body><h1>visaudit</h1><p>one page</p></body></html>")
+    renderer = PdfProcess()
+    try:
+        renderer.submit(html, tmp_path, tmp_path / "page.pdf")
+        renderer.result()
+        assert (tmp_path / "page.pdf").read_bytes()[:5] == b"%PDF-"
+        renderer.submit(tmp_path / "missing.html", tmp_path, tmp_path / "missing.pdf")  # a failed job ...
+        with pytest.raises(PdfFailed, match="missing.html"):
+            renderer.result()
+        assert not (tmp_path / "missing.pdf").exists() and not list(tmp_path.glob(".*missing*"))
+        renderer.submit(html, tmp_path, tmp_path / "again.pdf")  # ... leaves the process serving the next
+        renderer.result()
+        assert (tmp_path / "again.pdf").stat().st_size > 0
+    finally:
+        renderer.close()
+    assert renderer._child.returncode == 0
+
+
+class _DeadPdfProcess(PdfProcess):
+    """A PDF process that died (killed, out of memory) before its job."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._child.kill()
+        self._child.wait()
+
+
+def test_failed_pdf_keeps_the_html_and_tables(tmp_path, tiny_model_file, monkeypatch) -> None:
+    manifest = make_shapes(tmp_path / "data", {"red": 4, "green": 4, "blue": 4}, size=32)
+    model, weights = tiny_model_file
+    monkeypatch.setattr("visaudit.flows.audit.PdfProcess", _DeadPdfProcess)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, [
+        "run", str(manifest), "--out", str(out), "--model", f"{model}:build", "--weights", str(weights),
+        "--resize", "32", "--crop", "32", "--no-setup-checks", "--no-sanity-check", "-q"])
+    assert result.exit_code == 1, result.output
+    assert "error: the PDF could not be rendered" in result.output and "visaudit report" in result.output
+    (run_dir,) = (out / "runs").iterdir()
+    assert (run_dir / "run.json").exists() and (run_dir / "report.html").stat().st_size > 0
+    assert not (run_dir / "report.pdf").exists()
+    assert len(read_table(out, "predictions", run_dir.name)) == 12
+    rerender = CliRunner().invoke(app, ["report", run_dir.name, "--out", str(out)])  # the fix the message names
+    assert rerender.exit_code == 0, rerender.output
+    assert (run_dir / "report.pdf").read_bytes()[:5] == b"%PDF-"
