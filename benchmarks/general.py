@@ -143,6 +143,14 @@ def main() -> None:
         table.append((case, "likely_label_error rows", str(len(labels)),
                       "; ".join(f"{c} {s} ({sev})" for c, s, sev in zip(labels["class_name"], labels["slice"],
                                                                        labels["severity"])) or "-"))
+        blind = folder / "test_no_place.csv"  # the same images with the place column removed: no metadata
+        pd.read_csv(folder / "test.csv").drop(columns="place").to_csv(blind, index=False)
+        _, findings = planted.audit_case(blind, weights, settings, out / f"{case.replace(' ', '-')}-no-place")
+        slices = findings[findings["kind"] == "error_slice"]
+        table.append((f"{case}, no place column", "error_slice rows (medium/high)",
+                      str(int(slices["severity"].isin(("medium", "high")).sum())),
+                      "; ".join(f"{c} {s} {v:.3f} ({sev})" for c, s, v, sev in zip(
+                          slices["class_name"], slices["slice"], slices["value"], slices["severity"])) or "-"))
     planted.print_table(table, time.perf_counter() - started, out)
 
 

@@ -33,7 +33,7 @@ from visaudit.tasks.demo.network import train_model
 from visaudit.tasks.demo.recipe import DemoRecipe, generate_dataset
 
 BIAS_KINDS = ("attention_off_object", "attention_fixed_location", "shortcut_cue", "shortcut_property", "colour_shortcut",
-              "slice_gap")
+              "slice_gap", "error_slice")
 
 
 def clean_recipe(recipe: DemoRecipe) -> DemoRecipe:

@@ -23,13 +23,13 @@ def test_the_intervention_leads_and_the_others_say_they_are_its_symptoms() -> No
     found = [
         _row("shortcut_property", TOKEN[:6], slice_="property=border_r"),
         _row("group_gap", TOKEN[2:8], slice_="token=yes"),
-        _row("shortcut_cue", TOKEN, slice_="cue at (0.1, 0.9)"),
+        _row("shortcut_cue", TOKEN, slice_="carriers=8/16"),
         _row("near_duplicate", TOKEN[:4], class_name=None, slice_="within split"),  # copies: a cause of its own
         _row("confident_error", ["x1", "x2", "x3", TOKEN[0]], class_name="other"),  # shares one image: not linked
     ]
     out = link_causes(found, DETECTORS)
     lead = cause_label(found[2])
-    assert lead == "shortcut_cue on 'hospital' (cue at (0.1, 0.9))"
+    assert lead == "shortcut_cue on 'hospital' (carriers=8/16)"
     assert [f.cause for f in out] == [lead, lead, lead, None, None]
     assert out[3] == found[3] and out[4] == found[4]
     assert "shortcut_property on 'hospital' (property=border_r) (6 shared)" in out[2].message

@@ -89,3 +89,17 @@ def test_defers_to_group_gap_when_metadata_names_the_images() -> None:
     found = detect_all(FindingInputs(audited, pd.DataFrame(), CLASSES, multi_label=False, layer=None,
                                      signals=signals), Thresholds())
     assert "error_slice" in {f.kind for f in found}
+
+
+def test_label_errors_in_a_failing_cluster_are_not_called_wrong_labels() -> None:
+    from visaudit.tasks.findings.likely_label_error import likely_label_errors
+
+    audited, signals, dark = _tables(0.8, 0.05)
+    predicted = np.array([p[0] for p in audited["predicted"]])
+    signals["probabilities"] = list(np.where(predicted[:, None] == np.array(CLASSES), 0.98, 0.02).astype(np.float32))
+    wrong = set(audited.loc[~audited["correct"], "image_id"])
+    in_clusters = {i for c in error_clusters(audited, signals, Thresholds()) for i in c.image_ids}
+    assert len(wrong & in_clusters) >= 0.7 * len(wrong)  # the confident mistakes are the clusters'
+    rows = likely_label_errors(audited, signals, CLASSES, Thresholds())
+    assert rows and all(r.severity == "low" and r.slice == "explained=error_slice" for r in rows)
+    assert all("look alike" in r.message and "fix their labels" not in r.message for r in rows)

@@ -22,9 +22,10 @@ so.
 
 A group shift makes errors that look like label errors: the model is confidently wrong on
 a group (say "waterbird on land") whose labels are right. Flagged images that lie in a
-failing group (``group_gap.failing_groups``) are therefore not counted as label errors: the
-evidence (the errors concentrate in one group of the class, where the class elsewhere is
-right) supports the group shift. The class's finding says how many were set aside, and a
+failing group (``group_gap.failing_groups``), or, without metadata, in a failing cluster of
+look-alike images of the class (``error_slice.error_clusters``), are therefore not counted
+as label errors: the evidence (the errors concentrate in one kind of image of the class,
+where the class elsewhere is right; random wrong labels do not) supports the group shift. The class's finding says how many were set aside, and a
 class whose flagged images are all explained so gets a low row that says so.
 """
 
@@ -37,8 +38,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import poisson
 
+from visaudit.tasks.findings.error_slice import ErrorCluster, error_clusters
 from visaudit.tasks.findings.finding import Detector, Finding
-from visaudit.tasks.findings.group_gap import describe_groups, failing_groups, in_failing_group
+from visaudit.tasks.findings.group_gap import GroupGap, describe_groups, failing_groups, in_failing_group
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 
@@ -85,27 +87,31 @@ def likely_label_errors(
     flagged = frame.iloc[ranked].assign(suggested=[classes[i] for i in probs[ranked].argmax(axis=1)])
     sizes = frame["given"].value_counts()
     groups = failing_groups(audited, signals, t)
-    outside = ~frame["image_id"].isin({i for g in groups for i in g.image_ids}).to_numpy()
+    clusters = error_clusters(audited, signals, t)
+    outside = ~frame["image_id"].isin({i for g in [*groups, *clusters] for i in g.image_ids}).to_numpy()
     surprise = label_surprise(labels[outside], probs[outside], t.label_error_probability)
     supported = surprise.p_value <= 1 - t.label_error_confidence
     found = []
     for name, everything in flagged.groupby("given", sort=True):
         n = int(sizes[name])
         in_group, mine = in_failing_group(everything["image_id"], groups, name)
+        mine_clusters = [c for c in clusters if c.class_name == name]
+        in_group |= everything["image_id"].isin({i for c in mine_clusters for i in c.image_ids})
         group, set_aside = everything[~in_group], int(in_group.sum())
+        where, verdict = _where(mine, mine_clusters, str(name))
         share = len(group) / n
         if n < t.min_class_images:
             continue
         if share < t.label_error_share or len(group) < t.label_error_min_count:
             if set_aside >= t.label_error_min_count:
                 found.append(Finding(
-                    kind="likely_label_error", severity="low", class_name=str(name), slice="explained=group_gap",
+                    kind="likely_label_error", severity="low", class_name=str(name),
+                    slice=f"explained={'group_gap' if mine else 'error_slice'}",
                     metric="likely_label_error_share", value=float(share), threshold=t.label_error_share,
                     message=(f"Confident learning flags {len(everything)} of {n} images labelled '{name}' as "
-                             f"likely mislabelled, but {set_aside} of them lie in a group where the model fails "
-                             f"({describe_groups(mine)}; see group_gap), leaving {len(group)} ({share:.1%}, under the "
-                             f"{t.label_error_share:.0%} flag): their errors follow the group, so the evidence "
-                             "supports a group shift, not wrong labels. Do not relabel them; check a few to be sure."),
+                             f"likely mislabelled, but {set_aside} of them lie {where}, leaving {len(group)} "
+                             f"({share:.1%}, under the {t.label_error_share:.0%} flag): {verdict}. Do not relabel "
+                             "them; check a few to be sure."),
                     evidence=tuple(everything["image_id"]),
                 ))
             continue
@@ -138,14 +144,24 @@ def likely_label_errors(
                     "training and every accuracy figure: review these images (all are listed, least "
                     "likely label first) and fix their labels before retraining or reporting accuracy. Where "
                     "a label is right, the model is confidently wrong instead (see confused pairs)."
-                    + (f" {set_aside} more flagged image(s) lie in a group where the model fails ({describe_groups(mine)}; "
-                       "see group_gap) and are not counted: their errors follow the group, so the evidence "
-                       "supports a group shift there, not wrong labels." if set_aside else "")
+                    + (f" {set_aside} more flagged image(s) lie {where} and are not counted: {verdict} there."
+                       if set_aside else "")
                 ),
                 evidence=tuple(group["image_id"]),
             )
         )
     return found
+
+
+def _where(groups: list[GroupGap], clusters: list[ErrorCluster], name: str) -> tuple[str, str]:
+    """Where the set-aside images lie, in words, and what the evidence then supports."""
+    places = ([f"in a group where the model fails ({describe_groups(groups)}; see group_gap)"] if groups else []) + (
+        [f"in {len(clusters)} cluster(s) of look-alike '{name}' images where the model fails (see error_slice)"]
+        if clusters else [])
+    if groups:
+        return " or ".join(places), "their errors follow the group, so the evidence supports a group shift, not wrong labels"
+    return "".join(places), ("their errors concentrate in images that look alike, which wrong labels drawn at random would "
+                       "not do, so the evidence supports a failure on a kind of image, not wrong labels")
 
 
 DETECTOR = Detector(
