@@ -275,9 +275,8 @@ def _run_batch(
     boxes = _input_boxes(rows, decoded, device)[sample]
     crop = settings.preprocess.crop
     point = cam.pointing_tolerance(crop)
-    map_scores = {key: cam.score_maps(m, boxes, crop, box_tolerance(crop, m.shape[-2]), point) for key, m in maps.items()}
-    located = {key: localisation.localise(cam.upsample(m, crop), boxes, settings.wsl_fraction)
-               for key, m in maps.items()}
+    map_scores = {k: cam.score_maps(m, boxes, crop, box_tolerance(crop, m.shape[-2]), point) for k, m in maps.items()}
+    located = {k: localisation.localise(cam.upsample(m, crop), boxes, settings.wsl_fraction) for k, m in maps.items()}
     occluded = occlusion_scores = faithful = None
     if "occlusion" in settings.methods:
         spec = settings.occlusion or occlusion.OcclusionSpec()
