@@ -9,6 +9,7 @@ from visaudit.tasks.findings.causes import cause_label, link_causes
 from visaudit.tasks.findings.compute import FindingInputs, Thresholds, compute_findings, detect_all
 from visaudit.tasks.findings.finding import Finding
 from visaudit.tasks.findings.registry import DETECTORS
+from visaudit.tasks.report.overview import finding_view
 
 
 def _row(kind: str, evidence: list[str], class_name: str | None = "hospital", slice_: str | None = None) -> Finding:
@@ -38,6 +39,10 @@ def test_the_intervention_leads_and_the_others_say_they_are_its_symptoms() -> No
     for f, shared in ((out[0], 6), (out[1], 6)):
         assert f.message.startswith(f"{f.kind} says so. Same cause as {lead}: {shared} of this finding's")
         assert "the explanation the evidence supports" in f.message
+    views = [finding_view(pd.Series(f.to_row()), [], painter=None) for f in out]  # the report's measure line
+    assert views[0].measure.endswith(f"; one cause, explained by {lead}")
+    assert views[2].measure.endswith("; one cause with other findings, best explained here")
+    assert "one cause" not in views[3].measure
 
 
 def test_a_comparison_on_metadata_leads_an_association() -> None:

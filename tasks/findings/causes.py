@@ -32,10 +32,15 @@ _WHY = {
 }
 
 
+def finding_name(kind: str, class_name: str | None, slice_text: str | None) -> str:
+    """How a finding is named as a cause: "kind on 'class' (slice)"."""
+    where = f" on '{class_name}'" if class_name else ""
+    return f"{kind}{where}" + (f" ({slice_text})" if slice_text else "")
+
+
 def cause_label(finding: Finding) -> str:
-    """How a cause is named: "kind on 'class' (slice)"."""
-    where = f" on '{finding.class_name}'" if finding.class_name else ""
-    return f"{finding.kind}{where}" + (f" ({finding.slice})" if finding.slice else "")
+    """The name of ``finding`` as a cause (:func:`finding_name`)."""
+    return finding_name(finding.kind, finding.class_name, finding.slice)
 
 
 def _shared(a: Finding, b: Finding) -> int:

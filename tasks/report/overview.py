@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, replace
 import pandas as pd
 
 from visaudit.tasks.audit.record import RunRecord
+from visaudit.tasks.findings.causes import finding_name
 from visaudit.tasks.findings.metrics import summary_metrics
 from visaudit.tasks.findings.thresholds import SEVERITY_ORDER
 from visaudit.tasks.report.examples import Example, evidence_example
@@ -114,9 +115,17 @@ def finding_view(finding: pd.Series, evidence: list[pd.Series], painter: Painter
         slice=slice_text,
         low_confidence=optional_str(finding.get("confidence")) == "low",
         message=finding["message"],
-        measure=f"{finding['metric']} = {number(finding['value'])} (threshold {number(finding['threshold'])})",
+        measure=f"{finding['metric']} = {number(finding['value'])} (threshold {number(finding['threshold'])})"
+        + _cause_note(optional_str(finding.get("cause")), finding_name(finding["kind"], class_name, slice_text)),
         examples=[evidence_example(row, class_name, painter, layer) for row in evidence],
     )
+
+
+def _cause_note(cause: str | None, own: str) -> str:
+    """The measure line's note on a finding that shares its cause with others (``findings.causes``)."""
+    if cause is None:
+        return ""
+    return "; one cause with other findings, best explained here" if cause == own else f"; one cause, explained by {cause}"
 
 
 def slice_value(slice_text: str | None, key: str) -> str | None:
