@@ -57,7 +57,7 @@ def _rate_rows(metric: str, hits: pd.Series, classes: pd.Series, method: str, la
 def _top5_hits(maps: pd.DataFrame, top: pd.Series, labels: pd.Series) -> pd.Series | None:
     """One hit per (image, top-5 class) pair, indexed by image; None when a pair has no map."""
     pairs = top.explode().rename("target").reset_index()
-    found = pairs.merge(maps, on=["image_id", "target"], how="left", validate="one_to_one")
+    found = pairs.merge(maps, on=["image_id", "target"], how="left")
     if found["heatmap"].isna().any():
         return None
     present = found["target"].to_numpy() == labels.loc[found["image_id"]].to_numpy()
