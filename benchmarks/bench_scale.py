@@ -29,6 +29,7 @@ import csv
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -59,6 +60,7 @@ class Measured:
     tables_mb: dict[str, float]
     report: float
     load: float
+    cpu: float  # user + system seconds of the run and the children it reaped (less sensitive to load than wall)
 
 
 def _chunk(args: tuple[int, int, int, str]) -> str:
@@ -134,6 +136,7 @@ def audit(manifest: Path, out: Path, input_size: int, extra: list[str]) -> Measu
                "--classes", str(manifest.with_name("classes.txt")), "--resize", str(input_size),
                "--crop", str(input_size), "-q", *extra]
     load = os.getloadavg()[0]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peaks, stop = [0.0, 0.0], threading.Event()
@@ -141,6 +144,8 @@ def audit(manifest: Path, out: Path, input_size: int, extra: list[str]) -> Measu
     watcher.start()
     stdout, stderr = child.communicate()
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     stop.set()
     watcher.join()
     if child.returncode != 0:
@@ -150,13 +155,18 @@ def audit(manifest: Path, out: Path, input_size: int, extra: list[str]) -> Measu
     timings = record["timings"]
     stages = {name: float(timings.get(name, 0.0)) for name in STAGES}
     stages["setup_checks"] = float((record.get("setup") or {}).get("seconds", 0.0))
+    # the shards' wall time outside their own decode/model/rows/write timers: Prefect's task runs and the
+    # shard step's own loading (plan, model from the process cache, index slice), per shard
+    inside = sum(float(timings.get(f"shards.{part}", 0.0)) for part in ("decode", "model", "rows", "write"))
+    shards = -(-record["metrics"]["images"] // int(record["parameters"]["shard_size"]))
+    stages["per_shard_outside"] = (stages["shards"] - inside) / shards
     counted = stages["setup_checks"] + sum(stages[s] for s in STAGES if s not in ("setup_checks", "shards.model"))
     stages["other"] = wall - counted
     mark = time.perf_counter()
     subprocess.run([str(visaudit), "report", run_id, "--out", str(out)], check=True, capture_output=True)
     report = time.perf_counter() - mark
     tables = {name: _size_mb(out / "tables" / name / f"run_id={run_id}") for name in TABLES}
-    return Measured(record["metrics"]["images"], wall, stages, peaks[0], peaks[1], tables, report, load)
+    return Measured(record["metrics"]["images"], wall, stages, peaks[0], peaks[1], tables, report, load, cpu)
 
 
 def median_of(runs: list[Measured]) -> Measured:
@@ -165,18 +175,21 @@ def median_of(runs: list[Measured]) -> Measured:
     return Measured(
         runs[0].images, pick(r.wall for r in runs), {k: pick(r.stages[k] for r in runs) for k in runs[0].stages},
         pick(r.peak_tree_mb for r in runs), pick(r.peak_process_mb for r in runs), runs[0].tables_mb,
-        pick(r.report for r in runs), pick(r.load for r in runs),
+        pick(r.report for r in runs), pick(r.load for r in runs), pick(r.cpu for r in runs),
     )
 
 
 def markdown(results: list[Measured]) -> str:
     """The table: one row per size; each stage as seconds (ms per image)."""
     names = [*STAGES, "other"]
-    head = ["images", "load avg", "wall", *names, "report re-render", "peak RSS tree / largest", "tables"]
+    head = ["images", "load avg", "wall", "CPU time", *names, "outside the model", "per shard outside its timers",
+            "report re-render", "peak RSS tree / largest", "tables"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        cells = [f"{r.images:,}", f"{r.load:.1f}", f"{r.wall:.1f} s"]
+        cells = [f"{r.images:,}", f"{r.load:.1f}", f"{r.wall:.1f} s", f"{r.cpu:.1f} s"]
         cells += [f"{r.stages[n]:.1f} s ({1000 * r.stages[n] / r.images:.2f})" for n in names]
+        outside = r.wall - r.stages["shards.model"]
+        cells += [f"{outside:.1f} s ({outside / r.wall:.0%})", f"{1000 * r.stages['per_shard_outside']:.0f} ms"]
         cells += [f"{r.report:.1f} s", f"{r.peak_tree_mb:,.0f} / {r.peak_process_mb:,.0f} MB",
                   f"{sum(r.tables_mb.values()):.1f} MB"]
         lines.append("| " + " | ".join(cells) + " |")
