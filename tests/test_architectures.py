@@ -228,3 +228,6 @@ def test_torchscript_archive_as_the_whole_model(tmp_path, resnet18_archives, pho
                 load_model(ModelSpec(arch=f"torchscript:{scripted}", **extra), "cpu", 64)
         with pytest.raises(ModelError, match="not found; give the file torch.jit.save wrote"):
             load_model(ModelSpec(arch=f"torchscript:{tmp_path / 'missing.pt'}"), "cpu", 64)
+        torch.save(original.state_dict(), tmp_path / "state.pt")
+        with pytest.raises(ModelError, match="is not a TorchScript archive .* --arch NAME --weights FILE"):
+            load_model(ModelSpec(arch=f"torchscript:{tmp_path / 'state.pt'}"), "cpu", 64)

@@ -20,7 +20,6 @@ import importlib.util
 import inspect
 import pickle
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +39,7 @@ from visaudit.tasks.model.sources import (
     build_hf,
     build_timm,
     build_torchscript,
+    is_torchscript,
     read_torchscript,
 )
 
@@ -173,14 +173,6 @@ def _read_weights(spec: ModelSpec) -> tuple[dict[str, torch.Tensor] | nn.Module 
         if tensors:
             return tensors, digest
     raise ModelError(f"{path}: not a state_dict (a dict of tensors); save it with torch.save(model.state_dict(), path)")
-
-
-def is_torchscript(path: Path) -> bool:
-    """Whether ``path`` is a TorchScript archive (``torch.jit.save``): a zip holding ``constants.pkl``."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
 def _is_file_spec(weights: str) -> bool:

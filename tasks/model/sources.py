@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -113,6 +114,14 @@ def build_hf(arch: str) -> Built:
     return Built(LogitsOnly(model), preprocess, categories, digest)
 
 
+def is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (``torch.jit.save``): a zip holding ``constants.pkl``."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
 def read_torchscript(path: Path) -> torch.jit.ScriptModule:
     """A TorchScript archive, loaded on the CPU with ``torch.jit.load`` (the TorchScript loader
     builds it from the archive's code and constants; no Python pickle is run)."""
@@ -131,4 +140,7 @@ def build_torchscript(arch: str) -> Built:
     path = Path(arch.removeprefix(TORCHSCRIPT_PREFIX)).expanduser()
     if not path.is_file():
         raise ModelError(f"--arch {arch}: {path} not found; give the file torch.jit.save wrote")
+    if not is_torchscript(path):
+        raise ModelError(f"--arch {arch}: {path} is not a TorchScript archive (torch.jit.save writes one); "
+                         "a state_dict goes with its architecture: --arch NAME --weights FILE")
     return Built(read_torchscript(path), fingerprint=hashlib.sha256(path.read_bytes()).hexdigest())
