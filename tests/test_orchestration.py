@@ -1,5 +1,5 @@
-"""Orchestration cost (issue 21): a light command line, the PDF in its own process, and a failed
-PDF that loses nothing else."""
+"""Orchestration and scale cost (issue 21): a light command line, the PDF in its own process, a
+failed PDF that loses nothing else, and shards that read only their rows of the index."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import json
 import subprocess
 import sys
 
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import make_shapes
 from typer.testing import CliRunner
 
 from visaudit.flows.cli import app
+from visaudit.tasks.data.sources import INDEX_ROW_GROUP, read_index, write_index
 from visaudit.tasks.data.storage import read_table
 from visaudit.tasks.report.pdf import PdfFailed, PdfProcess
 
@@ -91,3 +94,32 @@ def test_failed_pdf_keeps_the_html_and_tables(tmp_path, tiny_model_file, monkeyp
     rerender = CliRunner().invoke(app, ["report", run_dir.name, "--out", str(out)])  # the fix the message names
     assert rerender.exit_code == 0, rerender.output
     assert (run_dir / "report.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def _index(count: int) -> pd.DataFrame:
+    return pd.DataFrame({
+        "image_id": [f"i{n:05d}" for n in range(count)], "uri": [f"/data/{n}.png" for n in range(count)],
+        "labels": [["a", "b"] if n % 3 else ["a"] for n in range(count)],
+        "box_x0": [float(n) for n in range(count)], "box_y0": 0.0, "box_x1": 1.0, "box_y1": 1.0,
+        "attributes": [{"site": f"s{n % 4}"} for n in range(count)],
+    })
+
+
+def test_a_shard_reads_its_rows_of_the_index(tmp_path) -> None:
+    """read_index reads only the row groups a shard spans (every shard reading the whole index was
+    O(N^2)); its rows are the same as slicing the whole index, across group boundaries, and an index
+    saved in one row group (a plan written before) reads the same."""
+    count = 2 * INDEX_ROW_GROUP + 300
+    index = _index(count)
+    grouped, single = tmp_path / "grouped.parquet", tmp_path / "single.parquet"
+    write_index(index, grouped)
+    assert pq.ParquetFile(grouped).metadata.num_row_groups == 3
+    pq.write_table(pq.read_table(grouped), single, row_group_size=count)
+    full = read_index(single)
+    assert full["image_id"].tolist() == index["image_id"].tolist() and full["attributes"].iloc[5] == {"site": "s1"}
+    for start, stop in ((0, 256), (INDEX_ROW_GROUP - 10, INDEX_ROW_GROUP + 10), (count - 7, None), (5, count + 50),
+                        (count, count + 256), (300, 300)):
+        for path in (grouped, single):
+            got = read_index(path, start, stop)
+            want = full.iloc[start:stop].reset_index(drop=True)
+            pd.testing.assert_frame_equal(got, want)

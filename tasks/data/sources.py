@@ -259,16 +259,33 @@ def read_class_file(path: Path) -> list[str]:
     return names
 
 
+INDEX_ROW_GROUP = 1024  # rows per Parquet row group of a saved index: a shard reads only the groups it spans
+
+
 def write_index(index: pd.DataFrame, path: Path) -> None:
-    """Save an index as Parquet (attributes as a string map)."""
+    """Save an index as Parquet (attributes as a string map), in row groups of :data:`INDEX_ROW_GROUP`."""
     frame = index.assign(attributes=index["attributes"].map(lambda a: list(a.items())))
-    pq.write_table(pa.Table.from_pandas(frame[INDEX_COLUMNS], schema=INDEX_SCHEMA, preserve_index=False), path)
+    pq.write_table(pa.Table.from_pandas(frame[INDEX_COLUMNS], schema=INDEX_SCHEMA, preserve_index=False), path,
+                   row_group_size=INDEX_ROW_GROUP)
 
 
 def read_index(path: Path, start: int = 0, stop: int | None = None) -> pd.DataFrame:
-    """Load rows ``start:stop`` of a saved index, with labels as lists and attributes as dicts."""
-    table = pq.read_table(path, schema=INDEX_SCHEMA)
-    table = table.slice(start, (stop if stop is not None else table.num_rows) - start)
+    """Load rows ``start:stop`` of a saved index, with labels as lists and attributes as dicts.
+
+    Only the row groups that hold those rows are read: every shard reading the whole index made
+    the shards' reads O(N^2) (200,000 images: 0.2 s per shard, 782 shards)."""
+    source = pq.ParquetFile(path)
+    total = source.metadata.num_rows
+    stop = total if stop is None else min(stop, total)
+    groups, first, offset = [], None, 0
+    for group in range(source.metadata.num_row_groups):
+        rows = source.metadata.row_group(group).num_rows
+        if offset < stop and offset + rows > start:
+            groups.append(group)
+            first = offset if first is None else first
+        offset += rows
+    table = source.read_row_groups(groups, use_pandas_metadata=False) if groups else INDEX_SCHEMA.empty_table()
+    table = table.cast(INDEX_SCHEMA).slice(start - (first or 0), max(0, stop - start))
     frame = table.to_pandas()
     frame["labels"] = frame["labels"].map(list)
     frame["attributes"] = frame["attributes"].map(lambda a: dict(a) if a is not None else {})
