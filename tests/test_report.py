@@ -55,14 +55,14 @@ MULTILABEL = [
 FINDINGS = [
     dict(kind="class_imbalance", severity="low", class_name=SCRIPT, slice=None, metric="share_vs_uniform",
          value=0.43, threshold=0.5, message=f"Class '{SCRIPT}' has 1 of 7 images, a rare class.",
-         evidence=["a4"], confidence="normal"),
+         evidence=["a4"], confidence="normal", cause=None),
     dict(kind="confident_error", severity="high", class_name="circle", slice=None, metric="confident_error_share",
          value=0.33, threshold=0.02, message="1 of 3 'circle' images are misclassified with high confidence.",
-         evidence=["a1"], confidence="normal"),
+         evidence=["a1"], confidence="normal", cause=None),
     dict(kind="confused_pair", severity="medium", class_name="square", slice="predicted=circle",
          metric="confused_share", value=0.33, threshold=0.1,
          message="1 of 3 'square' images are predicted as 'circle'.", evidence=["a3", "a1"],
-         confidence="low"),
+         confidence="low", cause=None),
 ]
 
 
@@ -293,7 +293,7 @@ COLOUR_MESSAGE = (f"A plain image of one colour (RGB 64, 21, 234), with no objec
                   "probability 0.96: the model takes that colour as evidence for the class.")
 COLOUR_FINDING = dict(kind="colour_shortcut", severity="low", class_name=SCRIPT, slice="rgb=(64, 21, 234)",
                       metric="colour_probability", value=0.964, threshold=0.9, message=COLOUR_MESSAGE,
-                      evidence=["a4"], confidence="normal")
+                      evidence=["a4"], confidence="normal", cause=None)
 
 
 def impression_rows(run_dir: Path) -> pd.DataFrame:

@@ -14,7 +14,7 @@ def _findings(n: int) -> pd.DataFrame:
         {
             "kind": ["confident_error"] * n, "severity": ["high"] * n, "class_name": ["cat"] * n,
             "slice": [None] * n, "metric": ["m"] * n, "value": [0.5] * n, "threshold": [0.1] * n,
-            "message": ["msg"] * n, "evidence": [["a", "b"]] * n, "confidence": ["normal"] * n,
+            "message": ["msg"] * n, "evidence": [["a", "b"]] * n, "confidence": ["normal"] * n, "cause": [None] * n,
         }
     )
 
