@@ -46,7 +46,7 @@ def test_progress_counts_images_per_batch_then_names_each_stage(tmp_path, tiny_m
     assert result.exit_code == 0, result.output
     assert seen[:3] == [(4, "images"), (8, "images"), (12, "images")]  # one shard of 12, counted per batch of 4
     assert [label for _, label in seen[3:]] == ["sanity check", "deletion/insertion", "class impressions",
-                                                "findings", "feature views", "commit"]
+                                                "adversarial noise", "findings", "feature views", "commit"]
     assert all(images == 12 for images, _ in seen[3:])
     run_dir = next((out / "runs").glob("r*"))
     assert progress.read_progress(out / "runs" / f".staging-{run_dir.name}", run_dir, 12) == progress.Progress(

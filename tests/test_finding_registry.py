@@ -39,7 +39,7 @@ def test_order_and_map_dependence_come_from_the_registry() -> None:
     assert kinds[-1] == "class_imbalance" and len(set(kinds)) == len(kinds) == len(KIND_RANK)
     assert MAP_BASED == {"attention_off_object", "attention_fixed_location"}
     assert {d.kind for d in DETECTORS if not d.multi_label} == {"confident_error", "confused_pair", "likely_label_error",
-                                                                 "error_slice"}
+                                                                 "error_slice", "adversarial_fragility"}
 
 
 def test_undermined_maps_lower_only_map_based_findings_of_their_class() -> None:
