@@ -79,8 +79,9 @@ def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, fl
         parameters["mil_patches"] = {"patch": request.mil.patch, "stride": request.mil.stride,
                                      "patch_px": geometry.patch[0], "stride_px": geometry.stride[0],
                                      "patches_per_image": geometry.count}
-    if request.adversarial.images:
-        parameters["adversarial"] = request.adversarial.model_dump()
+    if request.adversarial.images:  # steps.adversarial skips these models: said here
+        skipped = "multi-label model" if plan.multi_label else None if plan.layer else "no layer to explain"
+        parameters["adversarial"] = {**request.adversarial.model_dump(), **({"skipped": skipped} if skipped else {})}
     if "impressions" in request.explain.methods:
         chosen = request.impressions.classes or f"up to {request.impressions.max_classes}"
         parameters["impressions"] = {"classes": chosen, **request.impressions.settings(plan.preprocess.crop).as_dict()}
