@@ -48,7 +48,14 @@ def test_the_intervention_leads_and_the_others_say_they_are_its_symptoms() -> No
 def test_a_comparison_on_metadata_leads_an_association() -> None:
     out = link_causes([_row("error_slice", TOKEN[:5]), _row("group_gap", TOKEN[:8], slice_="site=b")], DETECTORS)
     assert {f.cause for f in out} == {"group_gap on 'hospital' (site=b)"}
-    assert "tested comparison on named metadata" in out[0].message
+    assert "an interval on named metadata" in out[0].message
+
+
+def test_tested_label_errors_lead_the_confident_errors_they_explain() -> None:
+    out = link_causes([_row("confident_error", TOKEN[:4]), _row("likely_label_error", TOKEN, slice_="suggested=x")],
+                      DETECTORS)
+    assert {f.cause for f in out} == {"likely_label_error on 'hospital' (suggested=x)"}
+    assert "labels more surprising than model errors explain" in out[0].message
 
 
 def test_a_group_shift_links_the_errors_it_explains() -> None:

@@ -6,8 +6,9 @@ shift makes errors that look like label errors. Findings are linked when their e
 shares images: at least two, and at least half of the smaller evidence list. Each linked set
 (connected through such pairs) is one cause. Its lead is the finding whose evidence is
 strongest, by its detector's ``support`` (``finding.SUPPORTS``): an intervention on the model
-(pasting, muting, a plain-colour probe) over a tested comparison on named metadata (an
-interval on a group or slice) over an association (a property that predicts the class, a
+(pasting, muting, a plain-colour probe) over a tested comparison (an interval on a group or
+slice of named metadata; label errors, raised only when the labels are more surprising than
+the model's errors explain) over an association (a property that predicts the class, a
 cluster, a confident error); ties go to the registry's order. Every member gets the lead's
 ``cause`` label ("kind on class, slice"); the lead's message names the other detectors, the
 others' say which explanation the evidence supports. Detectors whose ``support`` is None
@@ -27,7 +28,7 @@ MIN_SHARED_SHARE = 0.5  # ... and this share of the smaller evidence list
 
 _WHY = {
     "intervention": "an intervention on the model confirms it",
-    "comparison": "it is a tested comparison on named metadata",
+    "comparison": "it rests on a test: an interval on named metadata, or labels more surprising than model errors explain",
     "association": "it is the more direct of two associations",
 }
 

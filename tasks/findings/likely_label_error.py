@@ -169,5 +169,5 @@ DETECTOR = Detector(
     detect=lambda tables, t: likely_label_errors(tables.audited, tables.signals, tables.classes, t),
     needs=("signals",),
     multi_label=False,
-    support="association",
+    support="comparison",
 )
