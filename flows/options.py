@@ -20,7 +20,8 @@ import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
-from visaudit.tasks.audit.request import GROUPS, AuditRequest, Settings
+from visaudit.tasks.audit.request import GROUPS, AuditRequest
+from visaudit.tasks.audit.settings import Settings
 
 
 def _extra(info: FieldInfo) -> dict[str, Any]:
