@@ -26,13 +26,15 @@ def test_the_intervention_leads_and_the_others_say_they_are_its_symptoms() -> No
         _row("group_gap", TOKEN[2:8], slice_="token=yes"),
         _row("shortcut_cue", TOKEN, slice_="carriers=8/16"),
         _row("near_duplicate", TOKEN[:4], class_name=None, slice_="within split"),  # copies: a cause of its own
-        _row("confident_error", ["x1", "x2", "x3", TOKEN[0]], class_name="other"),  # shares one image: not linked
+        _row("confident_error", ["x1", "x2", "x3", TOKEN[0]]),  # shares one image: not linked
+        _row("slice_gap", TOKEN[:6], class_name=None, slice_="camera=old"),  # no class: a slice is a cause of its own
+        _row("confused_pair", TOKEN[:6], class_name="other"),  # another class's
     ]
     out = link_causes(found, DETECTORS)
     lead = cause_label(found[2])
     assert lead == "shortcut_cue on 'hospital' (carriers=8/16)"
-    assert [f.cause for f in out] == [lead, lead, lead, None, None]
-    assert out[3] == found[3] and out[4] == found[4]
+    assert [f.cause for f in out] == [lead, lead, lead, None, None, None, None]
+    assert out[3:] == found[3:]
     assert "shortcut_property on 'hospital' (property=border_r) (6 shared)" in out[2].message
     assert "group_gap on 'hospital' (token=yes) (6 shared)" in out[2].message
     assert "an intervention on the model confirms it" in out[2].message

@@ -2,8 +2,11 @@
 
 A shortcut token can raise ``shortcut_cue`` (pasting it turns other images), ``shortcut_property``
 (a border colour follows it) and ``group_gap`` (the images without it fail) at once; a group
-shift makes errors that look like label errors. Findings are linked when their evidence
-shares images: at least two, and at least half of the smaller evidence list. Each linked set
+shift makes errors that look like label errors. Findings are linked when they are about the same class
+and their evidence shares images: at least two, and at least half of the smaller evidence
+list. A finding on no class (a slice of the data, copies) is never linked: evidence lists
+that start with the errors share images by chance (on the demo, the old-camera slice and
+the blue-background shortcut of `circle` share 4 of 8 images while they are two causes). Each linked set
 (connected through such pairs) is one cause. Its lead is the finding whose evidence is
 strongest, by its detector's ``support`` (``finding.SUPPORTS``): an intervention on the model
 (pasting, muting, a plain-colour probe) over a tested comparison (an interval on a group or
@@ -45,7 +48,10 @@ def cause_label(finding: Finding) -> str:
 
 
 def _shared(a: Finding, b: Finding) -> int:
-    """Images both findings' evidence lists name, when that is enough to link them (else 0)."""
+    """Images both findings' evidence lists name, when they are about one class and that is enough
+    to link them (else 0)."""
+    if a.class_name is None or a.class_name != b.class_name:
+        return 0
     common = len(set(a.evidence) & set(b.evidence))
     smaller = min(len(set(a.evidence)), len(set(b.evidence)))
     return common if common >= MIN_SHARED and common >= MIN_SHARED_SHARE * smaller else 0
