@@ -193,6 +193,20 @@ def test_label_errors_silent_on_clean_labels_that_the_model_gets_wrong() -> None
         assert int(observed) > float(expected) and f"{r.value:.1%}" in r.message
 
 
+
+def test_label_noise_in_one_class_raises_no_row_on_the_clean_ones() -> None:
+    audited, signals, probs = _calibrated()
+    given = np.array([CLASSES.index(ls[0]) for ls in audited["labels"]])
+    rng = np.random.default_rng(5)
+    flipped = np.flatnonzero((given == 0) & (rng.random(len(given)) < 0.3))  # only images labelled cat
+    for k in flipped:
+        audited.at[audited.index[k], "labels"] = [CLASSES[2]]  # ... relabelled fox
+    rows = likely_label_errors(audited, signals, CLASSES, Thresholds())
+    assert [r.class_name for r in rows] == [CLASSES[2]]  # cat and dog: no excess of their own, no row
+    observed, expected = re.search(r"(\d+) of them in 'fox' against (\d+\.\d) predicted", rows[0].message).groups()
+    assert int(observed) > float(expected)
+
+
 # ----------------------------------------------------------------------------- near_duplicate
 
 

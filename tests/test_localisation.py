@@ -107,6 +107,7 @@ def _tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     predictions = pd.DataFrame({
         "image_id": ["i0", "i1", "i2"], "labels": [["a"], ["a"], ["b"]], "error": [None] * 3,
         "box_x0": [0.0, 0.0, 0.0], "top_classes": [["a", "b", "c"], ["b", "a", "c"], ["b", "c", "a"]],
+        "correct": [True, False, True],
     })
     rows = []
     # (image, target, is_predicted, is_label, pointing_hit, map max, localised, iou)
@@ -129,6 +130,20 @@ def _value(rows, metric: str, class_name: str | None = None) -> tuple[float, int
     found = [r for r in rows if r.metric == metric and r.class_name == class_name]
     assert len(found) == 1, (metric, class_name)
     return found[0].value, found[0].images
+
+
+def test_a_rate_needs_its_map_for_every_image_it_is_defined_on() -> None:
+    """--targets predicted leaves the misclassified image without its true class's map, --targets
+    true without its predicted class's: the rate would silently drop it from the denominator."""
+    from visaudit.tasks.findings.localisation_rates import localisation_metric_rows
+
+    predictions, explanations = _tables()
+    metrics = lambda maps: {r.metric for r in localisation_metric_rows(predictions, maps, False)}  # noqa: E731
+    assert {"pointing_rate", "wsl_error", "wsl_mean_iou"} <= metrics(explanations)
+    only_predicted = metrics(explanations[explanations["is_predicted"]])
+    assert "pointing_rate" not in only_predicted and "wsl_error" in only_predicted
+    only_true = metrics(explanations[explanations["is_label"]])
+    assert "wsl_error" not in only_true and "wsl_mean_iou" not in only_true and "pointing_rate" in only_true
 
 
 def test_rates_by_hand_with_wilson_intervals_against_scipy() -> None:

@@ -70,7 +70,7 @@ class AdversarialSettings(Settings):
     """Explanations under adversarial noise (Grad-CAM paper, sec. 6.2): L-inf PGD on a sample (``explain.adversarial``)."""
 
     title: ClassVar[str] = "Adversarial noise"
-    images: int = option(0, "Adversarial: correctly predicted images attacked, taken in turn from each class (0 = off; "
+    images: int = option(0, "Adversarial: correctly predicted (or unlabelled) images attacked, taken in turn from each class (0 = off; "
                          "~3 s an image for a ResNet-18 at 224 px on 2 CPUs).", key="adversarial_images", ge=0)
     epsilons: list[Annotated[float, Field(gt=0, le=255)]] = option([1.0, 2.0, 4.0, 8.0], "Adversarial: L-inf budgets "
         "in 1/255 of the [0, 1] pixel range, before normalisation (comma-separated).", key="adversarial_epsilons",

@@ -172,7 +172,7 @@ def impressions(plan: RunPlan) -> int:
 def attack_sample(predictions: pd.DataFrame, count: int) -> pd.DataFrame:
     """Up to ``count`` readable images the model gets right (or unlabelled ones), taken in turn
     from each predicted class (the first of each class, then the second, ...), in table order."""
-    rows = predictions[predictions["error"].isna() & predictions["correct"].ne(False)]
+    rows = predictions[predictions["error"].isna() & ~predictions["correct"].eq(False).fillna(False)]
     rows = rows.assign(_top=rows["top_classes"].map(lambda top: top[0]))
     turn = rows.groupby("_top", sort=False).cumcount()
     return rows.assign(_turn=turn).sort_values(["_turn", "_top"], kind="stable").head(count)

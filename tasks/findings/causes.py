@@ -84,8 +84,11 @@ def link_causes(found: list[Finding], detectors: tuple[Detector, ...]) -> list[F
     for members in (m for m in sets.values() if len({found[i].kind for i in m}) > 1):
         lead_at = min(members, key=lambda i: (SUPPORTS.index(support[found[i].kind]), rank[found[i].kind]))
         lead = found[lead_at]
-        label = cause_label(lead)
+        members = [i for i in members if i == lead_at or _shared(lead, found[i])]  # links are not transitive
         others = [found[i] for i in members if i != lead_at]
+        if not others:
+            continue
+        label = cause_label(lead)
         out[lead_at] = replace(out[lead_at], cause=label, message=(
             f"{lead.message} One cause: the same images also raise "
             + "; ".join(f"{cause_label(f)} ({len(set(f.evidence) & set(lead.evidence))} shared)" for f in others)
@@ -102,9 +105,12 @@ def link_causes(found: list[Finding], detectors: tuple[Detector, ...]) -> list[F
                    "evidence supports, and this finding a symptom of it." if stronger else
                    "both rest on evidence of the same kind: read them together as one cause.")))
     for i, kind in explained.items():  # after the sets: an owner linked to a stronger finding passes its cause on
+        # the row was set aside by the same failing groups (or clusters) its owner reports; one group_gap
+        # finding covers every failing group of an attribute, whatever their classes
         owners = [j for j in linkable if found[j].kind == kind]
         if owners:
-            j = max(owners, key=lambda j: len(set(found[i].evidence) & set(found[j].evidence)))
+            j = max(owners, key=lambda j: (len(set(found[i].evidence) & set(found[j].evidence)),
+                                           found[j].class_name == found[i].class_name))
             cause = out[j].cause or cause_label(found[j])
             out[i], out[j] = replace(out[i], cause=cause), replace(out[j], cause=cause)
     return out

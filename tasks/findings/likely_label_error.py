@@ -14,7 +14,10 @@ labels are surprising: if the model is calibrated and the labels are right, imag
 is drawn from its probabilities p_n, so the count of given labels the model gives at most
 tau (``label_error_probability``), O = sum_n 1[p_{n,y_n} <= tau], has expectation
 E = sum_n sum_k p_{nk} 1[p_{nk} <= tau]. Label noise is supported only when O surely exceeds
-E: P(Poisson(E) >= O) <= 1 - ``label_error_confidence`` (for O >= E + 1 the Poisson tail is
+E: P(Poisson(E) >= O) <= 1 - ``label_error_confidence`` over the run, and a class gets a
+row only when its own labels show an excess, O_c > E_c (the same counts restricted to the
+given label c and to class c's probabilities; its p-value is quoted), so a noisy class does
+not raise rows on clean ones (for O >= E + 1 the Poisson tail is
 at least the Poisson-binomial's, Anderson and Samuels 1967, so the test is conservative).
 Otherwise the flagged images are model errors (``confident_error``, ``confused_pair`` show
 them) and nothing is raised. An overconfident model also makes O exceed E; the message says
@@ -121,6 +124,9 @@ def likely_label_errors(
         observed = int((probs[mine_outside, position[name]] <= t.label_error_probability).sum())
         column = probs[outside, position[name]]
         expected = float(column[column <= t.label_error_probability].sum())
+        class_p = float(poisson.sf(observed - 1, expected)) if observed else 1.0
+        if observed <= expected:  # the run's excess lies in other classes: this one's labels show none
+            continue
         suggested = group["suggested"].value_counts()
         found.append(
             Finding(
@@ -138,7 +144,8 @@ def likely_label_errors(
                     f"surprising than the model's errors explain: across the run {surprise.observed} given labels "
                     f"get at most {t.label_error_probability:.0%} from the model where its own probabilities "
                     f"predict {surprise.expected:.1f} (Poisson p = {surprise.p_value:.2g}), {observed} of them in "
-                    f"'{name}' against {expected:.1f} predicted; the excess, {surprise.observed - surprise.expected:.0f}, is "
+                    f"'{name}' against {expected:.1f} predicted (p = {class_p:.2g}); "
+                    f"the excess, {surprise.observed - surprise.expected:.0f}, is "
                     "a floor on the wrong labels run-wide (a wrong label the model gives more is not counted), unless "
                     "the model is overconfident (see calibration). Wrong labels bias both "
                     "training and every accuracy figure: review these images (all are listed, least "

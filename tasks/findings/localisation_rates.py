@@ -11,11 +11,18 @@ From the ``explanations`` rows of audited images with a box (the columns of
   its maximum is in the box, an absent class hits when its map is rejected: it is empty
   (every value 0, the Grad-CAM of a class with no positive evidence; the paper rejects maps
   whose maximum is below a threshold, here 0). Needs maps for the top-5 classes:
-  ``--targets top5`` (skipped otherwise); multi-class runs only;
+  ``--targets top5`` (skipped otherwise); multi-class runs only; only for the ReLU-ed CAM
+  methods (kinds ``gradient`` and ``cam``): a map that is never empty (patch probabilities,
+  attention, guided saliency) could not reject an absent class, capping the rate near 1/5;
 - **WSL localisation error** (ILSVRC): over the maps of each image's predicted class,
   ``wsl_error = 1 - localised / maps`` (localised: top-1 right and IoU >= 0.5; an empty map
   has IoU 0), and
   ``wsl_mean_iou`` over the same maps.
+
+A rate is written only over every image it is defined on: ``pointing_rate`` when every
+labelled image has its true class's map (``--targets`` with ``true``), ``wsl_error`` and
+``wsl_mean_iou`` when every judged image has its predicted class's map (``predicted``);
+otherwise the misclassified images would silently leave the denominator.
 
 Each rate has its 95% Wilson score interval (``<metric>_low``, ``<metric>_high``); rows per
 true class (``class_name``) and over all classes (``class_name`` null).
@@ -27,10 +34,12 @@ import numpy as np
 import pandas as pd
 
 from visaudit.tasks.data.records import MetricRow
+from visaudit.tasks.explain.registry import METHODS
 from visaudit.tasks.findings.stats import wilson_interval
 
 Z_95 = 1.959964  # normal quantile of a two-sided 95% interval
 TOP = 5
+EMPTY_MAP_KINDS = ("gradient", "cam")  # ReLU-ed maps: a class without positive evidence has an empty map
 
 
 def _first_label(cell: object) -> str | None:
@@ -74,13 +83,18 @@ def localisation_metric_rows(predictions: pd.DataFrame, explanations: pd.DataFra
         return []
     truth = audited.set_index("image_id")["labels"].map(_first_label)
     maps = explanations[explanations["image_id"].isin(audited["image_id"])]
+    labelled_ids = set(audited.loc[audited["labels"].map(lambda c: c is not None and len(c) > 0), "image_id"])
+    judged_ids = set(audited.loc[audited["correct"].notna(), "image_id"])
     rows: list[MetricRow] = []
     for (method, layer), group in maps.groupby(["method", "layer"], sort=True):
         pointed = group[group["is_label"] & group["box_area_fraction"].notna()]  # an empty map is a miss
-        rows += _rate_rows("pointing_rate", pointed["pointing_hit"].fillna(False).astype(bool), pointed["target"],
-                           method, layer,
-                           "true class's map; tolerance 15 px at 224 px, scaled to the input")
+        if labelled_ids and labelled_ids <= set(pointed["image_id"]):
+            rows += _rate_rows("pointing_rate", pointed["pointing_hit"].fillna(False).astype(bool),
+                               pointed["target"], method, layer,
+                               "true class's map; tolerance 15 px at 224 px, scaled to the input")
         judged = group[group["localised"].notna()]
+        if not judged_ids or not judged_ids <= set(judged["image_id"]):
+            judged = judged.iloc[:0]
         classes = truth.loc[judged["image_id"]].set_axis(judged.index)
         rows += _rate_rows("wsl_error", ~judged["localised"].astype(bool), classes, method, layer,
                            "predicted class's map: top-1 wrong or IoU < 0.5")
@@ -90,7 +104,8 @@ def localisation_metric_rows(predictions: pd.DataFrame, explanations: pd.DataFra
                                       method=method, layer=layer, class_name=name,
                                       detail="predicted class's map"))
         labelled = truth.dropna()
-        if not multi_label and len(labelled):
+        kind = METHODS[method].kind if method in METHODS else None
+        if not multi_label and len(labelled) and kind in EMPTY_MAP_KINDS:
             top = audited.set_index("image_id").loc[labelled.index, "top_classes"].map(lambda c: list(c)[:TOP])
             hits = _top5_hits(group[["image_id", "target", "pointing_hit", "heatmap"]], top, labelled)
             if hits is not None:

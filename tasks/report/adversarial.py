@@ -68,8 +68,9 @@ def _budget_rows(rows: pd.DataFrame) -> list[BudgetRow]:
     out = []
     for epsilon, group in rows.groupby("epsilon", sort=True):
         success = group["success"].astype(bool)
-        boxed = group[group["pointing_hit"].notna()]
-        rho = group["spearman"].dropna()
+        fooled = group[success.to_numpy()]  # the paper's claim is about images whose prediction changed
+        boxed = fooled[fooled["pointing_hit"].notna()]
+        rho = fooled["spearman"].dropna()
         out.append(BudgetRow(
             epsilon=f"{float(epsilon) * 255:.3g}/255", images=len(group), success=percent(float(success.mean())),
             spearman=score(rho.median()) if len(rho) else "n/a",
