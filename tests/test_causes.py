@@ -71,3 +71,17 @@ def test_a_group_shift_links_the_errors_it_explains() -> None:
     table = compute_findings(FindingInputs(audited, pd.DataFrame(), general.BIRDS, multi_label=False, layer=None,
                                            signals=signals), Thresholds())
     assert (table.loc[table["kind"] == "group_gap", "cause"] == gap.cause).all()
+
+
+def test_links_are_not_transitive() -> None:
+    """A shares images with B and B with C, A and C share none: C is not A's cause's member."""
+    make = lambda kind, images, where=None: Finding(  # noqa: E731
+        kind=kind, severity="medium", class_name="x", slice=where, metric="m", value=1.0, threshold=0.0,
+        message=kind, evidence=tuple(images))
+    found = link_causes([make("group_gap", "1234", "place=land"), make("confident_error", "3456"),
+                         make("shortcut_property", "5678", "mean_b")], DETECTORS)
+    by_kind = {f.kind: f for f in found}
+    lead = by_kind["group_gap"].cause
+    assert lead and by_kind["confident_error"].cause == lead
+    assert by_kind["shortcut_property"].cause != lead and "Same cause as group_gap" not in by_kind["shortcut_property"].message
+    assert "(0 shared)" not in by_kind["group_gap"].message
