@@ -19,10 +19,9 @@ import numpy as np
 import pandas as pd
 
 from visaudit.tasks.findings.finding import Detector, Finding
-from visaudit.tasks.findings.stats import wilson_interval
+from visaudit.tasks.findings.stats import Z_95, wilson_interval
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
-Z95 = 1.959964  # normal quantile of the two-sided 95% interval
 MAP_KEPT = 0.5  # the message says the original class's map "stayed" at a median Spearman rho of at least this
 
 
@@ -43,7 +42,7 @@ def fragile_classes(adversarial: pd.DataFrame, classes: list[str], t: Thresholds
         k = len(first)
         if k == 0:
             continue
-        low, _ = (float(v) for v in wilson_interval(np.float64(k), np.float64(n), Z95))
+        low, _ = (float(v) for v in wilson_interval(np.float64(k), np.float64(n), Z_95))
         if low < t.adversarial_share:
             continue
         found.append(Finding(

@@ -35,9 +35,8 @@ import pandas as pd
 
 from visaudit.tasks.data.records import MetricRow
 from visaudit.tasks.explain.registry import METHODS
-from visaudit.tasks.findings.stats import wilson_interval
+from visaudit.tasks.findings.stats import Z_95, wilson_interval
 
-Z_95 = 1.959964  # normal quantile of a two-sided 95% interval
 TOP = 5
 EMPTY_MAP_KINDS = ("gradient", "cam")  # ReLU-ed maps: a class without positive evidence has an empty map
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+Z_95 = 1.959964  # normal quantile of a two-sided 95% interval
+
 
 def wilson_interval(successes: np.ndarray, n: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
     """Wilson score interval of the proportion ``successes / n`` at normal quantile ``z``."""

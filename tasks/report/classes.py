@@ -12,13 +12,12 @@ from visaudit.tasks.data.labels import label_matrix
 from visaudit.tasks.data.sources import attribute_pairs
 from visaudit.tasks.findings.calibration import reliability_of
 from visaudit.tasks.findings.metrics import judged_rows
-from visaudit.tasks.findings.stats import wilson_interval
+from visaudit.tasks.findings.stats import Z_95, wilson_interval
 from visaudit.tasks.report.figures import Painter, draw_confusion, draw_reliability
 from visaudit.tasks.report.formatting import names, percent, score
 
 MAX_MATRIX_CLASSES = 25  # a bigger confusion matrix shows the classes with the most errors
 MAX_SLICE_VALUES = 20  # attributes with more distinct values are identifiers, not slices
-WILSON_95 = 1.959964  # normal quantile of a two-sided 95% interval
 
 
 @dataclass(frozen=True)
@@ -135,7 +134,7 @@ def slice_rows(predictions: pd.DataFrame) -> list[SliceRow]:
         for value, index in column.groupby(column).groups.items():
             n = len(index)
             k = int(correct.loc[index].sum())
-            low, high = wilson_interval(np.float64(k), np.float64(n), WILSON_95)
+            low, high = wilson_interval(np.float64(k), np.float64(n), Z_95)
             rows.append(SliceRow(
                 attribute=name, value=value, images=n, accuracy=percent(k / n),
                 interval=f"{low:.0%}-{high:.0%}", confidence=score(judged.loc[index, "confidence"].mean()),
