@@ -157,7 +157,7 @@ def audit(manifest: Path, out: Path, input_size: int, extra: list[str]) -> Measu
     stages["setup_checks"] = float((record.get("setup") or {}).get("seconds", 0.0))
     # the shards' wall time outside their own decode/model/rows/write timers: Prefect's task runs and the
     # shard step's own loading (plan, model from the process cache, index slice), per shard
-    inside = sum(float(timings.get(f"shards.{part}", 0.0)) for part in ("decode", "model", "rows", "write"))
+    inside = sum(float(timings.get(f"shards.{part}", 0.0)) for part in ("decode", "model", "rows_wait", "write"))
     shards = -(-record["metrics"]["images"] // int(record["parameters"]["shard_size"]))
     stages["per_shard_outside"] = (stages["shards"] - inside) / shards
     counted = stages["setup_checks"] + sum(stages[s] for s in STAGES if s not in ("setup_checks", "shards.model"))

@@ -67,7 +67,7 @@ def audit(request: AuditRequest) -> str:
     #    the flow on any failure.
     futures = [shard_task.submit(str(plan.folder), *shard) for shard in plan.shards]
     results = timed("shards", lambda: [future.result() for future in futures])
-    for stage in ("decode", "model", "rows", "write"):
+    for stage in ("decode", "model", "rows", "rows_wait", "write"):
         timings[f"shards.{stage}"] = round(sum(r.seconds.get(stage, 0.0) for r in results), 3)
     # 3. Do the maps change when the model's weights are randomised (the sanity check)? How
     #    fast does the score fall when the most salient pixels go (deletion/insertion)? What

@@ -150,7 +150,7 @@ def _progress(plan: RunPlan, stop: threading.Event) -> None:
     (``visaudit.tasks.audit.progress``)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from visaudit.tasks.audit.progress import read_progress
+    from visaudit.tasks.audit.progress import ProgressReader
 
     run_dir = Path(plan.out_dir) / "runs" / plan.run_id
     with Progress(
@@ -158,8 +158,9 @@ def _progress(plan: RunPlan, stop: threading.Event) -> None:
         console=None,
     ) as bar:
         job = bar.add_task("images", total=plan.images)
+        reader = ProgressReader(plan.folder, run_dir, plan.images, {s.name: s.stop - s.start for s in plan.shards})
         while not stop.wait(0.25):
-            now = read_progress(plan.folder, run_dir, plan.images)
+            now = reader.read()
             bar.update(job, completed=now.images, description=now.label)
 
 

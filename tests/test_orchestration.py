@@ -123,3 +123,38 @@ def test_a_shard_reads_its_rows_of_the_index(tmp_path) -> None:
             got = read_index(path, start, stop)
             want = full.iloc[start:stop].reset_index(drop=True)
             pd.testing.assert_frame_equal(got, want)
+
+
+def test_progress_reader_skips_finished_shards_and_sums_like_a_fresh_read(tmp_path) -> None:
+    from visaudit.tasks.audit import progress
+
+    plan_folder, run_dir = tmp_path / ".staging-r1", tmp_path / "r1"
+    reader = progress.ProgressReader(plan_folder, run_dir, 12, {"00000": 8, "00001": 4})
+    assert reader.read() == progress.Progress(0, None)  # nothing started
+    progress.mark_images(plan_folder, "00000", 8)  # finished: read once, then remembered
+    progress.mark_images(plan_folder, "00001", 2)
+    assert reader.read() == progress.Progress(10, None) == progress.read_progress(plan_folder, run_dir, 12)
+    assert reader.finished == {"00000": 8}
+    progress.mark_images(plan_folder, "00001", 4)
+    progress.mark_stage(plan_folder, "findings")
+    assert reader.read() == progress.Progress(12, "findings")
+
+
+def test_load_plan_parses_once_until_the_file_changes(tmp_path, monkeypatch) -> None:
+    from visaudit.tasks.audit import plan as plan_module
+
+    parsed = []
+    real = plan_module.RunPlan.model_validate_json
+    monkeypatch.setattr(plan_module.RunPlan, "model_validate_json", lambda text: parsed.append(1) or real(text))
+    folder = tmp_path / "staging"
+    folder.mkdir()
+    saved = {"run_id": "r1", "out_dir": str(tmp_path), "request": {"source": str(tmp_path), "model": {"arch": "resnet18"}},
+             "classes": ["a", "b"], "preprocess": {"resize": 8, "crop": 8}, "multi_label": False, "layers": ["x"],
+             "model_fingerprint": "m", "data_fingerprint": "d", "images": 2, "shards": [["00000", 0, 2]],
+             "started": "now"}
+    (folder / plan_module.PLAN_NAME).write_text(json.dumps(saved))
+    first = plan_module.load_plan(folder)
+    assert plan_module.load_plan(folder) is first and len(parsed) == 1
+    saved["images"] = 3
+    (folder / plan_module.PLAN_NAME).write_text(json.dumps(saved) + " ")  # rewritten (a resumed run's plan)
+    assert plan_module.load_plan(folder).images == 3 and len(parsed) == 2

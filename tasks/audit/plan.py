@@ -115,8 +115,20 @@ def plan_dir(out_dir: Path, run_id: str) -> Path:
     return Path(out_dir) / "runs" / f".staging-{run_id}"
 
 
+_LOADED: dict[Path, tuple[tuple[int, int], RunPlan]] = {}  # plan file -> (its mtime and size, the plan)
+
+
 def load_plan(folder: Path) -> RunPlan:
-    return RunPlan.model_validate_json((Path(folder) / PLAN_NAME).read_text())
+    """The plan saved in ``folder``, parsed once per process while the file is unchanged: every
+    shard task loads it, and a million-image run has thousands of shards (treat it as read-only)."""
+    path = (Path(folder) / PLAN_NAME).resolve()
+    stat = path.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = _LOADED.get(path)
+    if cached is None or cached[0] != stamp:
+        _LOADED.clear()  # one run's plan at a time per process
+        cached = _LOADED[path] = (stamp, RunPlan.model_validate_json(path.read_text()))
+    return cached[1]
 
 
 def prepare_run(request: AuditRequest) -> RunPlan:

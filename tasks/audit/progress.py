@@ -8,6 +8,7 @@ the shards and reads the stage; once the run is committed (the staging folder go
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,19 +52,41 @@ def mark_stage(plan_folder: Path, stage: str) -> None:
 
 def read_progress(plan_folder: Path, run_dir: Path, images: int) -> Progress:
     """The run's progress (``images``: the planned total, reported once the shards are past)."""
-    folder = Path(plan_folder) / PROGRESS_DIR
-    if not folder.is_dir():
-        return Progress(images, "report") if (Path(run_dir) / "run.json").exists() else Progress(0, None)
-    done, stage = 0, None
-    for path in folder.iterdir():
-        if path.name.startswith("."):  # a write in flight
-            continue
+    return ProgressReader(plan_folder, run_dir, images).read()
+
+
+class ProgressReader:
+    """Reads a run's progress again and again (the bar, 4 times a second): a shard's file is
+    read until it says the shard is finished (``sizes``: each shard's planned images), so a
+    million-image run's thousands of finished shards cost one directory listing a read."""
+
+    def __init__(self, plan_folder: Path, run_dir: Path, images: int, sizes: dict[str, int] | None = None) -> None:
+        self.folder = Path(plan_folder) / PROGRESS_DIR
+        self.run_dir = Path(run_dir)
+        self.images = images
+        self.sizes = sizes or {}
+        self.finished: dict[str, int] = {}
+
+    def read(self) -> Progress:
         try:
-            text = path.read_text().strip()
-        except OSError:  # renamed into place while we read, or the folder committed away
-            continue
-        if path.name == STAGE_FILE:
-            stage = text
-        elif text.isdigit():
-            done += int(text)
-    return Progress(images if stage else done, stage)
+            names = [entry.name for entry in os.scandir(self.folder)]
+        except OSError:  # no shard has started yet, or the run is committed (the staging folder gone)
+            return Progress(self.images, "report") if (self.run_dir / "run.json").exists() else Progress(0, None)
+        done, stage = 0, None
+        for name in names:
+            if name.startswith("."):  # a write in flight
+                continue
+            if name in self.finished:
+                done += self.finished[name]
+                continue
+            try:
+                text = (self.folder / name).read_text().strip()
+            except OSError:  # renamed into place while we read, or the folder committed away
+                continue
+            if name == STAGE_FILE:
+                stage = text
+            elif text.isdigit():
+                done += int(text)
+                if self.sizes.get(name) == int(text):
+                    self.finished[name] = int(text)
+        return Progress(self.images if stage else done, stage)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,8 +18,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from visaudit.tasks.audit import shard_rows
-from visaudit.tasks.audit.shard_rows import BatchResult
+from visaudit.tasks.audit.shard_rows import BatchResult, BatchRows, batch_rows
 from visaudit.tasks.data import storage
 from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many, normalise, to_batch
 from visaudit.tasks.data.labels import label_matrix
@@ -100,15 +99,22 @@ def audit_shard(
         return ShardResult(shard, len(rows), 0, reused=True)
     timings = {"decode": 0.0, "model": 0.0, "rows": 0.0}
     non_finite = 0
-    predictions, explanations, occlusions, signal_parts = [], [], [], []
+    built: list[Future[BatchRows]] = []
     batches = [rows.iloc[i : i + settings.batch_size] for i in range(0, len(rows), settings.batch_size)]
 
     def load(batch: pd.DataFrame) -> list[Decoded | str]:
         device = loaded.device if settings.gpu_decode else None
         return decode_many(batch["uri"].tolist(), settings.preprocess, settings.decode_workers, device, settings.reads)
 
-    # Decode the next batch while the model works on the current one.
-    with ThreadPoolExecutor(max_workers=1) as prefetch:
+    def build(batch: pd.DataFrame, decoded: list[Decoded | str], ok: list[int], result: BatchResult | None) -> BatchRows:
+        mark = time.perf_counter()
+        built_rows = batch_rows(batch, decoded, ok, result, settings)
+        timings["rows"] += time.perf_counter() - mark  # on the writer thread, off the model's path
+        return built_rows
+
+    # Decode the next batch while the model works on the current one, and turn the previous
+    # batch's results into table rows on a writer thread: the model's loop only waits for them.
+    with ThreadPoolExecutor(max_workers=1) as prefetch, ThreadPoolExecutor(max_workers=1) as writer:
         pending = prefetch.submit(load, batches[0]) if batches else None
         for number, batch in enumerate(batches):
             t0 = time.perf_counter()
@@ -125,42 +131,39 @@ def audit_shard(
                 ok = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
                 result = _run_batch(batch.iloc[ok], [decoded[i] for i in ok], loaded, settings) if ok else None
             t2 = time.perf_counter()
-            predictions.append(shard_rows.prediction_rows(batch, decoded, ok, result, settings))
-            if result is not None:
-                explanations.append(shard_rows.explanation_rows(batch.iloc[ok], result, settings))
-                ids = batch["image_id"].to_numpy()[ok]
-                signal_parts.append(
-                    signals.signal_rows(ids, result.probs, result.embeddings, result.properties, result.thumbnails)
-                )
-                if result.occlusion is not None:
-                    occlusions.append(shard_rows.occlusion_rows(batch.iloc[ok], result, settings))
+            built.append(writer.submit(build, batch, decoded, ok, result))
             timings["decode"] += t1 - t0  # time waiting for decoding, beyond what overlapped
             timings["model"] += t2 - t1
-            timings["rows"] += time.perf_counter() - t2
             if progress:
                 progress(min(len(rows), (number + 1) * settings.batch_size))
+        waiting = time.perf_counter()
+        parts = [future.result() for future in built]  # a row builder's failure is the shard's
+        timings["rows_wait"] = time.perf_counter() - waiting  # rows still unbuilt when the model was done
+    predictions = [part.predictions for part in parts]
+    explanations = [part.explanations for part in parts if part.explanations is not None]
+    signal_parts = [part.signals for part in parts if part.signals is not None]
+    occlusions = [part.occlusion for part in parts if part.occlusion is not None]
     t3 = time.perf_counter()
     pred_df = pd.concat(predictions, ignore_index=True)
     if non_finite and pred_df["error"].isna().sum() == 0:
         raise ModelError(f"the model returned NaN or infinite scores for every readable image of shard {shard} "
                          f"({non_finite} images); check the weights (a diverged training?) and the preprocessing")
-    expl_df = (
-        pd.concat(explanations, ignore_index=True)
-        if explanations
-        else table_schema("explanations").empty_table().to_pandas()
-    )
-    storage.write_part(expl_df, "explanations", out_dir, run_id, shard)
-    signal_df = (
-        pd.concat(signal_parts, ignore_index=True)
-        if signal_parts
-        else table_schema("signals").empty_table().to_pandas()
-    )
-    storage.write_part(signal_df, "signals", out_dir, run_id, shard)
+    tables = {
+        "explanations": pd.concat(explanations, ignore_index=True) if explanations else _empty("explanations"),
+        "signals": pd.concat(signal_parts, ignore_index=True) if signal_parts else _empty("signals"),
+    }
     if occlusions:
-        storage.write_part(pd.concat(occlusions, ignore_index=True), "occlusion", out_dir, run_id, shard)
+        tables["occlusion"] = pd.concat(occlusions, ignore_index=True)
+    with ThreadPoolExecutor(max_workers=len(tables)) as writers:  # Arrow encodes and compresses without the GIL
+        for future in [writers.submit(storage.write_part, df, name, out_dir, run_id, shard) for name, df in tables.items()]:
+            future.result()
     storage.write_part(pred_df, "predictions", out_dir, run_id, shard)  # written last: marks the shard done
     timings["write"] = time.perf_counter() - t3
     return ShardResult(shard, len(rows), int(pred_df["error"].notna().sum()), timings)
+
+
+def _empty(table: str) -> pd.DataFrame:
+    return table_schema(table).empty_table().to_pandas()
 
 
 def target_matrix(

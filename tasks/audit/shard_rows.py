@@ -11,7 +11,7 @@ import pandas as pd
 
 from visaudit.tasks.data.images import Decoded
 from visaudit.tasks.data.schema import table_schema
-from visaudit.tasks.explain import cam, localisation, occlusion
+from visaudit.tasks.explain import cam, localisation, occlusion, signals
 
 if TYPE_CHECKING:
     from visaudit.tasks.audit.shard import ShardSettings
@@ -38,6 +38,37 @@ class BatchResult:
     properties: dict[str, np.ndarray] = field(default_factory=dict)  # image property -> (N,)
     thumbnails: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.uint8))  # (N, 192)
     finite: np.ndarray = field(default_factory=lambda: np.ones(0, bool))  # (N,) every class score finite
+
+
+@dataclass
+class BatchRows:
+    """One batch's rows of each table a shard writes (None: the batch has none of that table)."""
+
+    predictions: pd.DataFrame
+    explanations: pd.DataFrame | None = None
+    signals: pd.DataFrame | None = None
+    occlusion: pd.DataFrame | None = None
+
+
+def batch_rows(
+    batch: pd.DataFrame,
+    decoded: list[Decoded | str],
+    ok: list[int],
+    result: BatchResult | None,
+    settings: ShardSettings,
+) -> BatchRows:
+    """Every table's rows of one batch: ``decoded[i]`` is row ``i``'s image or its error, ``ok``
+    the rows with a result (in ``result``'s order; None when no image of the batch was read)."""
+    rows = BatchRows(prediction_rows(batch, decoded, ok, result, settings))
+    if result is None:
+        return rows
+    audited = batch.iloc[ok]
+    rows.explanations = explanation_rows(audited, result, settings)
+    rows.signals = signals.signal_rows(audited["image_id"].to_numpy(), result.probs, result.embeddings,
+                                       result.properties, result.thumbnails)
+    if result.occlusion is not None:
+        rows.occlusion = occlusion_rows(audited, result, settings)
+    return rows
 
 
 def prediction_rows(
