@@ -129,10 +129,13 @@ def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.exists() else 0.0
 
 
-def audit(manifest: Path, out: Path, input_size: int, extra: list[str]) -> Measured:
-    """One ``visaudit run`` subprocess over the manifest, measured."""
+def audit(manifest: Path, out: Path, input_size: int, extra: list[str], model_clock: bool = False) -> Measured:
+    """One ``visaudit run`` subprocess over the manifest, measured (``model_clock``: run through
+    ``benchmarks.model_clock``, which times every forward and backward of the run)."""
     visaudit = Path(sys.executable).with_name("visaudit")
-    command = [str(visaudit), "run", str(manifest), "--out", str(out), "--model", MODEL,
+    clock = out / "model-clock.json"
+    launcher = [sys.executable, "-m", "benchmarks.model_clock", str(clock)] if model_clock else [str(visaudit)]
+    command = [*launcher, "run", str(manifest), "--out", str(out), "--model", MODEL,
                "--classes", str(manifest.with_name("classes.txt")), "--resize", str(input_size),
                "--crop", str(input_size), "-q", *extra]
     load = os.getloadavg()[0]
@@ -162,6 +165,7 @@ def audit(manifest: Path, out: Path, input_size: int, extra: list[str]) -> Measu
     stages["per_shard_outside"] = (stages["shards"] - inside) / shards
     counted = stages["setup_checks"] + sum(stages[s] for s in STAGES if s not in ("setup_checks", "shards.model"))
     stages["other"] = wall - counted
+    stages["model_all"] = float(json.loads(clock.read_text())["model"]) if model_clock else float("nan")
     mark = time.perf_counter()
     subprocess.run([str(visaudit), "report", run_id, "--out", str(out)], check=True, capture_output=True)
     report = time.perf_counter() - mark
@@ -184,12 +188,18 @@ def markdown(results: list[Measured]) -> str:
     names = [*STAGES, "other"]
     head = ["images", "load avg", "wall", "CPU time", *names, "outside the model", "per shard outside its timers",
             "report re-render", "peak RSS tree / largest", "tables"]
+    clocked = all(r.stages["model_all"] == r.stages["model_all"] for r in results)
+    if clocked:  # every forward and backward of the run, in any step
+        head[head.index("report re-render"):head.index("report re-render")] = ["all model work", "outside all model work"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         cells = [f"{r.images:,}", f"{r.load:.1f}", f"{r.wall:.1f} s", f"{r.cpu:.1f} s"]
         cells += [f"{r.stages[n]:.1f} s ({1000 * r.stages[n] / r.images:.2f})" for n in names]
         outside = r.wall - r.stages["shards.model"]
         cells += [f"{outside:.1f} s ({outside / r.wall:.0%})", f"{1000 * r.stages['per_shard_outside']:.0f} ms"]
+        if r.stages["model_all"] == r.stages["model_all"]:  # timed with --model-clock
+            beyond = r.wall - r.stages["model_all"]
+            cells += [f"{r.stages['model_all']:.1f} s", f"{beyond:.1f} s ({beyond / r.wall:.0%})"]
         cells += [f"{r.report:.1f} s", f"{r.peak_tree_mb:,.0f} / {r.peak_process_mb:,.0f} MB",
                   f"{sum(r.tables_mb.values()):.1f} MB"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -206,6 +216,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "visaudit-bench-scale")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
     parser.add_argument("--keep", action="store_true", help="keep the output folders")
+    parser.add_argument("--model-clock", action="store_true",
+                        help="also time every forward and backward of the run (benchmarks/model_clock.py)")
     args, extra = parser.parse_known_args()
     results = []
     for images in args.sizes:
@@ -214,7 +226,7 @@ def main() -> None:
         for _ in range(args.repeat):
             out = Path(tempfile.mkdtemp(prefix=f"visaudit-scale-{images}-"))
             try:
-                runs.append(audit(manifest, out, args.input_size or args.image_size, extra))
+                runs.append(audit(manifest, out, args.input_size or args.image_size, extra, args.model_clock))
             finally:
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)

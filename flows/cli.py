@@ -74,11 +74,12 @@ def execute(request: AuditRequest, quiet: bool = False) -> Path:
     Prefect's ephemeral server boots while the run is planned (with the default thread runner and
     no PREFECT_API_URL); a bad request still ends at once with its one line."""
     from visaudit.flows.server import start_ephemeral_api
+
+    api = start_ephemeral_api() if request.compute.runner == "threads" else None  # before torch and pandas load
     from visaudit.tasks.audit.gate import GATE_EXIT_CODE, GateFailed
     from visaudit.tasks.audit.plan import prepare_run
     from visaudit.tasks.report.pdf import PdfFailed
 
-    api = start_ephemeral_api() if request.compute.runner == "threads" else None
     try:
         plan = prepare_run(request)
     except USER_ERRORS as exc:

@@ -41,6 +41,20 @@ def test_help_imports_no_heavy_library(command: list[str]) -> None:
     assert json.loads(done.stderr.strip().splitlines()[-1]) == []
 
 
+def test_a_run_request_is_checked_before_torch_loads(tmp_path) -> None:
+    """`visaudit run` checks its options and model spec with no heavy library loaded, so Prefect's
+    server starts (in the background) before torch, pandas and the rest are imported."""
+    script = f"""
+import json, sys
+from visaudit.flows.cli import build_request
+build_request({{"source": {str(tmp_path)!r}, "model": "visaudit.tasks.demo.network:build_model"}})
+print(json.dumps(sorted({{name.split(".")[0] for name in sys.modules}} & set({HEAVY!r}))))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
 def test_the_import_probe_sees_a_heavy_import() -> None:
     """The control: the wrapper sees a heavy import when there is one (else the test above could not fail)."""
     probe = LOADED.replace("from visaudit.flows.cli import main", "import pandas\nfrom visaudit.flows.cli import main")

@@ -33,7 +33,7 @@ from visaudit.tasks.findings.thresholds import Thresholds
 if TYPE_CHECKING:  # the command line's --help and option parsing read this module: torch and pandas load on use
     from visaudit.tasks.audit.gate import GatePolicy
     from visaudit.tasks.audit.setup_checks import SetupThresholds
-    from visaudit.tasks.model.loading import ModelSpec
+    from visaudit.tasks.model.spec import ModelSpec
 
 
 class ModelSettings(Settings):
@@ -62,7 +62,7 @@ class ModelSettings(Settings):
 
     def spec(self) -> ModelSpec:
         """The loader's view of the model (a bad combination is a ModelError)."""
-        from visaudit.tasks.model.loading import ModelSpec
+        from visaudit.tasks.model.spec import ModelSpec
 
         return ModelSpec(arch=self.arch, factory=self.model, weights=self.weights, layer=self.layer,
                          trust_checkpoint=self.trust_checkpoint)

@@ -95,7 +95,7 @@ def write_feature_views(
 ) -> dict:
     """Write the filter grid and one strip of top channels per image under ``folder``;
     returns (and saves as ``features.json``) the index the report reads."""
-    from visaudit.tasks.explain.overlay import overlay_pixels, save_png
+    from visaudit.tasks.explain.overlay import overlay_pixels, save_photo, save_png
 
     folder.mkdir(parents=True, exist_ok=True)
     index: dict = {"layer": layer, "filters": None, "images": []}
@@ -110,11 +110,11 @@ def write_feature_views(
         size = pixels[n].shape[0]
         entries = []
         for rank, (channel, mean) in enumerate(zip(indices[n].tolist(), values[n].tolist())):
-            path = f"{n:02d}-{rank}.png"
+            path = f"{n:02d}-{rank}.jpg"  # photos as JPEG, which the PDF embeds as they are (save_photo)
             heat = activations[n, channel].clamp(min=0).cpu().numpy()
-            save_png(overlay_pixels(heat, pixels[n], size, None), folder / path)
+            save_photo(overlay_pixels(heat, pixels[n], size, None), folder / path)
             entries.append({"channel": int(channel), "mean": float(mean), "path": path})
-        save_png(pixels[n], folder / f"{n:02d}-image.png")
-        index["images"].append({"image_id": image_id, "image": f"{n:02d}-image.png", "channels": entries})
+        save_photo(pixels[n], folder / f"{n:02d}-image.jpg")
+        index["images"].append({"image_id": image_id, "image": f"{n:02d}-image.jpg", "channels": entries})
     write_atomically(folder / INDEX_NAME, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
     return index

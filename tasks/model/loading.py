@@ -42,29 +42,7 @@ from visaudit.tasks.model.sources import (
     is_torchscript,
     read_torchscript,
 )
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What to load: ``arch`` (torchvision name, ``timm:NAME``, ``hf:PATH_OR_ID`` or ``torchscript:FILE``) or
-    ``factory`` (``module:function`` or ``path/to/file.py:function``), and ``weights`` (a
-    state_dict file, or for ``arch`` a torchvision weights name such as ``IMAGENET1K_V1``,
-    or timm's ``pretrained`` / a timm pretrained tag)."""
-
-    arch: str | None = None
-    factory: str | None = None
-    weights: str | None = None
-    layer: str | None = None
-    trust_checkpoint: bool = False
-
-    def __post_init__(self) -> None:
-        if (self.arch is None) == (self.factory is None):
-            raise ModelError("give exactly one of --arch (a torchvision architecture) or --model (module:function)")
-
-    @property
-    def name(self) -> str:
-        """The architecture or factory named, for messages and fingerprints."""
-        return self.arch or self.factory or "model"
+from visaudit.tasks.model.spec import ModelSpec
 
 
 @dataclass
