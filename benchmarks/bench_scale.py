@@ -61,6 +61,7 @@ class Measured:
     report: float
     load: float
     cpu: float  # user + system seconds of the run and the children it reaped (less sensitive to load than wall)
+    peak_by_stage_mb: dict[str, float] = dataclasses.field(default_factory=dict)  # the tree's peak RSS in each stage
 
 
 def _chunk(args: tuple[int, int, int, str]) -> str:
@@ -108,8 +109,21 @@ def _classes() -> list[str]:
     return list(load_recipe().classes)
 
 
-def _watch(process: psutil.Process, peaks: list[float], stop: threading.Event) -> None:
-    """Peak RSS (MB) of the process tree (the sum) and of its largest process."""
+def _stage(out: Path) -> str:
+    """The stage the run is in, from its progress files (``tasks/audit/progress.py``)."""
+    for stage_file in (out / "runs").glob(".staging-*/progress/stage"):
+        try:
+            return stage_file.read_text().strip() or "shards"
+        except OSError:
+            break
+    if any((out / "runs").glob(".staging-*/progress")):
+        return "shards"
+    return "report" if any((out / "runs").glob("r*/run.json")) else "prepare"
+
+
+def _watch(process: psutil.Process, peaks: list[float], stop: threading.Event, out: Path,
+           by_stage: dict[str, float]) -> None:
+    """Peak RSS (MB) of the process tree (the sum) and of its largest process, and the tree's peak by stage."""
     while not stop.wait(0.2):
         try:
             tree = [process, *process.children(recursive=True)]
@@ -123,6 +137,8 @@ def _watch(process: psutil.Process, peaks: list[float], stop: threading.Event) -
             return
         peaks[0] = max(peaks[0], sum(sizes) / 2**20)
         peaks[1] = max(peaks[1], max(sizes, default=0) / 2**20)
+        stage = _stage(out)
+        by_stage[stage] = max(by_stage.get(stage, 0.0), round(sum(sizes) / 2**20))
 
 
 def _size_mb(folder: Path) -> float:
@@ -142,8 +158,8 @@ def audit(manifest: Path, out: Path, input_size: int, extra: list[str], model_cl
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peaks, stop = [0.0, 0.0], threading.Event()
-    watcher = threading.Thread(target=_watch, args=(psutil.Process(child.pid), peaks, stop), daemon=True)
+    peaks, stop, by_stage = [0.0, 0.0], threading.Event(), {}
+    watcher = threading.Thread(target=_watch, args=(psutil.Process(child.pid), peaks, stop, out, by_stage), daemon=True)
     watcher.start()
     stdout, stderr = child.communicate()
     wall = time.perf_counter() - started
@@ -170,7 +186,7 @@ def audit(manifest: Path, out: Path, input_size: int, extra: list[str], model_cl
     subprocess.run([str(visaudit), "report", run_id, "--out", str(out)], check=True, capture_output=True)
     report = time.perf_counter() - mark
     tables = {name: _size_mb(out / "tables" / name / f"run_id={run_id}") for name in TABLES}
-    return Measured(record["metrics"]["images"], wall, stages, peaks[0], peaks[1], tables, report, load, cpu)
+    return Measured(record["metrics"]["images"], wall, stages, peaks[0], peaks[1], tables, report, load, cpu, by_stage)
 
 
 def median_of(runs: list[Measured]) -> Measured:
@@ -179,7 +195,7 @@ def median_of(runs: list[Measured]) -> Measured:
     return Measured(
         runs[0].images, pick(r.wall for r in runs), {k: pick(r.stages[k] for r in runs) for k in runs[0].stages},
         pick(r.peak_tree_mb for r in runs), pick(r.peak_process_mb for r in runs), runs[0].tables_mb,
-        pick(r.report for r in runs), pick(r.load for r in runs), pick(r.cpu for r in runs),
+        pick(r.report for r in runs), pick(r.load for r in runs), pick(r.cpu for r in runs), runs[0].peak_by_stage_mb,
     )
 
 

@@ -101,9 +101,14 @@ def execute(request: AuditRequest, quiet: bool = False) -> Path:
         watcher.start()
     gate_failure = pdf_failure = None
     try:
-        if api is not None:
-            api.result()  # the server is up (or its failure is the audit's, as the flow's own start would be)
-        run_audit(request)
+        url = api.result() if api is not None else None  # up (or its failure is the audit's, as Prefect's own would be)
+        if url is None:
+            run_audit(request)
+        else:
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            with temporary_settings(updates={PREFECT_API_URL: url}):
+                run_audit(request)
     except GateFailed as exc:
         gate_failure = str(exc)
     except PdfFailed as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -45,26 +46,93 @@ def pin_ephemeral_port() -> int | None:
     return server.port
 
 
-def start_ephemeral_api() -> Future[int | None]:
-    """Start :func:`pin_ephemeral_port` now, in the background, and return its future port.
+EPHEMERAL_ENV = {  # what Prefect's own SubprocessASGIServer sets for its ephemeral server
+    "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+}
 
-    The server takes seconds to import and boot (6-10 s on a 2-core machine); started here it boots
-    while the run is planned and the model loaded instead of after. It is started from a daemon
-    thread that then waits for the process to end, so the thread lives as long as the process and
-    the server still dies with it (see :func:`_children_die_with_us`); the flow's own call of
-    :func:`pin_ephemeral_port` then finds it running."""
-    port: Future[int | None] = Future()
+
+class _LocalApi:
+    """The server :func:`start_ephemeral_api` started in this process: its future URL and process."""
+
+    def __init__(self) -> None:
+        self.url: Future[str | None] = Future()
+        self.server: subprocess.Popen[bytes] | None = None
+
+    def alive(self) -> bool:
+        if not self.url.done():
+            return True  # still booting
+        return self.url.exception() is None and self.server is not None and self.server.poll() is None
+
+
+_local_api: _LocalApi | None = None  # one per process, as Prefect's ephemeral server: later runs reuse it
+
+
+def start_ephemeral_api() -> Future[str | None]:
+    """Start a Prefect API server for this run now, in the background, and return its future URL
+    (None when PREFECT_API_URL names a server already): run the flow with PREFECT_API_URL set to it.
+
+    It is the server Prefect's ephemeral mode would start (the same uvicorn command and settings,
+    on a port the kernel chose: see :func:`pin_ephemeral_port`), but started without importing
+    Prefect's server package here: that import (FastAPI, SQLAlchemy, every API route) cost the run's
+    own process 3-5 s of CPU on 2 cores, for a class it only used to spawn the child. Started before
+    torch loads, the server boots while the run is planned and the model loaded. The daemon thread
+    that starts it then waits for it, so the thread lives as long as the server, which still dies
+    with this process (see :func:`_children_die_with_us`)."""
+    global _local_api
+    if os.environ.get("PREFECT_API_URL"):
+        named: Future[str | None] = Future()
+        named.set_result(None)
+        return named
+    if _local_api is not None and _local_api.alive():
+        return _local_api.url
+    api = _local_api = _LocalApi()
 
     def keeper() -> None:
         try:
-            port.set_result(pin_ephemeral_port())
-        except BaseException as exc:  # handed to the caller of port.result()
-            port.set_exception(exc)
+            port = _free_port()
+            with _children_die_with_us():
+                api.server = subprocess.Popen(
+                    [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
+                     "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+                    env={**os.environ, **EPHEMERAL_ENV}, stdin=subprocess.DEVNULL,
+                )
+            atexit.register(_stop, api.server)
+            address = f"http://127.0.0.1:{port}/api"
+            _wait_until_healthy(address, api.server, port)
+            api.url.set_result(address)
+        except BaseException as exc:  # handed to the caller of url.result()
+            api.url.set_exception(exc)
             return
-        threading.Event().wait()  # never set: the thread (and the server's death signal) ends with the process
+        api.server.wait()  # the thread (and the server's death signal) lives as long as the server
 
     threading.Thread(target=keeper, name="visaudit-prefect-api", daemon=True).start()
-    return port
+    return api.url
+
+
+def _wait_until_healthy(url: str, server: subprocess.Popen[bytes], port: int) -> None:
+    deadline = time.monotonic() + SERVER_START_TIMEOUT
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            _stop(server)
+            raise RuntimeError(f"the local Prefect server did not start on port {port}; set PREFECT_API_URL "
+                               "to a running server instead")
+        time.sleep(0.1)
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is None:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -118,25 +186,10 @@ def prefect_server() -> Iterator[str]:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the local Prefect server did not start on port {port}; set PREFECT_API_URL "
-                                   "to a running server instead")
-            time.sleep(0.5)
+        _wait_until_healthy(url, server, port)
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server)
 
 
 @contextlib.contextmanager
