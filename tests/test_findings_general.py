@@ -4,6 +4,7 @@ that only the model follows, and messages whose every number comes from the row.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -15,8 +16,9 @@ from visaudit.tasks.findings.compute import FindingInputs, Thresholds, detect_al
 from visaudit.tasks.findings.confident_error import confident_errors
 from visaudit.tasks.findings.confused_pair import confused_pairs
 from visaudit.tasks.findings.group_gap import failing_groups, group_gap
+from visaudit.tasks.findings.inputs import listed, sharing
 from visaudit.tasks.findings.likely_label_error import likely_label_errors
-from visaudit.tasks.findings.shortcut_property import shortcut_property
+from visaudit.tasks.findings.shortcut_property import _membership, shortcut_property
 from visaudit.tasks.findings.slice_gap import slice_gap
 
 BIRDS = ["landbird", "waterbird"]
@@ -195,3 +197,35 @@ def test_every_message_quotes_its_own_value() -> None:
     for f in found:
         quoted = [_as_fraction(tok) for tok in NUMBER.findall(f.message)]
         assert any(abs(q - f.value) <= 0.0051 + 1e-9 for q in quoted), (f.kind, f.value, f.message)
+
+
+def test_a_run_computes_shared_results_once_for_its_own_frames_only() -> None:
+    """Within ``sharing`` (one findings run) a derived result is computed once per frames and
+    thresholds, never handed to other frames, other thresholds or a later run."""
+    audited, signals, _ = _birds()
+    t = Thresholds()
+    alone = failing_groups(audited, signals, t)
+    with sharing():
+        first = failing_groups(audited, signals, t)
+        assert first == alone and failing_groups(audited, signals, t) is first
+        assert failing_groups(audited.copy(), signals, t) is not first
+        assert failing_groups(audited, signals, replace(t, slice_margin=0.99)) == []
+    assert failing_groups(audited, signals, t) is not first
+
+
+def test_sharing_leaves_every_finding_as_each_detector_computes_it_alone() -> None:
+    audited, signals, _ = _birds()
+    detectors = (slice_gap, group_gap, confident_errors, confused_pairs)  # all read the failing groups
+    alone = [detect(audited, signals, Thresholds()) for detect in detectors]
+    assert all(alone[1:])
+    with sharing():
+        assert [detect(audited, signals, Thresholds()) for detect in detectors] == alone
+
+
+def test_list_cells_flatten_in_order_and_name_their_classes() -> None:
+    cells = pd.Series([["b", "a"], None, np.array(["c"], dtype=object), [], float("nan"), ("a", "x")])
+    rows, names = listed(cells)
+    assert rows.tolist() == [0, 0, 2, 5, 5] and names.tolist() == ["b", "a", "c", "a", "x"]
+    member = _membership(cells, ["a", "b", "c"])
+    assert member.tolist() == [[True, True, False], [False] * 3, [False, False, True], [False] * 3, [False] * 3,
+                               [True, False, False]]

@@ -47,13 +47,13 @@ def cause_label(finding: Finding) -> str:
     return finding_name(finding.kind, finding.class_name, finding.slice)
 
 
-def _shared(a: Finding, b: Finding) -> int:
-    """Images both findings' evidence lists name, when they are about one class and that is enough
-    to link them (else 0)."""
+def _shared(a: Finding, b: Finding, images_a: frozenset[str], images_b: frozenset[str]) -> int:
+    """Images both findings' evidence lists name (``images_a``, ``images_b``: their evidence as
+    sets), when they are about one class and that is enough to link them (else 0)."""
     if a.class_name is None or a.class_name != b.class_name:
         return 0
-    common = len(set(a.evidence) & set(b.evidence))
-    smaller = min(len(set(a.evidence)), len(set(b.evidence)))
+    common = len(images_a & images_b)
+    smaller = min(len(images_a), len(images_b))
     return common if common >= MIN_SHARED and common >= MIN_SHARED_SHARE * smaller else 0
 
 
@@ -65,6 +65,12 @@ def link_causes(found: list[Finding], detectors: tuple[Detector, ...]) -> list[F
     explained = {i: f.slice.removeprefix("explained=") for i, f in enumerate(found)
                  if (f.slice or "").startswith("explained=")}
     linkable = [i for i, f in enumerate(found) if support.get(f.kind) is not None and i not in explained]
+    images = [frozenset(f.evidence) for f in found]  # each evidence list as a set, built once
+
+    def common(i: int, j: int) -> int:
+        """Images the evidence of findings i and j shares."""
+        return len(images[i] & images[j])
+
     parent = {i: i for i in linkable}
 
     def root(i: int) -> int:
@@ -75,7 +81,7 @@ def link_causes(found: list[Finding], detectors: tuple[Detector, ...]) -> list[F
 
     for n, i in enumerate(linkable):
         for j in linkable[n + 1:]:
-            if found[i].kind != found[j].kind and _shared(found[i], found[j]):
+            if found[i].kind != found[j].kind and _shared(found[i], found[j], images[i], images[j]):
                 parent[root(i)] = root(j)
     sets: dict[int, list[int]] = {}
     for i in linkable:
@@ -84,14 +90,15 @@ def link_causes(found: list[Finding], detectors: tuple[Detector, ...]) -> list[F
     for members in (m for m in sets.values() if len({found[i].kind for i in m}) > 1):
         lead_at = min(members, key=lambda i: (SUPPORTS.index(support[found[i].kind]), rank[found[i].kind]))
         lead = found[lead_at]
-        members = [i for i in members if i == lead_at or _shared(lead, found[i])]  # links are not transitive
-        others = [found[i] for i in members if i != lead_at]
+        # links are not transitive
+        members = [i for i in members if i == lead_at or _shared(lead, found[i], images[lead_at], images[i])]
+        others = [i for i in members if i != lead_at]
         if not others:
             continue
         label = cause_label(lead)
         out[lead_at] = replace(out[lead_at], cause=label, message=(
             f"{lead.message} One cause: the same images also raise "
-            + "; ".join(f"{cause_label(f)} ({len(set(f.evidence) & set(lead.evidence))} shared)" for f in others)
+            + "; ".join(f"{cause_label(found[i])} ({common(i, lead_at)} shared)" for i in others)
             + f"; this finding's evidence is the strongest ({_WHY[support[lead.kind]]})."))
         for i in members:
             if i == lead_at:
@@ -99,7 +106,7 @@ def link_causes(found: list[Finding], detectors: tuple[Detector, ...]) -> list[F
             f = found[i]
             stronger = SUPPORTS.index(support[lead.kind]) < SUPPORTS.index(support[f.kind])
             out[i] = replace(f, cause=label, message=(
-                f"{f.message} Same cause as {label}: {len(set(f.evidence) & set(lead.evidence))} of this finding's "
+                f"{f.message} Same cause as {label}: {common(i, lead_at)} of this finding's "
                 "evidence images are its too, and "
                 + (f"that finding's evidence is stronger ({_WHY[support[lead.kind]]}): it is the explanation the "
                    "evidence supports, and this finding a symptom of it." if stronger else
@@ -109,8 +116,7 @@ def link_causes(found: list[Finding], detectors: tuple[Detector, ...]) -> list[F
         # finding covers every failing group of an attribute, whatever their classes
         owners = [j for j in linkable if found[j].kind == kind]
         if owners:
-            j = max(owners, key=lambda j: (len(set(found[i].evidence) & set(found[j].evidence)),
-                                           found[j].class_name == found[i].class_name))
+            j = max(owners, key=lambda j: (common(i, j), found[j].class_name == found[i].class_name))
             cause = out[j].cause or cause_label(found[j])
             out[i], out[j] = replace(out[i], cause=cause), replace(out[j], cause=cause)
     return out

@@ -6,17 +6,18 @@ Its share of the audited images' labels times K (1.0 = the uniform share) below
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from visaudit.tasks.findings.finding import Detector, Finding
+from visaudit.tasks.findings.inputs import listed
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 
 def class_imbalance(audited: pd.DataFrame, classes: list[str], t: Thresholds) -> list[Finding]:
     """One finding per class whose share of the labels is below ``imbalance_ratio`` x 1/K."""
-    counts = pd.Series(
-        [label for labels in audited["labels"] if labels is not None for label in labels], dtype=object
-    ).value_counts()
+    rows, names = listed(audited["labels"])
+    counts = pd.Series(names, dtype=object).value_counts()
     total = counts.sum()
     if total == 0 or len(classes) < 2:
         return []
@@ -26,7 +27,7 @@ def class_imbalance(audited: pd.DataFrame, classes: list[str], t: Thresholds) ->
         ratio = share * len(classes)
         if ratio >= t.imbalance_ratio:
             continue
-        ids = audited.loc[audited["labels"].map(lambda ls, n=name: ls is not None and n in ls), "image_id"]
+        ids = audited["image_id"].iloc[np.unique(rows[names == name])]
         found.append(Finding(
             kind="class_imbalance",
             severity=severity(ratio, 0.1, 0.25, larger_is_worse=False),

@@ -16,7 +16,7 @@ import pandas as pd
 from visaudit.tasks.data.schema import table_schema
 from visaudit.tasks.findings.causes import link_causes
 from visaudit.tasks.findings.finding import Detector, Finding
-from visaudit.tasks.findings.inputs import AuditTables, FindingInputs
+from visaudit.tasks.findings.inputs import AuditTables, FindingInputs, sharing
 from visaudit.tasks.findings.registry import DETECTORS, KIND_RANK, MAP_BASED
 from visaudit.tasks.findings.thresholds import SEVERITY_ORDER, Thresholds
 
@@ -42,9 +42,10 @@ def mark_low_confidence(found: list[Finding]) -> list[Finding]:
 def detect_all(inputs: FindingInputs, thresholds: Thresholds) -> list[Finding]:
     """Every applicable detector's findings, confidence marked, same-cause findings linked
     (``causes``), most severe first (within a severity in registry order, each detector's own
-    order kept)."""
+    order kept). Detectors share what they derive alike (``inputs.shared``) within the run."""
     tables = inputs.tables()
-    found = [f for d in DETECTORS if _applies(d, tables) for f in d.detect(tables, thresholds)]
+    with sharing():
+        found = [f for d in DETECTORS if _applies(d, tables) for f in d.detect(tables, thresholds)]
     found = link_causes(mark_low_confidence(found), DETECTORS)
     return sorted(found, key=lambda f: (SEVERITY_ORDER[f.severity], KIND_RANK[f.kind]))
 

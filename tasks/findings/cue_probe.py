@@ -99,7 +99,7 @@ def cue_samples(audited: pd.DataFrame, t: Thresholds) -> list[CueSample]:
     """Per class with at least ``min_class_images`` audited images (by their single label), the
     first ``CUE_IMAGES`` of them by image id."""
     labels = true_class(audited)
-    frame = audited.assign(label=labels)[labels.notna()].sort_values("image_id", kind="stable")
+    frame = audited[["image_id"]].assign(label=labels)[labels.notna()].sort_values("image_id", kind="stable")
     return [CueSample(str(name), tuple(group["image_id"].iloc[:CUE_IMAGES]))
             for name, group in frame.groupby("label", sort=True) if len(group) >= t.min_class_images]
 
@@ -107,7 +107,7 @@ def cue_samples(audited: pd.DataFrame, t: Thresholds) -> list[CueSample]:
 def other_images(audited: pd.DataFrame, class_name: str, count: int = CUE_IMAGES) -> list[str]:
     """Up to ``count`` image ids of other classes, spread evenly over the run (by image id)."""
     labels = true_class(audited)
-    ids = np.sort(audited.loc[labels.notna() & (labels != class_name), "image_id"].to_numpy())
+    ids = audited.loc[labels.notna() & (labels != class_name), "image_id"].sort_values().to_numpy()
     if len(ids) <= count:
         return ids.tolist()
     return ids[np.linspace(0, len(ids) - 1, count).round().astype(int)].tolist()

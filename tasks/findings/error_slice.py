@@ -33,7 +33,7 @@ import pandas as pd
 from visaudit.tasks.data.schema import PROPERTY_COLUMNS
 from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.group_gap import failing_groups
-from visaudit.tasks.findings.inputs import true_class
+from visaudit.tasks.findings.inputs import shared, true_class
 from visaudit.tasks.findings.slice_gap import slice_gap, slice_table
 from visaudit.tasks.findings.stats import difference_interval
 from visaudit.tasks.findings.thresholds import Thresholds, severity
@@ -109,12 +109,14 @@ def _explained(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> s
     return ids
 
 
+@shared
 def error_clusters(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[ErrorCluster]:
     """Every cluster of a class surely weaker than the rest of its class, worst first (metadata-explained ones included)."""
     if "correct" not in audited:
         return []
-    judged = audited[audited["correct"].notna()]
-    frame = pd.DataFrame({"image_id": judged["image_id"], "class": true_class(judged),
+    mask = audited["correct"].notna().to_numpy()
+    judged = audited[mask]
+    frame = pd.DataFrame({"image_id": judged["image_id"], "class": true_class(audited)[mask],
                           "correct": judged["correct"].astype(bool), "confidence": judged["confidence"]})
     frame = frame[frame["class"].notna()].merge(signals[["image_id", "thumbnail", *PROPERTY_COLUMNS]], on="image_id")
     candidates = []

@@ -24,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from visaudit.tasks.findings.finding import Detector, Finding
-from visaudit.tasks.findings.inputs import true_class
-from visaudit.tasks.findings.slice_gap import slice_gap, slice_table
+from visaudit.tasks.findings.inputs import shared, true_class
+from visaudit.tasks.findings.slice_gap import attribute_table, slice_gap
 from visaudit.tasks.findings.stats import difference_interval
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
@@ -51,13 +51,14 @@ class GroupGap:
         return self.correct_elsewhere / self.images_elsewhere - self.correct / self.images
 
 
+@shared
 def failing_groups(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[GroupGap]:
     """Every (class, attribute value) group surely weaker than its class elsewhere, worst first;
     values that ``slice_gap`` flags (a whole-slice failure) are left out."""
     if "correct" not in audited or "attributes" not in audited:
         return []
-    frame = slice_table(audited, pd.DataFrame())
-    frame["class"] = true_class(audited.loc[audited["correct"].notna()]).to_numpy()
+    judged = audited["correct"].notna().to_numpy()
+    frame = attribute_table(audited).assign(**{"class": true_class(audited)[judged].to_numpy()})
     frame = frame[frame["class"].notna()]
     slices = {f.slice for f in slice_gap(audited, signals, t)}
     candidates = []
@@ -65,27 +66,25 @@ def failing_groups(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) 
         values = frame[column].dropna()
         if values.nunique() < 2 or values.nunique() > t.max_slice_values:
             continue
-        for (name, value), n in frame.groupby(["class", column]).size().items():
-            elsewhere = int(((frame["class"] == name) & frame[column].notna() & (frame[column] != value)).sum())
-            if n >= t.min_group_images and elsewhere >= t.min_group_images:
-                candidates.append((column, str(name), value))
+        groups = frame.groupby(["class", column])["correct"].agg(["size", "sum"])
+        per_class = frame[frame[column].notna()].groupby("class")["correct"].agg(["size", "sum"])
+        for (name, value), n, k in zip(groups.index, groups["size"], groups["sum"]):
+            n_else, k_else = per_class.at[name, "size"] - n, per_class.at[name, "sum"] - k  # its other values
+            if n >= t.min_group_images and n_else >= t.min_group_images:
+                candidates.append((column, str(name), value, (k, n, k_else, n_else)))
     if not candidates:
         return []
     z = NormalDist().inv_cdf(1 - (1 - t.slice_confidence) / (2 * len(candidates)))
     found = []
-    for column, name, value in candidates:
+    for column, name, value, counts in candidates:
         attribute = column.removeprefix("attr:")
         if f"{attribute}={value}" in slices:
             continue
-        mine = (frame["class"] == name).to_numpy()
-        has = frame[column].notna().to_numpy()
-        inside = mine & (frame[column] == value).to_numpy()
-        outside = mine & has & ~inside
-        correct = frame["correct"].to_numpy(bool)
-        k1, n1, k2, n2 = (np.float64(v) for v in (correct[inside].sum(), inside.sum(), correct[outside].sum(), outside.sum()))
+        k1, n1, k2, n2 = (np.float64(v) for v in counts)
         low, high = difference_interval(k1, n1, k2, n2, z)
         if low <= t.slice_margin:
             continue
+        inside = (frame["class"] == name).to_numpy() & (frame[column] == value).to_numpy()
         group = frame[inside].sort_values(["correct", "confidence"], ascending=[True, False], kind="stable")
         found.append(GroupGap(attribute, str(value), name, int(k1), int(n1), int(k2), int(n2), float(low), float(high),
                               tuple(group["image_id"])))

@@ -1,11 +1,17 @@
 """What the detectors read: the run's tables as given (:class:`FindingInputs`) and as the
-detectors see them (:class:`AuditTables`: readable images only, maps of the explained layer)."""
+detectors see them (:class:`AuditTables`: readable images only, maps of the explained layer);
+and what several detectors derive from them, computed once per findings run (:func:`shared`)."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
+import numpy as np
 import pandas as pd
 
 from visaudit.tasks.findings.fixed_location import LocationCandidate, LocationProbe
@@ -14,6 +20,11 @@ if TYPE_CHECKING:
     from visaudit.tasks.findings.cue_probe import CueProbe
 
 Locations = tuple[list[LocationCandidate], dict[str, LocationProbe]]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# One findings run's memo (None outside :func:`sharing`): key -> (result, the arguments it was computed from)
+_MEMO: ContextVar[dict[tuple[Any, ...], tuple[Any, tuple[Any, ...]]] | None] = ContextVar("findings_memo", default=None)
 
 
 @dataclass(frozen=True)
@@ -88,6 +99,56 @@ class AuditTables:
         return value is not None and not (isinstance(value, pd.DataFrame) and value.empty)
 
 
+@contextmanager
+def sharing() -> Iterator[None]:
+    """Within this block (one findings run), each :func:`shared` result is computed once; the
+    memo is dropped when the block ends, so nothing carries over to another run."""
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
+def _key(value: Any) -> Any:
+    """How an argument of a :func:`shared` function is told apart: a table by its identity (its
+    object is held by the memo, so the id cannot be reused meanwhile), a list as a tuple, the rest by value."""
+    if isinstance(value, (pd.DataFrame, pd.Series)):
+        return ("table", id(value))
+    return tuple(value) if isinstance(value, list) else value
+
+
+def shared(compute: Callable[P, R]) -> Callable[P, R]:
+    """``compute`` run once per distinct arguments within :func:`sharing` (outside it, every call
+    computes). Detectors derive the same tables, groups and clusters from one run's frames: the
+    result is shared between them, so no caller may modify what ``compute`` returns."""
+
+    @functools.wraps(compute)
+    def once(*args: P.args, **kwargs: P.kwargs) -> R:
+        memo = _MEMO.get()
+        if memo is None:
+            return compute(*args, **kwargs)
+        key = (compute.__module__, compute.__qualname__, *map(_key, args),
+               *((name, _key(value)) for name, value in sorted(kwargs.items())))
+        if key not in memo:
+            memo[key] = (compute(*args, **kwargs), (args, kwargs))
+        return memo[key][0]
+
+    return once
+
+
+def listed(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """A column of list cells (labels, predictions: lists or arrays; a null cell lists nothing)
+    flattened: the row position of every listed name, and the names (object array), in order."""
+    values = cells.to_numpy(dtype=object)
+    present = ~pd.isna(values)
+    kept = values[present]
+    rows = np.repeat(np.flatnonzero(present), np.fromiter(map(len, kept), dtype=np.int64, count=len(kept)))
+    names = np.concatenate(kept).astype(object, copy=False) if len(kept) else np.empty(0, dtype=object)
+    return rows, names
+
+
+@shared
 def true_class(audited: pd.DataFrame) -> pd.Series:
     """The single label of each image (multi-class data), None when it has zero or several."""
     return audited["labels"].map(lambda labels: labels[0] if labels is not None and len(labels) == 1 else None)

@@ -44,6 +44,7 @@ from scipy.stats import poisson
 from visaudit.tasks.findings.error_slice import ErrorCluster, error_clusters
 from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.group_gap import GroupGap, describe_groups, failing_groups, in_failing_group
+from visaudit.tasks.findings.inputs import true_class
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 
@@ -75,9 +76,9 @@ def likely_label_errors(
     them, least likely label first), images of failing groups set aside."""
     from cleanlab.filter import find_label_issues
 
-    frame = audited[audited["labels"].map(lambda ls: ls is not None and len(ls) == 1)]
-    frame = frame.assign(given=frame["labels"].map(lambda ls: ls[0]))
-    frame = frame[frame["given"].isin(classes)].merge(signals[["image_id", "probabilities"]], on="image_id")
+    given = true_class(audited)
+    frame = audited.assign(given=given)[given.isin(classes).to_numpy()]
+    frame = frame.merge(signals[["image_id", "probabilities"]], on="image_id")
     if len(frame) < 2 * len(classes) or frame["given"].nunique() < 2:
         return []
     position = {name: i for i, name in enumerate(classes)}
@@ -87,7 +88,8 @@ def likely_label_errors(
     with warnings.catch_warnings():  # cleanlab's "may not flag all label issues in class k" about small classes:
         warnings.filterwarnings("ignore", message="May not flag all label issues", category=UserWarning)
         ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)  # no fork
-    flagged = frame.iloc[ranked].assign(suggested=[classes[i] for i in probs[ranked].argmax(axis=1)])
+    suggested = np.asarray(classes, dtype=object)[probs[ranked].argmax(axis=1)]
+    flagged = frame.iloc[ranked].assign(suggested=suggested.tolist())
     sizes = frame["given"].value_counts()
     groups = failing_groups(audited, signals, t)
     clusters = error_clusters(audited, signals, t)

@@ -13,7 +13,6 @@ they come from this one function so that they can never disagree.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from visaudit.tasks.findings.calibration import reliability_of
+from visaudit.tasks.findings.inputs import listed
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,13 @@ class RunMetrics:
         return asdict(self)
 
 
-def _names(cell: Any) -> list[str]:
-    """A list cell (numpy array, list or null) as a list of strings."""
-    if cell is None or (isinstance(cell, float) and math.isnan(cell)):
-        return []
-    return [str(v) for v in cell]
+def _among(names: np.ndarray, cells: pd.Series) -> np.ndarray:
+    """(N,) bool: whether each row's name is one of its list cell's names (as strings; a null cell has none)."""
+    rows, listed_names = listed(cells)
+    as_text = np.array([str(name) for name in listed_names], dtype=object)
+    out = np.zeros(len(names), dtype=bool)
+    out[rows[as_text == names[rows]]] = True
+    return out
 
 
 def judged_rows(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -62,8 +64,8 @@ def summary_metrics(predictions: pd.DataFrame, multi_label: bool) -> RunMetrics:
         correct = judged["correct"].astype(bool)
         accuracy = float(correct.mean())
         if not multi_label:
-            firsts = judged["labels"].map(lambda cell: _names(cell)[0])
-            top5 = float(np.mean([first in _names(top) for first, top in zip(firsts, judged["top_classes"])]))
+            firsts = judged["labels"].map(lambda cell: str(cell[0]))  # judged: every row has a label
+            top5 = float(np.mean(_among(firsts.to_numpy(object), judged["top_classes"])))
             ece = reliability_of(judged).ece
             per_class = correct.groupby(firsts.to_numpy()).mean()
             low, high = float(per_class.min()), float(per_class.max())

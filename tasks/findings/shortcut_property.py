@@ -16,6 +16,7 @@ import pandas as pd
 
 from visaudit.tasks.data.schema import PROPERTY_COLUMNS
 from visaudit.tasks.findings.finding import Detector, Finding
+from visaudit.tasks.findings.inputs import listed
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 FOLDS = 5
@@ -74,12 +75,12 @@ def one_feature_balanced_accuracy(
 
 def _membership(cells: pd.Series, classes: list[str]) -> np.ndarray:
     """(N, K) bool: whether each row's list of names (labels or predictions) holds each class."""
-    position = {name: i for i, name in enumerate(classes)}
+    rows, names = listed(cells)
+    position = pd.Series(names, dtype=object).map({name: i for i, name in enumerate(classes)})  # NaN: no class
+    column = position.to_numpy(dtype=np.float64, na_value=np.nan)
+    known = ~np.isnan(column)
     out = np.zeros((len(cells), len(classes)), dtype=bool)
-    for row, names in enumerate(cells):
-        for name in names if names is not None else ():
-            if name in position:
-                out[row, position[name]] = True
+    out[rows[known], column[known].astype(np.int64)] = True
     return out
 
 

@@ -16,19 +16,27 @@ import pandas as pd
 
 from visaudit.tasks.data.sources import attribute_pairs
 from visaudit.tasks.findings.finding import Detector, Finding
+from visaudit.tasks.findings.inputs import shared
 from visaudit.tasks.findings.stats import difference_interval
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 
-def slice_table(audited: pd.DataFrame, signals: pd.DataFrame) -> pd.DataFrame:
-    """image_id, correct, confidence and one column per slice attribute (manifest + derived terciles)."""
+@shared
+def attribute_table(audited: pd.DataFrame) -> pd.DataFrame:
+    """The judged images' image_id, correct, confidence and one column per manifest attribute ("attr:...")."""
     judged = audited[audited["correct"].notna()]
     frame = judged[["image_id", "correct", "confidence"]].copy()
     frame["correct"] = frame["correct"].astype(bool)
     attributes = pd.DataFrame(
         [dict(attribute_pairs(cell)) for cell in judged["attributes"]], index=judged.index, dtype=object
     ) if "attributes" in judged else pd.DataFrame(index=judged.index)
-    frame = pd.concat([frame, attributes.add_prefix("attr:")], axis=1)
+    return pd.concat([frame, attributes.add_prefix("attr:")], axis=1)
+
+
+@shared
+def slice_table(audited: pd.DataFrame, signals: pd.DataFrame) -> pd.DataFrame:
+    """image_id, correct, confidence and one column per slice attribute (manifest + derived terciles)."""
+    frame = attribute_table(audited)
     if len(signals) >= 3:  # terciles need three images (qcut of fewer has repeated bin edges)
         derived = signals[["image_id", "brightness", "contrast"]].copy()
         for name in ("brightness", "contrast"):
@@ -39,6 +47,7 @@ def slice_table(audited: pd.DataFrame, signals: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
+@shared
 def slice_gap(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[Finding]:
     """Slices (attribute = value) whose accuracy is below the rest's by more than the margin, surely;
     evidence the slice's errors, most confident first. ``signals`` may be empty (no derived slices)."""
