@@ -80,8 +80,8 @@ def start_ephemeral_api() -> Future[str | None]:
     that starts it then waits for it, so the thread lives as long as the server, which still dies
     with this process (see :func:`_children_die_with_us`)."""
     global _local_api
-    if os.environ.get("PREFECT_API_URL"):
-        named: Future[str | None] = Future()
+    if os.environ.get("PREFECT_API_URL") or ("prefect.settings" in sys.modules and _api_url_set()):
+        named: Future[str | None] = Future()  # a server is named (in this thread's settings, e.g. a test harness's)
         named.set_result(None)
         return named
     if _local_api is not None and _local_api.alive():
@@ -90,6 +90,9 @@ def start_ephemeral_api() -> Future[str | None]:
 
     def keeper() -> None:
         try:
+            if _api_url_set():  # a fresh process's settings: the environment and the active Prefect profile
+                api.url.set_result(None)
+                return
             port = _free_port()
             with _children_die_with_us():
                 api.server = subprocess.Popen(
@@ -108,6 +111,12 @@ def start_ephemeral_api() -> Future[str | None]:
 
     threading.Thread(target=keeper, name="visaudit-prefect-api", daemon=True).start()
     return api.url
+
+
+def _api_url_set() -> bool:
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
 
 
 def _wait_until_healthy(url: str, server: subprocess.Popen[bytes], port: int) -> None:
