@@ -12,9 +12,13 @@ import pytest
 from PIL import Image, ImageDraw
 from pypdf import PdfReader
 
+from visaudit.tasks.data.labels import label_matrix
 from visaudit.tasks.data.storage import commit_run, read_table, write_part
 from visaudit.tasks.report.classes import class_table
+from visaudit.tasks.report.columns import attribute_pairs_of, class_matrix, first_codes
+from visaudit.tasks.report.examples import most_confident
 from visaudit.tasks.report.figures import digest
+from visaudit.tasks.report.formatting import names
 from visaudit.tasks.report.impressions import colour_notes, impression_note, position_words
 from visaudit.tasks.report.render import render_report
 
@@ -267,6 +271,19 @@ def test_multilabel_run(tmp_path: Path) -> None:
     assert rows["square"].precision == pytest.approx(1 / 2)
     assert rows["square"].errors == 3
     assert rows["circle"].recall == pytest.approx(1.0) and rows["circle"].precision == pytest.approx(3 / 4)
+
+
+def test_whole_column_helpers_give_what_the_per_cell_ones_give() -> None:
+    cells = pd.Series([np.array(["b", "a"], dtype=object), None, np.array([], dtype=object), ["c"], np.nan], dtype=object)
+    classes = ["a", "b", "c", "b"]  # a repeated name counts at its last position, as label_matrix has it
+    assert (class_matrix(cells, classes) == label_matrix([names(c) for c in cells], tuple(classes))).all()
+    assert first_codes(cells, classes).tolist() == [3, -1, -1, 2, -1]
+    pairs = attribute_pairs_of(pd.Series([[("k", "1"), ("k", "2"), ("j", None)], None, {"k": "3"}], dtype=object))
+    decoded = [(r, pairs.keys[k], None if v < 0 else pairs.values[v]) for r, k, v in zip(pairs.row, pairs.key, pairs.value)]
+    assert decoded == [(0, "k", "2"), (0, "j", None), (2, "k", "3")]  # a repeated key keeps its last value, as a dict
+    confidence = np.array([0.5, np.nan, 0.9, 0.5, 0.9, 0.1])
+    ranked = pd.Series(confidence).sort_values(ascending=False, kind="stable").index.tolist()
+    assert [most_confident(confidence, size).tolist() for size in range(8)] == [ranked[:size] for size in range(8)]
 
 
 @pytest.mark.parametrize("x, y, words", [(0.1, 0.1, "top-left"), (0.5, 0.5, "centre"), (0.9, 0.5, "right"),

@@ -62,3 +62,31 @@ def test_stray_temp_file_does_not_break_readers(tmp_path) -> None:
     (tmp_path / "tables" / "findings" / "_tmp-r9").mkdir()
     (tmp_path / "tables" / "findings" / "_tmp-r9" / "part-0.parquet").write_bytes(b"truncated")
     assert len(pd.read_parquet(tmp_path / "tables" / "findings")) == 1
+
+
+def _predictions(ids: list[str]) -> pd.DataFrame:
+    n = len(ids)
+    return pd.DataFrame({
+        "image_id": ids, "uri": [f"/d/{i}.png" for i in ids], "labels": [["cat"]] * n, "predicted": [["dog"]] * n,
+        "top_classes": [["dog", "cat"]] * n, "top_scores": [[0.6, 0.4]] * n, "confidence": [0.6] * n,
+        "correct": [False] * n, "loss": [0.9] * n, "image_height": [8] * n, "image_width": [8] * n,
+        "box_x0": [0.0] * n, "box_y0": [0.0] * n, "box_x1": [4.0] * n, "box_y1": [4.0] * n,
+        "attributes": [[("light", "dim")]] * n, "error": [None] * n,
+    })
+
+
+def test_read_table_picks_rows_by_image_id_from_the_parts_holding_them(tmp_path) -> None:
+    for part, ids in enumerate((["a", "b"], ["c", "d"], ["e"])):
+        storage.write_part(_predictions(ids), "predictions", tmp_path, "r1", str(part))
+    storage.commit_run(tmp_path, "r1")
+    storage.write_part(_predictions(["a"]), "predictions", tmp_path, "r2", "0")
+    storage.commit_run(tmp_path, "r2")
+    full = storage.read_table(tmp_path, "predictions", "r1")
+    some = storage.read_table(tmp_path, "predictions", "r1", image_ids={"e", "a", "zz"})
+    assert some.equals(full[full["image_id"].isin(["a", "e"])].reset_index(drop=True)), "the full read's rows, in order"
+    assert storage.read_table(tmp_path, "predictions", image_ids=["a"])["run_id"].tolist() == ["r1", "r2"]
+    assert storage.read_table(tmp_path, "predictions", "r1", ["uri"], image_ids=[]).columns.tolist() == ["uri", "run_id"]
+    arrow = storage.read_table(tmp_path, "predictions", "r1", ["labels"], nested_as_arrow=True)
+    assert isinstance(arrow["labels"].dtype, pd.ArrowDtype) and arrow["labels"].tolist()[0] == ["cat"]
+    with pytest.raises(ValueError, match="no image_id"):
+        storage.read_table(tmp_path, "findings", image_ids=["a"])

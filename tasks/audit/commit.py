@@ -31,6 +31,7 @@ from visaudit.tasks.explain.features import FEATURES_DIR
 from visaudit.tasks.findings.metrics import RunMetrics, judged_rows, summary_metrics
 
 RUN_METRICS = ("images", "audited", "unreadable", "accuracy", "top5_accuracy", "ece")  # per-run trend rows
+RECORD_COLUMNS = ["error", "correct", "labels", "top_classes", "confidence"]  # what the record's numbers read
 
 
 def series_key(model_fingerprint: str, source: str, name: str | None = None) -> str:
@@ -122,7 +123,7 @@ def audit_near_chance(predictions: pd.DataFrame, multi_label: bool, confidence: 
 def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
     """Make the run visible: write run.json, move staged tables and figures into place, drop the plan."""
     out_dir = Path(plan.out_dir)
-    predictions = storage.read_staged("predictions", out_dir, plan.run_id)
+    predictions = storage.read_staged("predictions", out_dir, plan.run_id, columns=RECORD_COLUMNS)
     run_dir = out_dir / "runs" / plan.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     record = build_record(plan, predictions, timings)

@@ -38,6 +38,7 @@ from visaudit.tasks.findings.thresholds import SEVERITY_ORDER
 GATE_EXIT_CODE = 3  # `visaudit run` exits with this when the policy is broken (2 is bad input)
 GATE_NAME = "gate.json"
 GATE_METRICS = ("accuracy", "top5_accuracy", "ece", "worst_class", "worst_group")
+MEASURED_COLUMNS = ["error", "correct", "labels", "top_classes", "confidence", "attributes"]  # what ``measure`` reads
 Severity = Literal["high", "medium", "low"]
 
 
@@ -193,7 +194,7 @@ def judge_run(out_dir: str, run_id: str, policy: GatePolicy | None) -> GateOutco
     run_dir = Path(out_dir) / "runs" / run_id
     record = RunRecord.load(run_dir)
     findings = storage.read_table(Path(out_dir), "findings", run_id)
-    predictions = storage.read_table(Path(out_dir), "predictions", run_id)
+    predictions = storage.read_table(Path(out_dir), "predictions", run_id, columns=MEASURED_COLUMNS)
     outcome = judge(policy, findings, predictions, record.multi_label)
     outcome.save(run_dir)
     return outcome

@@ -21,6 +21,7 @@ from visaudit.tasks.data import storage
 from visaudit.tasks.findings.paired import paired_change
 
 HEADLINE = (*RUN_METRICS, "findings_high", "findings_medium", "findings_low")
+PAIRED_COLUMNS = ["image_id", "uri", "labels", "predicted", "confidence", "correct", "error"]  # paired_predictions'
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ def series_change(out_dir: Path, run_id: str, margin: float) -> SeriesChange:
     deltas = {name: None if headline[name] is None or before[name] is None else headline[name] - before[name]
               for name in HEADLINE}
     changes = finding_changes(storage.read_table(out_dir, "findings", previous), findings)
-    pairs = paired_predictions(storage.read_table(out_dir, "predictions", previous),
-                               storage.read_table(out_dir, "predictions", run_id))
+    pairs = paired_predictions(storage.read_table(out_dir, "predictions", previous, columns=PAIRED_COLUMNS),
+                               storage.read_table(out_dir, "predictions", run_id, columns=PAIRED_COLUMNS))
     drops: list[ClassChange] = []
     if len(pairs):
         multi_label = RunRecord.load(out_dir / "runs" / run_id).multi_label

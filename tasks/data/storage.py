@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -57,14 +58,21 @@ def part_exists(table: str, out_dir: Path, run_id: str, part: str) -> bool:
     return (staging_dir(out_dir, table, run_id) / f"part-{part}.parquet").exists()
 
 
-def read_staged(table: str, out_dir: Path, run_id: str) -> pd.DataFrame:
-    """Read every part of a run in progress (before commit), with the table's schema."""
+def read_staged(table: str, out_dir: Path, run_id: str, columns: list[str] | None = None) -> pd.DataFrame:
+    """Read every part of a run in progress (before commit), with the table's schema; only
+    ``columns`` (in that order) when given."""
     folder = staging_dir(out_dir, table, run_id)
     files = sorted(folder.glob("part-*.parquet")) if folder.exists() else []
     schema = table_schema(table)
+    if columns is not None and (unknown := [name for name in columns if name not in schema.names]):
+        raise ValueError(f"table {table!r} has no columns {unknown}; its columns: {', '.join(schema.names)}")
     if not files:
-        return schema.empty_table().to_pandas()
-    return ds.dataset(files, schema=schema, format="parquet").to_table().to_pandas()
+        empty = schema.empty_table().to_pandas()
+        return empty if columns is None else empty[columns]
+    arrow = ds.dataset(files, schema=schema, format="parquet").to_table(columns=columns)
+    frame = arrow.to_pandas(split_blocks=True, self_destruct=True)  # frees each column once converted
+    pa.default_memory_pool().release_unused()
+    return frame
 
 
 def commit_run(out_dir: Path, run_id: str, tables: list[str] | None = None) -> None:
@@ -85,11 +93,27 @@ def commit_run(out_dir: Path, run_id: str, tables: list[str] | None = None) -> N
         os.replace(folder, target)
 
 
-def read_table(out_dir: Path, table: str, run_id: str | None = None, columns: list[str] | None = None) -> pd.DataFrame:
+def read_table(
+    out_dir: Path,
+    table: str,
+    run_id: str | None = None,
+    columns: list[str] | None = None,
+    image_ids: Iterable[str] | None = None,
+    nested_as_arrow: bool = False,
+) -> pd.DataFrame:
     """Read a table for every committed run (or one), with a string ``run_id`` column; only
-    ``columns`` (and ``run_id``) when given."""
+    ``columns`` (and ``run_id``) when given; only the rows of ``image_ids`` when given (rows in
+    table order, as a full read has them). List and map columns hold a numpy array (a list of
+    pairs) per cell, or with ``nested_as_arrow`` their Arrow data (``pd.ArrowDtype``: no Python
+    object per cell, for whole-column work on many rows).
+
+    With ``image_ids``, a first scan of the ``image_id`` column finds the part files holding
+    them, and only those are read whole: a few images' rows (their heatmaps, say) cost one
+    small column of every part, not every column."""
     root = Path(out_dir) / "tables" / table
     schema = table_schema(table)
+    if image_ids is not None and "image_id" not in schema.names:
+        raise ValueError(f"table {table!r} has no image_id column to pick rows by")
     if columns is not None:
         columns = [*columns, "run_id"]
     if not root.exists():
@@ -102,4 +126,18 @@ def read_table(out_dir: Path, table: str, run_id: str | None = None, columns: li
         partitioning=PARTITIONING,
     )
     expr = ds.field("run_id") == run_id if run_id is not None else None
-    return dataset.to_table(columns=columns, filter=expr).to_pandas()
+    if image_ids is not None:
+        ids = pa.array(sorted(set(image_ids)), pa.string())
+        expr = ds.field("image_id").isin(ids) if expr is None else expr & ds.field("image_id").isin(ids)
+        holding = _parts_holding(dataset, expr) if len(ids) else set()
+        parts = [part for part in dataset.get_fragments() if part.path in holding]  # in the dataset's order
+        dataset = ds.FileSystemDataset(parts, dataset.schema, dataset.format, dataset.filesystem)
+    nested = (lambda kind: pd.ArrowDtype(kind) if pa.types.is_nested(kind) else None) if nested_as_arrow else None
+    return dataset.to_table(columns=columns, filter=expr).to_pandas(types_mapper=nested)
+
+
+def _parts_holding(dataset: ds.FileSystemDataset, expr: ds.Expression) -> set[str]:
+    """The paths of the part files with a row matching ``expr``, from a scan of ``image_id``
+    alone (``expr`` reads nothing else but partition fields)."""
+    scan = dataset.scanner(columns=["image_id"], filter=expr).scan_batches()
+    return {batch.fragment.path for batch in scan if batch.record_batch.num_rows}

@@ -8,13 +8,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from visaudit.tasks.data.labels import label_matrix
-from visaudit.tasks.data.sources import attribute_pairs
 from visaudit.tasks.findings.calibration import reliability_of
 from visaudit.tasks.findings.metrics import judged_rows
 from visaudit.tasks.findings.stats import Z_95, wilson_interval
+from visaudit.tasks.report.columns import attribute_pairs_of, class_matrix, first_codes
 from visaudit.tasks.report.figures import Painter, draw_confusion, draw_reliability
-from visaudit.tasks.report.formatting import names, percent, score
+from visaudit.tasks.report.formatting import percent, score
 
 MAX_MATRIX_CLASSES = 25  # a bigger confusion matrix shows the classes with the most errors
 MAX_SLICE_VALUES = 20  # attributes with more distinct values are identifiers, not slices
@@ -62,15 +61,21 @@ class SliceRow:
     confidence: str
 
 
+def judged_of(predictions: pd.DataFrame, *columns: str) -> pd.DataFrame:
+    """``findings.metrics.judged_rows`` with ``columns`` only (and ``correct``): a section copies
+    what it reads of the judged rows, not every column."""
+    return judged_rows(predictions[["error", "correct", *columns]])
+
+
 def class_table(predictions: pd.DataFrame, classes: list[str], multilabel: bool) -> list[ClassRow]:
     """Per class: images, recall, precision, mean top-1 confidence, errors.
 
     Multi-class errors are the class's images predicted as another class; multi-label
     errors are the class's misses plus its false alarms.
     """
-    judged = judged_rows(predictions)
-    labels = label_matrix([names(v) for v in judged["labels"]], tuple(classes))
-    predicted = label_matrix([names(v) for v in judged["predicted"]], tuple(classes))
+    judged = judged_of(predictions, "labels", "predicted", "confidence")
+    labels = class_matrix(judged["labels"], classes)
+    predicted = class_matrix(judged["predicted"], classes)
     confidence = judged["confidence"].to_numpy(dtype=np.float64)
     hits = (labels & predicted).sum(axis=0)
     images, called = labels.sum(axis=0), predicted.sum(axis=0)
@@ -91,12 +96,10 @@ def class_table(predictions: pd.DataFrame, classes: list[str], multilabel: bool)
 
 def confusion_view(predictions: pd.DataFrame, classes: list[str], painter: Painter) -> Confusion | None:
     """Multi-class confusion matrix (counts in cells, colour normalised per true class)."""
-    judged = judged_rows(predictions)
+    judged = judged_of(predictions, "labels", "predicted")
     if judged.empty or not classes:
         return None
-    true = judged["labels"].map(lambda v: names(v)[0])
-    pred = judged["predicted"].map(lambda v: (names(v) or [""])[0])
-    counts = pd.crosstab(true, pred).reindex(index=classes, columns=classes, fill_value=0)
+    counts = pair_counts(first_codes(judged["labels"], classes), first_codes(judged["predicted"], classes), classes)
     note = ""
     if len(classes) > MAX_MATRIX_CLASSES:
         off = counts.to_numpy() * (1 - np.eye(len(classes), dtype=np.int64))
@@ -106,9 +109,20 @@ def confusion_view(predictions: pd.DataFrame, classes: list[str], painter: Paint
     return Confusion(painter.save("confusion-matrix.png", lambda tmp: draw_confusion(counts, tmp)), note)
 
 
+def pair_counts(true: np.ndarray, predicted: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """How many rows pair each true class (rows) with each predicted class (columns); ``true`` and
+    ``predicted``: each row's :func:`~visaudit.tasks.report.columns.class_codes` code (-1: none)."""
+    k = len(classes)
+    both = (true >= 0) & (predicted >= 0)
+    counts = np.bincount(true[both] * k + predicted[both], minlength=k * k).reshape(k, k).astype(np.int64)
+    code = {name: i for i, name in enumerate(classes)}  # a repeated name: one code, every line shows it
+    lines = [code[name] for name in classes]
+    return pd.DataFrame(counts[np.ix_(lines, lines)], index=pd.Index(classes), columns=pd.Index(classes))
+
+
 def calibration_view(predictions: pd.DataFrame, painter: Painter) -> Calibration | None:
     """Reliability diagram (accuracy against confidence per bin) and the ECE, multi-class runs."""
-    judged = judged_rows(predictions)
+    judged = judged_of(predictions, "confidence")
     if judged.empty:
         return None
     result = reliability_of(judged)
@@ -121,22 +135,27 @@ def calibration_view(predictions: pd.DataFrame, painter: Painter) -> Calibration
 
 def slice_rows(predictions: pd.DataFrame) -> list[SliceRow]:
     """Per manifest attribute with 2 to MAX_SLICE_VALUES values, one row per value."""
-    judged = judged_rows(predictions)
+    judged = judged_of(predictions, "attributes", "confidence")
     if judged.empty:
         return []
-    attributes = pd.DataFrame([dict(attribute_pairs(cell)) for cell in judged["attributes"]], index=judged.index)
-    correct = judged["correct"].astype(bool)
+    pairs = attribute_pairs_of(judged["attributes"])
+    valued = pairs.value >= 0
+    row, key, value = pairs.row[valued], pairs.key[valued], pairs.value[valued]
+    correct = judged["correct"].astype(bool).to_numpy()
+    confidence = judged["confidence"].reset_index(drop=True)
     rows = []
-    for name in sorted(attributes.columns):
-        column = attributes[name].dropna().astype(str)
-        if not 2 <= column.nunique() <= MAX_SLICE_VALUES:
+    for code in sorted(np.unique(key), key=lambda c: pairs.keys[c]):
+        mine = key == code
+        present = np.unique(value[mine])
+        if not 2 <= len(present) <= MAX_SLICE_VALUES:
             continue
-        for value, index in column.groupby(column).groups.items():
-            n = len(index)
-            k = int(correct.loc[index].sum())
+        for v in sorted(present, key=lambda c: pairs.values[c]):
+            at = row[mine & (value == v)]  # the images holding this value, in table order
+            n = len(at)
+            k = int(correct[at].sum())
             low, high = wilson_interval(np.float64(k), np.float64(n), Z_95)
             rows.append(SliceRow(
-                attribute=name, value=value, images=n, accuracy=percent(k / n),
-                interval=f"{low:.0%}-{high:.0%}", confidence=score(judged.loc[index, "confidence"].mean()),
+                attribute=pairs.keys[code], value=pairs.values[v], images=n, accuracy=percent(k / n),
+                interval=f"{low:.0%}-{high:.0%}", confidence=score(confidence.iloc[at].mean()),
             ))
     return rows

@@ -18,7 +18,7 @@ from visaudit.tasks.audit.record import RunRecord
 from visaudit.tasks.data.storage import read_table
 from visaudit.tasks.findings.paired import PairedChange
 from visaudit.tasks.report.examples import Thumb
-from visaudit.tasks.report.figures import Painter
+from visaudit.tasks.report.figures import BOX_COLUMNS, Painter
 from visaudit.tasks.report.formatting import file_name, format_date, number, percent
 from visaudit.tasks.report.render import ReportPaths, environment, stylesheet, write_documents
 
@@ -27,6 +27,7 @@ COMPARISONS_DIR = "comparisons"
 FLIPS_SHOWN = 12  # of each status
 MOVED_SHOWN = 8
 MAP_COLUMNS = ["image_id", "method", "layer", "target", "height", "width", "heatmap"]
+SHOWN_COLUMNS = ["image_id", "uri", "error", *BOX_COLUMNS]  # what the painters and the captions read
 
 
 @dataclass(frozen=True)
@@ -86,13 +87,13 @@ def side(letter: str, record: RunRecord, images: int) -> RunSide:
 
 def painters(folder: Path, out_dir: Path, comparison: Comparison, records: dict[str, RunRecord],
              predictions: dict[str, pd.DataFrame], shown: set[str]) -> dict[str, Painter]:
-    """One painter per run, each drawing into its own subfolder, knowing only the shown images' maps."""
+    """One painter per run, each drawing into its own subfolder, knowing only the shown images' maps
+    (``predictions``: the shown images' rows of each run)."""
     out = {}
     for letter, run in (("a", comparison.run_a), ("b", comparison.run_b)):
-        maps = read_table(out_dir, "explanations", run, columns=MAP_COLUMNS)
-        painter = Painter(folder / letter, records[run].preprocessing(), maps[maps["image_id"].isin(shown)],
-                          list(records[run].model.layers))
-        painter.decode(predictions[run][predictions[run]["image_id"].isin(shown)])
+        maps = read_table(out_dir, "explanations", run, columns=MAP_COLUMNS, image_ids=shown)
+        painter = Painter(folder / letter, records[run].preprocessing(), maps, list(records[run].model.layers))
+        painter.decode(predictions[run])
         out[letter] = painter
     return out
 
@@ -139,8 +140,9 @@ def comparison_context(comparison: Comparison, out_dir: Path, folder: Path) -> t
     shown_flips = pd.concat([flips[flips["status"] == s].head(FLIPS_SHOWN) for s in ("broken", "fixed")])
     moved = comparison.shifts.dropna(subset=["spearman"]).head(MOVED_SHOWN)
     moved = moved[moved["spearman"] < MOVED_BELOW]
-    predictions = {run: read_table(out_dir, "predictions", run) for run in (comparison.run_a, comparison.run_b)}
     shown = set(shown_flips["image_id"]) | set(moved["image_id"])
+    predictions = {run: read_table(out_dir, "predictions", run, columns=SHOWN_COLUMNS, image_ids=shown)
+                   for run in (comparison.run_a, comparison.run_b)}  # of the shown images only
     drawn = painters(folder, out_dir, comparison, records, predictions, shown)
     uris = predictions[comparison.run_a].set_index("image_id")["uri"]
     context: dict[str, object] = {

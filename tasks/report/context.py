@@ -27,6 +27,7 @@ from visaudit.tasks.report.localisation import localisation_view
 from visaudit.tasks.report.methods import (
     explained_layer,
     faithfulness_view,
+    feature_ids,
     feature_view,
     methods_view,
     missing_figures,
@@ -41,6 +42,7 @@ from visaudit.tasks.report.overview import (
     headline_metrics,
     run_summary,
     sort_findings,
+    unreadable_ids,
     unreadable_rows,
     verdict,
 )
@@ -48,15 +50,17 @@ from visaudit.tasks.report.trends import trends_view
 
 OVERVIEW_FINDINGS = 10  # findings listed on the cover page
 MAP_COLUMNS = ["image_id", "method", "layer", "target", "height", "width", "heatmap"]
+WSL_COLUMNS = ["wsl_box_x0", "wsl_box_y0", "wsl_box_x1", "wsl_box_y1"]  # drawn on the overlays
+PEAK_COLUMNS = ["method", "is_label", "layer", "target", "peak_x", "peak_y"]
 
 
 def shown_maps(inputs: RunInputs, shown: set[str]) -> pd.DataFrame:
     """The stored maps of the shown images, occlusion maps included (as method 'occlusion')."""
-    explanations = inputs.explanations[inputs.explanations["image_id"].isin(shown)]
-    occlusion = inputs.occlusion
-    if not len(occlusion):
+    explanations = inputs.read("explanations", MAP_COLUMNS + WSL_COLUMNS, shown)
+    if not len(inputs.occlusion):
         return explanations
-    mine = occlusion[occlusion["image_id"].isin(shown)].assign(method="occlusion", layer=OCCLUSION_LAYER)
+    mine = inputs.read("occlusion", [c for c in MAP_COLUMNS if c not in ("method", "layer")], shown)
+    mine = mine.assign(method="occlusion", layer=OCCLUSION_LAYER)
     return pd.concat([explanations, mine[MAP_COLUMNS]], ignore_index=True)
 
 
@@ -66,14 +70,16 @@ def report_context(inputs: RunInputs, gallery_size: int, evidence_per_finding: i
     multilabel, classes = record.multi_label, inputs.classes
     findings = sort_findings(inputs.findings)
     evidence = [evidence_ids(row, evidence_per_finding) for _, row in findings.iterrows()]
-    failures = failure_gallery(predictions, gallery_size)
+    failures = failure_gallery(predictions, gallery_size)["image_id"].tolist()
     class_examples = impression_examples(predictions, inputs.impressions["class_name"], IMPRESSION_EXAMPLES)
-    shown = {image_id for ids in evidence for image_id in ids} | set(failures["image_id"])
+    shown = {image_id for ids in evidence for image_id in ids} | set(failures)
     shown |= {image_id for ids in class_examples.values() for image_id in ids}
+    unreadable = unreadable_ids(predictions)
+    rows = inputs.rows(shown | set(unreadable) | set(feature_ids(inputs.features)))
+    by_id = rows.set_index("image_id", drop=False)  # every column, of the images the report names
     painter = Painter(inputs.run_dir, record.preprocessing(), shown_maps(inputs, shown), list(record.model.layers))
-    painter.decode(predictions[predictions["image_id"].isin(shown)])
-    by_id = predictions.set_index("image_id", drop=False)
-    strip_ids = dict.fromkeys([*(i for ids in evidence for i in ids), *failures["image_id"]])
+    painter.decode(rows[rows["image_id"].isin(shown)])
+    strip_ids = dict.fromkeys([*(i for ids in evidence for i in ids), *failures])
     views = [finding_view(row, [by_id.loc[i] for i in ids if i in by_id.index], painter)
              for (_, row), ids in zip(findings.iterrows(), evidence)]
     near_chance = chance_note(record)
@@ -88,19 +94,20 @@ def report_context(inputs: RunInputs, gallery_size: int, evidence_per_finding: i
         "multilabel": multilabel,
         "class_rows": class_table(predictions, classes, multilabel),
         "confusion": None if multilabel else confusion_view(predictions, classes, painter),
-        "gallery": [gallery_example(row, painter, multilabel) for _, row in failures.iterrows()],
+        "gallery": [gallery_example(by_id.loc[i], painter, multilabel) for i in failures],
         "layer_strips": layer_strips([by_id.loc[i] for i in strip_ids if i in by_id.index], painter),
         "methods": methods_view(record, painter.methods),
         "explained_layer": explained_layer(record),
         "sanity": sanity_view(inputs.metrics, record),
         "features": feature_view(inputs.features, by_id),
         "features_missing": missing_figures(record, inputs.run_dir, FEATURES_DIR),
-        "impressions": impressions_view(inputs.impressions, class_examples, by_id, painter,
-                                        label_peaks(inputs.explanations), colour_notes(findings)),
+        "impressions": None if inputs.impressions.empty else impressions_view(  # the peaks only when shown
+            inputs.impressions, class_examples, by_id, painter, label_peaks(inputs.read("explanations", PEAK_COLUMNS)),
+            colour_notes(findings)),
         "faithfulness": faithfulness_view(inputs.occlusion, inputs.metrics),
         "adversarial": adversarial_view(inputs.adversarial, painter),
         "localisation": localisation_view(inputs.metrics),
-        "unreadable": unreadable_rows(predictions),
+        "unreadable": unreadable_rows(predictions, by_id),
         "calibration": None if multilabel else calibration_view(predictions, painter),
         "slices": slice_rows(predictions),
         "trends": trends_view(inputs.history, inputs.run_id, painter),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from visaudit.tasks.data.sources import attribute_pairs
@@ -94,9 +95,24 @@ def _target_maps(painter: Painter, image_id: str, target: str | None, layer: str
 
 
 def failure_gallery(predictions: pd.DataFrame, size: int) -> pd.DataFrame:
-    """Wrong predictions, most confident first."""
-    wrong = predictions[predictions["error"].isna() & predictions["correct"].eq(False).fillna(False).astype(bool)]
-    return wrong.sort_values("confidence", ascending=False, kind="stable").head(max(0, size))
+    """Wrong predictions, most confident first (ties in table order; no confidence: last)."""
+    wrong = np.flatnonzero(predictions["error"].isna() & predictions["correct"].eq(False).fillna(False).astype(bool))
+    confidence = predictions["confidence"].to_numpy(dtype=np.float64)[wrong]
+    return predictions.iloc[wrong[most_confident(confidence, max(0, size))]]
+
+
+def most_confident(confidence: np.ndarray, size: int) -> np.ndarray:
+    """Positions of the ``size`` highest values, highest first, ties in order, NaN last: a stable
+    descending sort's head, without sorting every row."""
+    if size <= 0:
+        return np.zeros(0, dtype=np.int64)
+    unscored = np.isnan(confidence)
+    scored = np.flatnonzero(~unscored)
+    if size < len(scored):
+        kth = np.partition(confidence[scored], len(scored) - size)[len(scored) - size]
+        scored = scored[confidence[scored] >= kth]
+    best = scored[np.argsort(-confidence[scored], kind="stable")][:size]
+    return np.concatenate([best, np.flatnonzero(unscored)[: size - len(best)]]).astype(np.int64)
 
 
 def gallery_example(row: pd.Series, painter: Painter, multilabel: bool) -> Example:

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from visaudit.tasks.report.examples import Thumb
+from visaudit.tasks.report.columns import class_codes, flat_items
+from visaudit.tasks.report.examples import Thumb, most_confident
 from visaudit.tasks.report.figures import PREFERRED_METHOD, Painter
 from visaudit.tasks.report.formatting import file_name, optional_float, score
 
@@ -48,13 +49,24 @@ class ImpressionsView:
 def impression_examples(predictions: pd.DataFrame, class_names: Iterable[str], count: int) -> dict[str, list[str]]:
     """Per impression class, up to ``count`` real images labelled with it: correct ones first,
     most confident first."""
-    readable = predictions[predictions["error"].isna()].explode("labels")
-    readable = readable.assign(right=readable["correct"].eq(True).fillna(False).astype(bool)).sort_values(
-        ["right", "confidence"], ascending=False, kind="stable"
-    )
-    grouped = readable.groupby("labels", sort=False)["image_id"]
-    return {name: grouped.get_group(name).head(count).tolist() if name in grouped.groups else []
-            for name in class_names}
+    names = list(class_names)
+    if not names:
+        return {}
+    readable = predictions[predictions["error"].isna()]
+    rows, items = flat_items(readable["labels"])  # one (image, label) pair per label, in table order
+    codes = class_codes(items, names)  # a name's code: its last position in ``names``
+    position = {name: i for i, name in enumerate(names)}
+    right = readable["correct"].eq(True).fillna(False).astype(bool).to_numpy()[rows]
+    confidence = readable["confidence"].to_numpy(dtype=np.float64)[rows]
+    ids = readable["image_id"].to_numpy(dtype=object)[rows]
+    out: dict[str, list[str]] = {}
+    for name in names:
+        mine = np.flatnonzero(codes == position[name])
+        picked: list[int] = []
+        for group in (mine[right[mine]], mine[~right[mine]]):  # correct ones first
+            picked += group[most_confident(confidence[group], count - len(picked))].tolist()
+        out[name] = ids[picked].tolist()
+    return out
 
 
 def label_peaks(explanations: pd.DataFrame) -> pd.DataFrame:

@@ -216,6 +216,11 @@ def missing_figures(record: RunRecord, run_dir: Path, folder: str) -> str | None
             "a new run does.")
 
 
+def feature_ids(index: dict[str, Any] | None) -> list[str]:
+    """The images of the feature views (their rows name them by file)."""
+    return [entry["image_id"] for entry in (index or {}).get("images", [])]
+
+
 def feature_view(index: dict[str, Any] | None, by_id: pd.DataFrame) -> FeatureView | None:
     """The feature views of the run's ``features/features.json`` index (``by_id``: predictions by image id)."""
     if index is None:

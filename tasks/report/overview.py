@@ -11,6 +11,7 @@ from visaudit.tasks.audit.record import RunRecord
 from visaudit.tasks.findings.causes import finding_name
 from visaudit.tasks.findings.metrics import summary_metrics
 from visaudit.tasks.findings.thresholds import SEVERITY_ORDER
+from visaudit.tasks.report.columns import object_cells
 from visaudit.tasks.report.examples import Example, evidence_example
 from visaudit.tasks.report.figures import Painter
 from visaudit.tasks.report.formatting import format_date, names, number, optional_str, percent, text
@@ -18,6 +19,7 @@ from visaudit.tasks.report.formatting import format_date, names, number, optiona
 SEVERITIES = tuple(SEVERITY_ORDER)  # high, medium, low
 MAX_UNREADABLE_ROWS = 50
 DATA_KINDS = ("class_imbalance", "near_duplicate")  # about the data alone: listed even near chance
+SUMMARY_COLUMNS = ["error", "correct", "labels", "top_classes", "confidence"]  # what ``summary_metrics`` reads
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,8 @@ def run_summary(record: RunRecord) -> RunSummary:
 
 def headline_metrics(predictions: pd.DataFrame, classes: list[str], multilabel: bool) -> list[tuple[str, str]]:
     """Key numbers, computed from the tables (the tables are the truth, run.json may be older)."""
-    summary = summary_metrics(predictions, multilabel)
+    summary = summary_metrics(predictions[SUMMARY_COLUMNS].assign(
+        **{name: object_cells(predictions[name]) for name in ("labels", "top_classes")}), multilabel)
     spread = "n/a"
     if summary.class_accuracy_min is not None and summary.class_accuracy_max is not None:
         spread = f"{percent(summary.class_accuracy_min)} to {percent(summary.class_accuracy_max)}"
@@ -137,12 +140,18 @@ def slice_value(slice_text: str | None, key: str) -> str | None:
     return None
 
 
-def unreadable_rows(predictions: pd.DataFrame) -> Unreadable:
-    """The images that could not be read, with their errors."""
+def unreadable_ids(predictions: pd.DataFrame) -> list[str]:
+    """The first MAX_UNREADABLE_ROWS images that could not be read, the ones listed."""
+    return predictions.loc[predictions["error"].notna(), "image_id"].head(MAX_UNREADABLE_ROWS).tolist()
+
+
+def unreadable_rows(predictions: pd.DataFrame, by_id: pd.DataFrame) -> Unreadable:
+    """The images that could not be read, with their errors (``by_id``: the listed ones'
+    ``predictions`` rows by image id, for their uris)."""
     bad = predictions[predictions["error"].notna()]
     shown = bad.head(MAX_UNREADABLE_ROWS)
     return Unreadable(
-        rows=list(zip(shown["uri"].astype(str), shown["error"].astype(str))),
+        rows=list(zip(by_id.loc[shown["image_id"], "uri"].astype(str), shown["error"].astype(str))),
         total=len(bad),
         more=len(bad) - len(shown),
     )

@@ -1,0 +1,108 @@
+"""Whole list and map columns of a ``predictions`` frame at once, through Arrow: the report's
+run-wide sections read every row, so no section walks the rows in Python.
+
+A column may hold Arrow data (``pd.ArrowDtype``, as ``read_table(..., nested_as_arrow=True)``
+gives it: no Python object per cell) or object cells (arrays, lists; None or NaN: none). Each
+function gives what the per-cell helpers of ``formatting`` (``names``) and
+``data.sources.attribute_pairs`` would, cell by cell: items as strings (a null item as
+``"None"``, as ``str`` writes it), a null or NaN cell as an empty one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+STRINGS = pa.list_(pa.string())
+PAIRS = pa.map_(pa.string(), pa.string())
+
+
+def arrow_array(column: pd.Series, kind: pa.DataType) -> pa.Array:
+    """A list or map column as one Arrow array of type ``kind``."""
+    data = pa.array(column, type=kind, from_pandas=True)
+    return data.combine_chunks() if isinstance(data, pa.ChunkedArray) else data
+
+
+def arrow_lists(column: pd.Series) -> pa.ListArray:
+    """A column of lists of strings as one Arrow array."""
+    return arrow_array(column, STRINGS)
+
+
+def object_cells(column: pd.Series) -> pd.Series:
+    """A list or map column with object cells, as ``read_table`` gives it by default (the
+    column itself when it has them already)."""
+    if not isinstance(column.dtype, pd.ArrowDtype):
+        return column
+    cells = arrow_array(column, column.dtype.pyarrow_dtype).to_pandas().to_numpy(dtype=object)
+    return pd.Series(cells, index=column.index, name=column.name)
+
+
+def flat_items(column: pd.Series) -> tuple[np.ndarray, pa.Array]:
+    """Every item of a list column, in order, and the position of the row it came from."""
+    lists = arrow_lists(column)
+    return pc.list_parent_indices(lists).to_numpy(), pc.fill_null(pc.list_flatten(lists), "None")
+
+
+def class_codes(items: pa.Array, classes: list[str]) -> np.ndarray:
+    """Each item's position in ``classes`` (the last one where a name repeats), -1 for another
+    name or a null."""
+    position = {name: i for i, name in enumerate(classes)}
+    codes = pc.index_in(items, value_set=pa.array(list(position), pa.string()))
+    found = pc.fill_null(codes, -1).to_numpy()
+    return np.where(found >= 0, np.array([*position.values(), -1])[found], -1)
+
+
+def class_matrix(column: pd.Series, classes: list[str]) -> np.ndarray:
+    """(rows, classes) bool: which classes each list cell names (``data.labels.label_matrix``)."""
+    rows, items = flat_items(column)
+    codes = class_codes(items, classes)
+    matrix = np.zeros((len(column), len(classes)), dtype=bool)
+    known = codes >= 0
+    matrix[rows[known], codes[known]] = True
+    return matrix
+
+
+def first_codes(column: pd.Series, classes: list[str]) -> np.ndarray:
+    """Each list cell's first item as its :func:`class_codes` code (-1 for an empty or null cell)."""
+    lists = arrow_lists(column)
+    has = pc.fill_null(pc.list_value_length(lists), 0).to_numpy() > 0
+    codes = class_codes(pc.fill_null(lists.values, "None"), classes)  # of every item, this array's or not
+    out = np.full(len(lists), -1, dtype=np.int64)
+    out[has] = codes[lists.offsets.to_numpy()[:-1][has]]
+    return out
+
+
+@dataclass(frozen=True)
+class AttributePairs:
+    """An ``attributes`` column as one entry per (image, key): the image's position ``row``,
+    ``key`` and ``value`` as codes into ``keys`` and ``values`` (value -1: null). A key repeated
+    in a cell keeps its last value, as a dict of the cell's pairs does."""
+
+    row: np.ndarray
+    key: np.ndarray
+    value: np.ndarray
+    keys: list[str]
+    values: list[str]
+
+
+def attribute_pairs_of(column: pd.Series) -> AttributePairs:
+    """The (image, key, value) entries of an ``attributes`` column (see :class:`AttributePairs`)."""
+    pairs = arrow_array(column, PAIRS)
+    offsets = pairs.offsets.to_numpy()  # into the keys and items of every cell, this array's or not
+    spans = np.diff(offsets)
+    mine = np.repeat(pairs.is_valid().to_numpy(zero_copy_only=False), spans)
+    at = pa.array(np.arange(offsets[0], offsets[-1])[mine])
+    keys = pc.dictionary_encode(pairs.keys.take(at))
+    values = pc.dictionary_encode(pairs.items.take(at))
+    row = np.repeat(np.arange(len(pairs)), spans)[mine]
+    key = keys.indices.to_numpy().astype(np.int64)
+    value = pc.fill_null(values.indices, -1).to_numpy().astype(np.int64)
+    entry = pd.Series(row * max(len(keys.dictionary), 1) + key)
+    if entry.duplicated().any():
+        last = ~entry.duplicated(keep="last").to_numpy()
+        row, key, value = row[last], key[last], value[last]
+    return AttributePairs(row, key, value, keys.dictionary.to_pylist(), values.dictionary.to_pylist())
