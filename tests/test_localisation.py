@@ -173,6 +173,19 @@ def test_top5_needs_every_top_class_map() -> None:
     assert [r for r in rows if r.metric == "pointing_rate"]
 
 
+def test_heatmaps_are_read_only_for_a_top5_rate() -> None:
+    """A caller may leave the maps out of the frame: they are asked for only where the maps cover
+    every image's top classes, and then give the same rows."""
+    predictions, explanations = _tables()
+    asked = []
+    lean = explanations.drop(columns=["heatmap"])
+    rows = localisation_metric_rows(predictions, lean, False, lambda: asked.append(1) or explanations["heatmap"])
+    assert rows == localisation_metric_rows(predictions, explanations, False) and asked == [1]
+    only_true = lean[lean["is_label"]].reset_index(drop=True)
+    rows = localisation_metric_rows(predictions, only_true, False, lambda: asked.append(2) or explanations["heatmap"])
+    assert [r for r in rows if r.metric == "pointing_rate"] and asked == [1], "no top-5 maps: never read"
+
+
 def test_report_view_and_the_drawn_box() -> None:
     from visaudit.tasks.data.records import metric_frame
     from visaudit.tasks.explain.overlay import WSL_BOX_COLOUR, overlay_pixels

@@ -39,3 +39,23 @@ def test_tiny_sets(count: int) -> None:
     vectors = np.zeros((count, 192), np.float32)
     first, second, _ = close_pairs(vectors, 0.02)
     assert list(zip(first.tolist(), second.tolist())) == ([(0, 1)] if count == 2 else [])
+
+
+def test_many_alike_bound_the_candidates_and_keep_true_pairs(monkeypatch) -> None:
+    """A plain-background set pairs as N^2: past the (here lowered) budget the search narrows,
+    and with identical thumbnails alone over it returns their first pairs, as comparing every
+    pair orders them (RMS 0, then by index)."""
+    from visaudit.tasks.findings import near_duplicate
+
+    monkeypatch.setattr(near_duplicate, "CANDIDATE_BUDGET", 2_000)
+    monkeypatch.setattr(near_duplicate, "MAX_PAIRS", 100)
+    rng = np.random.default_rng(3)
+    images = rng.random((1200, 48)).astype(np.float32)
+    images[300:500] = images[300] + rng.normal(0, 0.001, (200, 48)).astype(np.float32)  # 19,900 close pairs
+    first, second, rms = close_pairs(images, 0.02)
+    assert 0 < len(first) <= 100 and set(zip(first.tolist(), second.tolist())) <= _every_pair(images, 0.02)
+    assert (first < second).all() and (np.diff(rms) >= 0).all()
+    images[100:250] = images[100]  # 11,175 identical pairs: over the budget even at radius 0
+    first, second, rms = close_pairs(images, 0.02)
+    expected = sorted((i, j) for i, j in _every_pair(images, 0.02) if (images[i] == images[j]).all())[:100]
+    assert list(zip(first.tolist(), second.tolist())) == expected and (rms == 0).all()

@@ -90,3 +90,12 @@ def test_read_table_picks_rows_by_image_id_from_the_parts_holding_them(tmp_path)
     assert isinstance(arrow["labels"].dtype, pd.ArrowDtype) and arrow["labels"].tolist()[0] == ["cat"]
     with pytest.raises(ValueError, match="no image_id"):
         storage.read_table(tmp_path, "findings", image_ids=["a"])
+
+
+def test_read_staged_can_read_some_columns(tmp_path) -> None:
+    storage.write_part(_findings(2), "findings", tmp_path, "r1", "0")
+    some = storage.read_staged("findings", tmp_path, "r1", columns=["value", "kind"])
+    assert list(some.columns) == ["value", "kind"] and some["kind"].tolist() == ["confident_error"] * 2
+    assert list(storage.read_staged("findings", tmp_path, "r9", columns=["kind"]).columns) == ["kind"]
+    with pytest.raises(ValueError, match="no columns \\['heatmap'\\]"):
+        storage.read_staged("findings", tmp_path, "r1", columns=["kind", "heatmap"])

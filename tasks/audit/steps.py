@@ -8,6 +8,7 @@ tasks pass only the plan and names, never models or tensors.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pandas as pd
@@ -43,6 +44,16 @@ from visaudit.tasks.model.loading import LoadedModel
 
 IMPRESSIONS_DIR = "impressions"  # figures made at audit time (they need the model), moved into the run at commit
 FEATURE_IMAGES = 4
+# The columns of the staged tables that the detectors (tasks/findings/), their probes and the localisation
+# rates read, the others left on disk (at a million images the maps, top scores and map geometry held
+# 0.7 GB); a table not named is read whole. The top-5 pointing game reads the heatmaps itself, if at all.
+FIND_COLUMNS: dict[str, list[str]] = {
+    "predictions": ["image_id", "uri", "labels", "predicted", "top_classes", "confidence", "correct", "image_width",
+                    "image_height", "box_x0", "attributes", "error"],
+    "explanations": ["image_id", "method", "layer", "target", "is_label", "peak_x", "peak_y", "energy_in_box",
+                     "box_area_fraction", "pointing_hit", "wsl_iou", "localised"],
+    "occlusion": ["image_id", "target", "is_label", "gradcam_spearman"],
+}
 
 
 def run_shard(plan_folder: str, shard: str, start: int, stop: int) -> ShardResult:
@@ -80,17 +91,17 @@ def load_inputs(plan: RunPlan, loaded: LoadedModel, uris: list[str]) -> torch.Te
 
 
 def sample_inputs(plan: RunPlan, loaded: LoadedModel, count: int) -> torch.Tensor:
-    """The first ``count`` readable images of the run, preprocessed, as one batch on the device."""
-    index = read_index(plan.folder / INDEX_NAME)
+    """The first ``count`` readable images of the run, preprocessed, as one batch on the device
+    (the index is read ``count`` rows at a time, only as far as needed)."""
     batches = []
     found = 0
-    for start in range(0, len(index), count):
-        batch = load_inputs(plan, loaded, index["uri"].iloc[start : start + count].tolist())
-        batches.append(batch)
-        found += len(batch)
-        if found >= count:
+    for start in itertools.count(0, count):
+        rows = read_index(plan.folder / INDEX_NAME, start, start + count)
+        batches.append(load_inputs(plan, loaded, rows["uri"].tolist()))
+        found += len(batches[-1])
+        if found >= count or len(rows) < count:
             break
-    return torch.cat(batches)[:count] if batches else load_inputs(plan, loaded, [])
+    return torch.cat(batches)[:count]
 
 
 def sanity(plan: RunPlan) -> int:
@@ -215,8 +226,8 @@ def find(plan: RunPlan) -> int:
     recurring near-identical patches by pasting and removing them (``findings.cue_probe``).
     """
     out_dir = Path(plan.out_dir)
-    staged = {t: storage.read_staged(t, out_dir, plan.run_id)
-              for t in ("predictions", "explanations", "signals", "occlusion", "metrics", "impressions", "adversarial")}
+    staged = {table: storage.read_staged(table, out_dir, plan.run_id, columns=FIND_COLUMNS.get(table))
+              for table in ("predictions", "explanations", "signals", "occlusion", "metrics", "impressions", "adversarial")}
     thresholds = plan.request.finding_thresholds()
     predictions, explanations = staged["predictions"], staged["explanations"]
     audited = predictions[predictions["error"].isna()]
@@ -250,7 +261,11 @@ def find(plan: RunPlan) -> int:
         storage.write_part(rows, "metrics", out_dir, plan.run_id, "locations")
     if cues:
         storage.write_part(metric_frame(cue_metric_rows(cues, plan.layer)), "metrics", out_dir, plan.run_id, "cues")
-    if located := localisation_metric_rows(predictions, explanations, plan.multi_label):  # pointing game, WSL
+
+    def heatmaps() -> pd.Series:  # read only for a top-5 pointing game the maps can give
+        return storage.read_staged("explanations", out_dir, plan.run_id, columns=["heatmap"])["heatmap"]
+
+    if located := localisation_metric_rows(predictions, explanations, plan.multi_label, heatmaps):  # pointing game, WSL
         storage.write_part(metric_frame(located), "metrics", out_dir, plan.run_id, "localisation")
     storage.write_part(findings, "findings", out_dir, plan.run_id, "00000")
     return len(findings)
@@ -260,15 +275,20 @@ def feature_views(plan: RunPlan) -> int:
     """First-layer filters and the most active channels of a few shown images (finding
     evidence first, then the most confident failures), written beside the plan."""
     out_dir = Path(plan.out_dir)
-    findings = storage.read_staged("findings", out_dir, plan.run_id)
-    predictions = storage.read_staged("predictions", out_dir, plan.run_id)
+    findings = storage.read_staged("findings", out_dir, plan.run_id, columns=["evidence"])
+    predictions = storage.read_staged("predictions", out_dir, plan.run_id,
+                                      columns=["image_id", "uri", "correct", "confidence", "error"])
     readable = predictions[predictions["error"].isna()]
     failures = readable[readable["correct"].eq(False).fillna(False).astype(bool)].sort_values(
         "confidence", ascending=False, kind="stable"
     )
-    candidates = [ids[0] for ids in findings["evidence"] if ids is not None and len(ids)]
-    candidates += failures["image_id"].tolist() + readable["image_id"].tolist()
-    chosen = list(dict.fromkeys(candidates))[:FEATURE_IMAGES]
+    evidence = [ids[0] for ids in findings["evidence"] if ids is not None and len(ids)]
+    chosen: list[str] = []  # the first distinct ones, reading no further
+    for image_id in itertools.chain(evidence, failures["image_id"], readable["image_id"]):
+        if len(chosen) == FEATURE_IMAGES:
+            break
+        if image_id not in chosen:
+            chosen.append(image_id)
     if not chosen or not plan.layer:  # no layer (TorchScript): no module to read filters or channels from
         return 0
     uris = readable.set_index("image_id").loc[chosen, "uri"].tolist()

@@ -30,8 +30,12 @@ true class (``class_name``) and over all classes (``class_name`` null).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from visaudit.tasks.data.records import MetricRow
 from visaudit.tasks.explain.registry import METHODS
@@ -62,37 +66,68 @@ def _rate_rows(metric: str, hits: pd.Series, classes: pd.Series, method: str, la
     return rows
 
 
-def _top5_hits(maps: pd.DataFrame, top: pd.Series, labels: pd.Series) -> pd.Series | None:
-    """One hit per (image, top-5 class) pair, indexed by image; None when a pair has no map."""
+def _distinct_top(classes: object) -> int:
+    """How many distinct classes a ``top_classes`` cell holds among its first TOP."""
+    return len(set(list(classes)[:TOP]))
+
+
+def _top5_hits(maps: pd.DataFrame, audited: pd.DataFrame, labels: pd.Series,
+               heatmaps: Callable[[], pd.Series]) -> pd.Series | None:
+    """One hit per (image, top-5 class) pair of the images of ``labels`` (their single label,
+    by image id), indexed by image; None when a pair has no map.
+
+    The map counts come first: an image with fewer distinct targets among its maps than
+    distinct top classes leaves a pair without a map, and the image with the fewest maps
+    settles the usual case (maps of the predicted and true classes only) before any per-image
+    list is built. ``maps`` carry ``_row``, their positions in the series ``heatmaps`` returns,
+    which is read only when every pair has its map."""
+    have = maps.drop_duplicates(["image_id", "target"])["image_id"].value_counts()
+    have = have.reindex(labels.index.unique(), fill_value=0)
+    fewest = have.idxmin()
+    if have[fewest] < _distinct_top(audited.loc[audited["image_id"] == fewest, "top_classes"].iloc[0]):
+        return None
+    top = audited.set_index("image_id").loc[labels.index, "top_classes"].map(lambda c: list(c)[:TOP])
+    if (have.loc[top.index].to_numpy() < top.map(_distinct_top).to_numpy()).any():
+        return None
     pairs = top.explode().rename("target").reset_index()
     found = pairs.merge(maps, on=["image_id", "target"], how="left")
-    if found["heatmap"].isna().any():
+    if found["_row"].isna().any():
         return None
+    cells = heatmaps().iloc[found["_row"].to_numpy(np.int64)]
     present = found["target"].to_numpy() == labels.loc[found["image_id"]].to_numpy()
-    empty = found["heatmap"].map(lambda h: float(np.max(h)) <= 0.0).to_numpy(bool)
+    empty = cells.map(lambda h: float(np.max(h)) <= 0.0).to_numpy(bool)
     hit = np.where(present, found["pointing_hit"].fillna(False).astype(bool).to_numpy(), empty)
     return pd.Series(hit, index=found["image_id"].to_numpy())
 
 
-def localisation_metric_rows(predictions: pd.DataFrame, explanations: pd.DataFrame,
-                             multi_label: bool) -> list[MetricRow]:
-    """Pointing-game, top-5 pointing-game and WSL rows of a run's staged tables."""
+def localisation_metric_rows(predictions: pd.DataFrame, explanations: pd.DataFrame, multi_label: bool,
+                             heatmaps: Callable[[], pd.Series] | None = None) -> list[MetricRow]:
+    """Pointing-game, top-5 pointing-game and WSL rows of a run's staged tables.
+
+    Only the top-5 rate reads the maps themselves: ``heatmaps`` returns the ``heatmap`` column of
+    ``explanations`` (same rows, same order) for a caller that left it out of the frame (at a
+    million images it is the largest column); it is called only for a method and layer whose maps
+    cover every image's top classes. By default the frame's own column."""
     audited = predictions[predictions["error"].isna() & predictions["box_x0"].notna()]
     if audited.empty or explanations.empty or "localised" not in explanations:
         return []
     truth = audited.set_index("image_id")["labels"].map(_first_label)
-    maps = explanations[explanations["image_id"].isin(audited["image_id"])]
-    labelled_ids = set(audited.loc[audited["labels"].map(lambda c: c is not None and len(c) > 0), "image_id"])
-    judged_ids = set(audited.loc[audited["correct"].notna(), "image_id"])
+    ids = pa.array(audited["image_id"])  # pyarrow's membership test: pandas' isin on its str dtype is ~20x slower
+    inside = pc.is_in(pa.array(explanations["image_id"]), value_set=ids).to_numpy(zero_copy_only=False)
+    maps = explanations[inside].assign(_row=np.flatnonzero(inside))
+    has_labels = audited["labels"].map(lambda c: c is not None and len(c) > 0)
+    labelled_ids = set(audited.loc[has_labels, "image_id"].to_numpy())
+    judged_ids = set(audited.loc[audited["correct"].notna(), "image_id"].to_numpy())
+    labelled = truth.dropna()
     rows: list[MetricRow] = []
     for (method, layer), group in maps.groupby(["method", "layer"], sort=True):
         pointed = group[group["is_label"] & group["box_area_fraction"].notna()]  # an empty map is a miss
-        if labelled_ids and labelled_ids <= set(pointed["image_id"]):
+        if labelled_ids and labelled_ids <= set(pointed["image_id"].to_numpy()):
             rows += _rate_rows("pointing_rate", pointed["pointing_hit"].fillna(False).astype(bool),
                                pointed["target"], method, layer,
                                "true class's map; tolerance 15 px at 224 px, scaled to the input")
         judged = group[group["localised"].notna()]
-        if not judged_ids or not judged_ids <= set(judged["image_id"]):
+        if not judged_ids or not judged_ids <= set(judged["image_id"].to_numpy()):
             judged = judged.iloc[:0]
         classes = truth.loc[judged["image_id"]].set_axis(judged.index)
         rows += _rate_rows("wsl_error", ~judged["localised"].astype(bool), classes, method, layer,
@@ -102,11 +137,10 @@ def localisation_metric_rows(predictions: pd.DataFrame, explanations: pd.DataFra
                 rows.append(MetricRow(metric="wsl_mean_iou", value=float(part["wsl_iou"].mean()), images=len(part),
                                       method=method, layer=layer, class_name=name,
                                       detail="predicted class's map"))
-        labelled = truth.dropna()
         kind = METHODS[method].kind if method in METHODS else None
         if not multi_label and len(labelled) and kind in EMPTY_MAP_KINDS:
-            top = audited.set_index("image_id").loc[labelled.index, "top_classes"].map(lambda c: list(c)[:TOP])
-            hits = _top5_hits(group[["image_id", "target", "pointing_hit", "heatmap"]], top, labelled)
+            hits = _top5_hits(group[["image_id", "target", "pointing_hit", "_row"]], audited, labelled,
+                              heatmaps or (lambda: explanations["heatmap"]))
             if hits is not None:
                 rows += _rate_rows("pointing_top5_rate", hits.reset_index(drop=True),
                                    labelled.loc[hits.index].reset_index(drop=True), method, layer,

@@ -18,6 +18,8 @@ the embeddings disagree. Only pairs whose embeddings agree back the claim that a
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import pandas as pd
 
@@ -25,9 +27,69 @@ from visaudit.tasks.data.sources import attribute_pairs
 from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
+if TYPE_CHECKING:
+    from scipy.spatial import cKDTree
+
 MAX_PAIRS = 100_000  # a collapsed embedding would pair everything; stop collecting beyond this
 PROJECTED_DIMS = 8  # the k-d tree searches the thumbnails' top principal axes (8: fewest candidates per query second, measured)
 PCA_SAMPLE = 20_000  # thumbnails the principal axes are estimated from
+CANDIDATE_BUDGET = 4_000_000  # candidate pairs listed at most (estimated first): plain thumbnails pair as N^2
+COUNT_SAMPLE = 4_096  # points whose neighbours are counted to estimate the candidates
+CHUNK = 65_536  # rows (or pairs) per step of the projection, the full comparison and the stacking
+
+
+def _projection(v: np.ndarray, mean: np.ndarray, axes: np.ndarray) -> np.ndarray:
+    """``(v - mean) @ axes.T``, a chunk of rows at a time (no centred copy of ``v``)."""
+    out = np.empty((len(v), len(axes)), np.float32)
+    for start in range(0, len(v), CHUNK):
+        out[start : start + CHUNK] = (v[start : start + CHUNK] - mean) @ axes.T
+    return out
+
+
+def _search_radius(tree: cKDTree, radius: float) -> float | None:
+    """``radius``, or the largest halving of it whose pairs fit CANDIDATE_BUDGET, as estimated
+    from the neighbour counts of COUNT_SAMPLE evenly spread points (no pairs built); None when
+    not even identical points fit (large groups of one thumbnail)."""
+    n = len(tree.data)
+    sample = tree.data[np.linspace(0, n - 1, min(n, COUNT_SAMPLE)).astype(np.int64)]
+
+    def fits(r: float) -> bool:
+        others = tree.query_ball_point(sample, r, return_length=True, workers=-1).sum() - len(sample)
+        return others * n / len(sample) / 2 <= CANDIDATE_BUDGET
+
+    radii = [radius * 0.5**halving for halving in range(24)] + [0.0]
+    if fits(radii[0]):
+        return radius
+    if not fits(0.0):
+        return None
+    wide, narrow = 0, len(radii) - 1  # radii[wide] does not fit, radii[narrow] does
+    while narrow - wide > 1:
+        middle = (wide + narrow) // 2
+        wide, narrow = (wide, middle) if fits(radii[middle]) else (middle, narrow)
+    return radii[narrow]
+
+
+def _identical_pairs(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first MAX_PAIRS pairs (i < j, by i then j) of identical rows of ``v``."""
+    n = len(v)
+    rows = np.ascontiguousarray(v).view(np.dtype((np.void, v.dtype.itemsize * v.shape[1])))[:, 0]
+    group = np.unique(rows, return_inverse=True)[1].ravel()
+    members = np.lexsort((np.arange(n), group))  # the indices by group, each group's in order
+    position = np.empty(n, np.int64)
+    position[members] = np.arange(n)
+    partners = np.searchsorted(group[members], group, side="right") - position - 1  # later rows like it
+    take = np.minimum(partners, np.maximum(MAX_PAIRS - (np.cumsum(partners) - partners), 0))
+    offsets = np.arange(take.sum()) - np.repeat(np.cumsum(take) - take, take)
+    return np.repeat(np.arange(n), take), members[np.repeat(position + 1, take) + offsets]
+
+
+def _rms(v: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """RMS difference of the rows ``first`` and ``second`` of ``v`` (float64 sums, float32 result), in chunks."""
+    out = np.empty(len(first), np.float32)
+    for start in range(0, len(first), CHUNK):
+        a, b = v[first[start : start + CHUNK]], v[second[start : start + CHUNK]]
+        out[start : start + CHUNK] = np.sqrt(((a - b).astype(np.float64) ** 2).mean(axis=1))
+    return out
 
 
 def close_pairs(vectors: np.ndarray, max_rms: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,6 +100,12 @@ def close_pairs(vectors: np.ndarray, max_rms: float) -> tuple[np.ndarray, np.nda
     a k-d tree lists the pairs within ``r = max_rms * sqrt(D)`` in that projection, and each
     candidate is kept when its full RMS difference ``|a - b| / sqrt(D)`` is at most ``max_rms``.
     At most MAX_PAIRS pairs, the closest first.
+
+    The candidates are bounded (CANDIDATE_BUDGET, estimated before any is listed): where many
+    vectors are alike (a plain-background data set, whose pairs grow as N^2) the tree lists the
+    pairs within a halving of r instead, or, where identical vectors alone are too many, those;
+    then the closest MAX_PAIRS are still exact when at least that many lie well within the
+    smaller radius, the closest found otherwise.
     """
     from scipy.spatial import cKDTree
 
@@ -46,20 +114,34 @@ def close_pairs(vectors: np.ndarray, max_rms: float) -> tuple[np.ndarray, np.nda
     if len(v) < 2:
         return empty
     dims = v.shape[1]
-    centred = v - v.mean(axis=0)
-    sample = centred[np.linspace(0, len(v) - 1, min(len(v), PCA_SAMPLE)).astype(np.int64)]
+    mean = v.mean(axis=0)
+    sample = v[np.linspace(0, len(v) - 1, min(len(v), PCA_SAMPLE)).astype(np.int64)] - mean
     axes = np.linalg.svd(sample, full_matrices=False)[2][: min(PROJECTED_DIMS, dims)]
     radius = max_rms * np.sqrt(dims) * (1 + 1e-6) + 1e-6  # float32 rounding must not drop a pair at the edge
-    candidates = cKDTree(centred @ axes.T).query_pairs(radius, output_type="ndarray")
-    if len(candidates) == 0:
-        return empty
-    first, second = candidates[:, 0].astype(np.int64), candidates[:, 1].astype(np.int64)
-    rms = np.sqrt(((v[first] - v[second]).astype(np.float64) ** 2).mean(axis=1)).astype(np.float32)
+    tree = cKDTree(_projection(v, mean, axes))
+    searched = _search_radius(tree, radius)
+    if searched is None:
+        first, second = _identical_pairs(v)
+    else:
+        candidates = tree.query_pairs(searched, output_type="ndarray")
+        if len(candidates) == 0:
+            return empty
+        first, second = candidates[:, 0].astype(np.int64), candidates[:, 1].astype(np.int64)
+    rms = _rms(v, first, second)
     keep = rms <= max_rms
     first, second, rms = first[keep], second[keep], rms[keep]
     order = np.lexsort((second, first, rms))[:MAX_PAIRS]
     low, high = np.minimum(first, second)[order], np.maximum(first, second)[order]
     return low, high, rms[order]
+
+
+def _stacked(cells: np.ndarray, dtype: type[np.floating]) -> np.ndarray:
+    """Equal-length array cells as one (N, D) array of ``dtype``, converted a chunk at a time
+    (no full-size copy in the cells' own dtype)."""
+    out = np.empty((len(cells), len(cells[0]) if len(cells) else 0), dtype)
+    for start in range(0, len(cells), CHUNK):
+        out[start : start + CHUNK] = np.stack(cells[start : start + CHUNK])
+    return out
 
 
 def _split_of(cell: object) -> str | None:
@@ -70,29 +152,35 @@ def _split_of(cell: object) -> str | None:
 def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[Finding]:
     """Near-duplicate image pairs; those across the ``split`` attribute are reported as leakage.
     At most two findings (leakage, within split); evidence every pair, most similar first."""
-    frame = signals[["image_id", "embedding", "thumbnail"]].merge(
-        audited[["image_id", "labels", "attributes"]], on="image_id"
+    frame = signals[["image_id"]].assign(_signal=np.arange(len(signals))).merge(
+        audited[["image_id"]].assign(_audited=np.arange(len(audited))), on="image_id"
     )
     if len(frame) < 2:
         return []
-    thumbnails = np.stack(frame["thumbnail"].to_numpy()).astype(np.float32) / 255.0
+    rows = frame["_signal"].to_numpy()
+    thumbnails = _stacked(signals["thumbnail"].to_numpy()[rows], np.float32)
+    thumbnails /= 255.0
     i, j, rms = close_pairs(thumbnails, t.duplicate_pixel_rms)
     if len(i) == 0:
         return []
-    embeddings = np.stack(frame["embedding"].to_numpy()).astype(np.float64)
+    # from here on only the images in a pair: ``used`` are their rows of ``frame``, i and j index ``used``
+    used, pair_rows = np.unique(np.concatenate([i, j]), return_inverse=True)
+    i, j = pair_rows[: len(i)], pair_rows[len(i) :]
+    embeddings = _stacked(signals["embedding"].to_numpy()[rows[used]], np.float64)
     embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     # no embeddings (a model with no layer to read them from: TorchScript): NaN, no veto lifted, no label claim
     sims = (embeddings[i] * embeddings[j]).sum(axis=1) if embeddings.shape[1] else np.full(len(i), np.nan)
-    detail = thumbnails.std(axis=1)
+    detail = thumbnails[used].std(axis=1)
     same = (sims >= t.duplicate_min_cosine) | (np.minimum(detail[i], detail[j]) >= t.duplicate_min_detail)
     if not same.any():
         return []
     i, j, rms, sims = i[same], j[same], rms[same], sims[same]
-    splits = frame["attributes"].map(_split_of).to_numpy()
-    labels = frame["labels"].map(lambda ls: ",".join(ls) if ls is not None else "").to_numpy()
+    picked = audited.iloc[frame["_audited"].to_numpy()[used]]
+    splits = picked["attributes"].map(_split_of).to_numpy()
+    labels = picked["labels"].map(lambda ls: ",".join(ls) if ls is not None else "").to_numpy()
     pairs = pd.DataFrame({"a": i, "b": j, "rms": rms, "sim": sims}).sort_values("rms", kind="stable")
     crossing = (splits[pairs["a"]] != splits[pairs["b"]]) & pd.notna(splits[pairs["a"]]) & pd.notna(splits[pairs["b"]])
-    ids = frame["image_id"].to_numpy()
+    ids = frame["image_id"].to_numpy()[used]
     found = []
     for leak, group in ((True, pairs[crossing]), (False, pairs[~crossing])):
         if group.empty:
