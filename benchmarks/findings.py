@@ -23,6 +23,7 @@ import planted
 
 from visaudit.tasks.data.storage import read_table
 from visaudit.tasks.demo.recipe import load_recipe
+from visaudit.tasks.findings.thresholds import Thresholds
 
 
 def main() -> None:
@@ -87,6 +88,10 @@ def main() -> None:
     recall, false_listed = planted.recall_on(findings, "likely_label_error", predictions, noisy.flipped)
     rows.append(("noisy", f"likely_label_error recall ({len(noisy.flipped)} flipped)", f"{recall:.2f}",
                  f"{false_listed} unflipped images listed"))
+    contradicted = planted.contradicted(predictions, read_table(out / "noisy", "signals"), noisy.flipped,
+                                        clean.classes, Thresholds().label_error_probability)
+    rows.append(("noisy", f"likely_label_error recall, flips the model contradicts ({len(contradicted)}: given label <= 5%)",
+                 f"{planted.recall_on(findings, 'likely_label_error', predictions, contradicted)[0]:.2f}", ""))
     leak = [p for p in noisy.pairs if p[2]]
     within = [p for p in noisy.pairs if not p[2]]
     rows.append(("noisy", f"near_duplicate leakage recall ({len(leak)} pairs)",

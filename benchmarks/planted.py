@@ -202,6 +202,17 @@ def recall_on(findings: pd.DataFrame, kind: str, predictions: pd.DataFrame, plan
     return (hits / len(planted) if planted else float("nan")), len(listed - planted)
 
 
+def contradicted(predictions: pd.DataFrame, signals: pd.DataFrame, paths: set[str], classes: tuple[str, ...],
+                 probability: float) -> set[str]:
+    """The images of ``paths`` whose given label the model gives at most ``probability``: the
+    wrong labels its probabilities can tell from its own errors (how many depends on the model:
+    training is not reproducible across CPUs, and a weaker model half-believes more wrong labels)."""
+    frame = predictions[predictions["uri"].isin(paths)].merge(signals[["image_id", "probabilities"]], on="image_id")
+    given = [classes.index(labels[0]) for labels in frame["labels"]]
+    scores = [float(p[k] / p.sum()) for p, k in zip(frame["probabilities"], given)]
+    return {uri for uri, score in zip(frame["uri"], scores) if score <= probability}
+
+
 def print_table(rows: list[tuple[str, ...]], seconds: float, out: Path) -> None:
     """Print the README's case | check | result | detail table, then the run time and where the audits are."""
     print("| case | check | result | detail |")

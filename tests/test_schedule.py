@@ -59,7 +59,9 @@ def test_served_schedule_runs_an_audit_into_the_tables(tmp_path, tiny_model_file
                 assert deployment.schedules[0].schedule.timezone == "Europe/Paris"
                 assert deployment.global_concurrency_limit is not None
                 assert deployment.global_concurrency_limit.limit == 1
-                flow_run = run_deployment(DEPLOYMENT, timeout=240)
+                # a key of its own: Prefect's client retries a POST that timed out, and without the key a
+                # retry can create a second flow run, queued behind the first (CI once saw 2 runs, 24 rows)
+                flow_run = run_deployment(DEPLOYMENT, timeout=240, idempotency_key=f"test-{os.getpid()}-{time.time_ns()}")
             assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
         finally:
             os.killpg(served.pid, signal.SIGTERM)

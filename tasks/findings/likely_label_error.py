@@ -2,8 +2,15 @@
 
 Confident learning (Northcutt, Jiang and Chuang 2021) via cleanlab: with per-class
 thresholds t_j = mean p_j over the images labelled j, an image labelled i whose probability
-for another class j reaches t_j is counted in the confident joint C[i][j]; the images to
-prune are those off the diagonal, ranked by self-confidence p_i. It needs out-of-sample
+for another class j reaches t_j is counted in the confident joint C[i][j]; its calibrated
+off-diagonal sum estimates how many labels are wrong, and that many images, those of lowest
+self-confidence p_i (the probability the model gives their label), are flagged
+(``filter_by="low_self_confidence"``, the rule cleanlab's batched search approximates). The
+default rule (``prune_by_noise_rate``, per cell C[i][j] the images of largest margin
+p_j - p_i) takes images the model half-believes (p_i ~ 0.4) in a cell whose count is high
+and misses labels the model gives 0.002 in a cell whose count is low: on a planted 10% flip
+with an 85%-accurate model it listed 30 images, 16 of the 24 flipped; this rule listed 25,
+19 of them. The flag needs out-of-sample
 probabilities (``signals.probabilities``): audit a held-out split, not the training set.
 Multi-class runs only.
 
@@ -87,7 +94,8 @@ def likely_label_errors(
     probs = probs / probs.sum(axis=1, keepdims=True)
     with warnings.catch_warnings():  # cleanlab's "may not flag all label issues in class k" about small classes:
         warnings.filterwarnings("ignore", message="May not flag all label issues", category=UserWarning)
-        ranked = find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)  # no fork
+        ranked = find_label_issues(labels, probs, filter_by="low_self_confidence",
+                                   return_indices_ranked_by="self_confidence", n_jobs=1)  # no fork
     suggested = np.asarray(classes, dtype=object)[probs[ranked].argmax(axis=1)]
     flagged = frame.iloc[ranked].assign(suggested=suggested.tolist())
     sizes = frame["given"].value_counts()
