@@ -32,11 +32,11 @@ def pin_ephemeral_port() -> int | None:
     binds it. The second then finds the first's server answering its health check, runs against it,
     and fails with "Connection refused" when the first run ends and stops it. A kernel-assigned port
     is never one already bound and is drawn from the whole ephemeral range."""
-    from prefect.server.api.server import SubprocessASGIServer
     from prefect.settings import PREFECT_API_URL
 
     if PREFECT_API_URL.value():
-        return None
+        return None  # before importing Prefect's server package (FastAPI, every route: 4-5 s of CPU here)
+    from prefect.server.api.server import SubprocessASGIServer
 
     server = SubprocessASGIServer()  # the instance prefect's get_client() starts (a singleton per port key)
     if not server.running:

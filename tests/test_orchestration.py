@@ -4,6 +4,7 @@ failed PDF that loses nothing else, and shards that read only their rows of the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -53,6 +54,20 @@ print(json.dumps(sorted({{name.split(".")[0] for name in sys.modules}} & set({HE
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_named_api_skips_the_server_package() -> None:
+    """With an API named (the run's own server, PREFECT_API_URL), the flow's port pinning returns at
+    once without importing Prefect's server package (FastAPI and every route: 4-5 s of CPU here)."""
+    script = """
+import json, sys
+from visaudit.flows.server import pin_ephemeral_port
+print(json.dumps([pin_ephemeral_port(), "prefect.server.api.server" in sys.modules, "fastapi" in sys.modules]))
+"""
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == [None, False, False]
 
 
 def test_the_import_probe_sees_a_heavy_import() -> None:
