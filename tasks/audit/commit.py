@@ -64,7 +64,6 @@ def run_metric_rows(metrics: RunMetrics, findings: pd.DataFrame, series: str) ->
 def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, float]) -> RunRecord:
     """The record of a finished run (its metrics computed from its predictions)."""
     import prefect
-    import torchvision
 
     request = plan.request
     parameters: dict[str, Any] = {
@@ -100,7 +99,7 @@ def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, fl
         classes=plan.classes,
         preprocess=asdict(plan.preprocess),
         parameters=parameters,
-        versions={"visaudit": _version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        versions={"visaudit": _version("visaudit"), "torch": torch.__version__, "torchvision": _version("torchvision"),
                   "prefect": prefect.__version__, "python": platform.python_version()},
         timings=timings,
         metrics=metrics,
@@ -143,10 +142,12 @@ def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
     return run_dir
 
 
-def _version() -> str:
+def _version(package: str) -> str:
+    """The installed version of ``package``, read from its metadata (importing torchvision for its
+    ``__version__`` costs seconds)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("visaudit")
+        return version(package)
     except PackageNotFoundError:
         return "0+unknown"

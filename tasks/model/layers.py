@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torchvision.ops.misc import Permute
 
 from visaudit.tasks.model.errors import ModelError
 from visaudit.tasks.model.hooks import ForwardHook, eval_mode, forward_hooks, head_features, hooked_forward
@@ -40,7 +40,15 @@ from visaudit.tasks.model.layout import Layout, infer_layout, token_grid
 _POOLING = (
     nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d, nn.FractionalMaxPool2d,
 )
-_NO_OP = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Unflatten, nn.Softmax, Permute)
+_NO_OP = (nn.Identity, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Unflatten, nn.Softmax)
+
+
+def _no_op(module: nn.Module) -> bool:
+    """A module that only reshapes, drops or normalises: not a layer to explain. torchvision's
+    ``Permute`` (ConvNeXt, Swin) counts; it is looked up among the loaded modules, not imported
+    (importing torchvision costs seconds, and a model holding one has loaded it already)."""
+    misc = sys.modules.get("torchvision.ops.misc")
+    return isinstance(module, _NO_OP) or (misc is not None and isinstance(module, misc.Permute))
 
 
 @dataclass(frozen=True)
@@ -95,7 +103,7 @@ def _spatial(layer_shapes: dict[str, tuple[int, int]], model: nn.Module) -> list
     """Modules with a spatial (h w > 1) map, pooling and no-op modules aside, in execution order."""
     modules = dict(model.named_modules())
     return [name for name, (h, w) in layer_shapes.items()
-            if h * w > 1 and not isinstance(modules[name], _POOLING + _NO_OP)]
+            if h * w > 1 and not isinstance(modules[name], _POOLING) and not _no_op(modules[name])]
 
 
 def default_layer(layer_shapes: dict[str, tuple[int, int]], model: nn.Module) -> str:
