@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -106,3 +107,60 @@ def sorted_tables(out, tables, run_id=None) -> dict:
         keys = [c for c in ("image_id", "target", "method", "layer", "kind", "class_name", "slice") if c in frame]
         frames[table] = frame.sort_values(keys, kind="stable").reset_index(drop=True) if len(frame) else frame
     return frames
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One Prefect API server (its own SQLite database) for the test modules that only need flows to run:
+    each `prefect_test_harness` boots a server and migrates a fresh database (~25 s on 2 cores). Modules
+    that read the server's runs, artifacts or events back keep a harness of their own."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_SERVER_DATABASE_CONNECTION_URL, temporary_settings
+
+    database = tmp_path_factory.mktemp("prefect") / "prefect.db"
+    with temporary_settings(updates={PREFECT_SERVER_DATABASE_CONNECTION_URL: f"sqlite+aiosqlite:///{database}"}):
+        server = SubprocessASGIServer(port=_free_port())  # the child takes the database from these settings
+        server.start(timeout=120)
+    try:
+        yield server.api_url
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def using_prefect_api(url: str):
+    """Flows run against ``url`` within the block (as `prefect_test_harness` sets it up, this thread's and
+    the process-global settings), and Prefect's log and event workers are drained at its end."""
+    import inspect
+
+    import prefect.context
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:  # never started
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    with temporary_settings(updates={PREFECT_API_URL: url}), \
+            prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+        try:
+            yield
+        finally:
+            run_coro_as_sync(drain())
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from conftest import make_shapes
+from conftest import make_shapes, using_prefect_api
 from typer.testing import CliRunner
 
 from visaudit.flows.cli import app, request_from_config
@@ -16,10 +16,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
+def prefect_server(prefect_api):
+    with using_prefect_api(prefect_api):
         yield
 
 

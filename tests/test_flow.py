@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import make_shapes
+from conftest import make_shapes, using_prefect_api
 from pypdf import PdfReader
 from typer.testing import CliRunner
 
@@ -21,10 +21,8 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
+def prefect_server(prefect_api):
+    with using_prefect_api(prefect_api):
         yield
 
 

@@ -10,6 +10,7 @@ import dataclasses
 
 import planted
 import pytest
+from conftest import using_prefect_api
 
 from visaudit.tasks.data.storage import read_table
 from visaudit.tasks.demo.recipe import load_recipe
@@ -17,10 +18,8 @@ from visaudit.tasks.findings.thresholds import Thresholds
 
 
 @pytest.fixture(scope="module", autouse=True)
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
+def prefect_server(prefect_api):
+    with using_prefect_api(prefect_api):
         yield
 
 

@@ -54,11 +54,10 @@ def command_lines() -> list[tuple[int, list[str]]]:
 
 
 @pytest.fixture(scope="module")
-def readme_folder(tmp_path_factory):
+def readme_folder(tmp_path_factory, prefect_api):
     """A folder whose ``visaudit-out`` holds two tiny runs of one model on one source and their comparison."""
     import conftest
     import torch
-    from prefect.testing.utilities import prefect_test_harness
 
     root = tmp_path_factory.mktemp("readme")
     manifest = make_shapes(root / "data", {"red": 4, "green": 4, "blue": 4})
@@ -67,7 +66,7 @@ def readme_folder(tmp_path_factory):
     exec(conftest.TINY_MODEL, namespace)
     torch.save(namespace["build"](3).state_dict(), root / "tiny.pt")
     out = root / "visaudit-out"
-    with prefect_test_harness(server_startup_timeout=120):
+    with conftest.using_prefect_api(prefect_api):
         for _ in range(2):
             result = runner.invoke(app, ["run", str(manifest), "--out", str(out), "--model",
                                          f"{root / 'tiny_model.py'}:build", "--weights", str(root / "tiny.pt"),

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import using_prefect_api
 from PIL import Image
 from pypdf import PdfReader
 from scipy.stats import binomtest
@@ -127,10 +128,8 @@ def test_near_chance_wilson_matches_scipy() -> None:
 
 
 @pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
+def prefect_server(prefect_api):
+    with using_prefect_api(prefect_api):
         yield
 
 
