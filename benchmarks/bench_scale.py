@@ -39,8 +39,12 @@ import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psutil
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK = 4000  # images per generator process (1,000 per class)
 MODEL = "visaudit.tasks.demo.network:build_model"
@@ -145,13 +149,21 @@ def _size_mb(folder: Path) -> float:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.exists() else 0.0
 
 
-def audit(manifest: Path, out: Path, input_size: int, extra: list[str], model_clock: bool = False) -> Measured:
+def resnet18() -> torch.nn.Module:
+    """``--model benchmarks.bench_scale:resnet18``: torchvision's ResNet-18 with random weights, 4 classes."""
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=4)
+
+
+def audit(manifest: Path, out: Path, input_size: int, extra: list[str], model_clock: bool = False,
+          model: str = MODEL) -> Measured:
     """One ``visaudit run`` subprocess over the manifest, measured (``model_clock``: run through
     ``benchmarks.model_clock``, which times every forward and backward of the run)."""
     visaudit = Path(sys.executable).with_name("visaudit")
     clock = out / "model-clock.json"
     launcher = [sys.executable, "-m", "benchmarks.model_clock", str(clock)] if model_clock else [str(visaudit)]
-    command = [*launcher, "run", str(manifest), "--out", str(out), "--model", MODEL,
+    command = [*launcher, "run", str(manifest), "--out", str(out), "--model", model,
                "--classes", str(manifest.with_name("classes.txt")), "--resize", str(input_size),
                "--crop", str(input_size), "-q", *extra]
     load = os.getloadavg()[0]
@@ -231,6 +243,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="generator processes")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "visaudit-bench-scale")
     parser.add_argument("--markdown", type=Path, help="also write the table here")
+    parser.add_argument("--model", default=MODEL, help=f"the model factory (default {MODEL}; "
+                        "benchmarks.bench_scale:resnet18 for torchvision's ResNet-18, random weights)")
     parser.add_argument("--keep", action="store_true", help="keep the output folders")
     parser.add_argument("--model-clock", action="store_true",
                         help="also time every forward and backward of the run (benchmarks/model_clock.py)")
@@ -242,7 +256,8 @@ def main() -> None:
         for _ in range(args.repeat):
             out = Path(tempfile.mkdtemp(prefix=f"visaudit-scale-{images}-"))
             try:
-                runs.append(audit(manifest, out, args.input_size or args.image_size, extra, args.model_clock))
+                runs.append(audit(manifest, out, args.input_size or args.image_size, extra, args.model_clock,
+                                  args.model))
             finally:
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)

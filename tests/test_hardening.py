@@ -351,16 +351,16 @@ def test_disk_full_mid_run_is_a_clear_error_and_earlier_runs_survive(tmp_path, t
             "--crop", "48", "--resize", "48", "--shard-size", "4", "--no-pdf", "--no-sanity-check", "-q"]
     assert runner.invoke(app, args).exit_code == 0
     before = {table: read_table(out, table) for table in ("predictions", "explanations", "findings")}
-    real_write = visaudit.tasks.data.storage.pq.write_table
+    real_write = visaudit.tasks.data.storage.pq.ParquetWriter.write_table  # whole parts and streamed row groups
     calls = {"n": 0}
 
-    def fill_up(table, where, **options):
+    def fill_up(self, table, *args, **options):
         calls["n"] += 1
         if calls["n"] > 4:  # a few parts land, then the disk is full
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_write(table, where, **options)
+        return real_write(self, table, *args, **options)
 
-    monkeypatch.setattr(visaudit.tasks.data.storage.pq, "write_table", fill_up)
+    monkeypatch.setattr(visaudit.tasks.data.storage.pq.ParquetWriter, "write_table", fill_up)
     result = runner.invoke(app, args)
     assert result.exit_code != 0 and "No space left on device" in result.output
     assert "--run-id" in result.output, "the message says how to resume"

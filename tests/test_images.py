@@ -11,7 +11,7 @@ import torch
 from conftest import sample_photos
 from PIL import Image
 
-from visaudit.tasks.data.images import Preprocess, _decode_jpegs_on_gpu, decode, to_batch
+from visaudit.tasks.data.images import Preprocess, _decode_jpegs_on_gpu, decode, fit_on_device, to_batch
 
 
 @pytest.mark.parametrize("size", [(300, 200), (200, 400), (256, 256), (90, 60)])
@@ -41,3 +41,21 @@ def test_to_batch_mixes_device_and_pil_decoded_images(tmp_path) -> None:
     batch = to_batch([on_device, decode(str(path), pre)], torch.device("cpu"))
     assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.uint8
     assert batch[0, 0].float().mean() > 150 and batch[1, 1].float().mean() > 150
+
+
+def test_device_fit_resizes_images_of_one_size_as_one_batch_exactly_as_one_by_one(monkeypatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    shapes = [(60, 90), (80, 80), (60, 90), (60, 90), (80, 80), (48, 48)]
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in shapes]
+    pre = Preprocess(resize=48, crop=40)
+    calls = []
+    real = torch.nn.functional.interpolate
+    monkeypatch.setattr(torch.nn.functional, "interpolate", lambda x, **kw: calls.append(len(x)) or real(x, **kw))
+    together = fit_on_device(images, pre)
+    assert sorted(calls) == [2, 3], "one resize per image size (48 x 48 needs none)"
+    for image, got in zip(images, together):
+        (alone,) = fit_on_device([image], pre)
+        assert torch.equal(got.pixels, alone.pixels)
+        assert (got.height, got.width, got.scale, got.left, got.top) == (
+            alone.height, alone.width, alone.scale, alone.left, alone.top)
+        assert got.pixels.shape == (3, 40, 40)

@@ -99,3 +99,30 @@ def test_read_staged_can_read_some_columns(tmp_path) -> None:
     assert list(storage.read_staged("findings", tmp_path, "r9", columns=["kind"]).columns) == ["kind"]
     with pytest.raises(ValueError, match="no columns \\['heatmap'\\]"):
         storage.read_staged("findings", tmp_path, "r1", columns=["kind", "heatmap"])
+
+
+def test_part_writer_streams_row_groups_into_one_part_placed_at_close(tmp_path) -> None:
+    writer = storage.PartWriter("predictions", tmp_path, "r1", "00000", row_group_rows=3)
+    batches = [["a", "b"], ["c", "d"], ["e"]]
+    for ids in batches:
+        writer.write(_predictions(ids).iloc[:, ::-1])  # any column order
+    staged = storage.staging_dir(tmp_path, "predictions", "r1")
+    assert not list(staged.glob("part-*.parquet")), "no part under its own name before close"
+    path = writer.close()
+    assert not list(staged.glob(".part-*")), "no temporary file left"
+    assert pq.ParquetFile(path).num_row_groups == 2, "a row group once 3 rows waited, the rest at close"
+    storage.write_part(_predictions([i for ids in batches for i in ids]), "predictions", tmp_path, "r2", "00000")
+    streamed = storage.read_staged("predictions", tmp_path, "r1")
+    assert streamed.equals(storage.read_staged("predictions", tmp_path, "r2")), "the same rows as one write_part"
+    assert pq.read_schema(path).metadata[b"visaudit.schema_version"] == schema.SCHEMA_VERSION.encode()
+
+
+def test_part_writer_with_no_rows_writes_an_empty_part_and_abort_leaves_nothing(tmp_path) -> None:
+    empty = storage.PartWriter("signals", tmp_path, "r1", "00000").close()
+    assert storage.read_staged("signals", tmp_path, "r1").empty and empty.exists()
+    dropped = storage.PartWriter("predictions", tmp_path, "r1", "00000", row_group_rows=1)
+    dropped.write(_predictions(["a"]))  # a row group on disk already
+    dropped.abort()
+    assert not list(storage.staging_dir(tmp_path, "predictions", "r1").glob("*")), "no part, no temporary file"
+    with pytest.raises(ValueError, match="lack columns"):
+        storage.PartWriter("findings", tmp_path, "r1", "0").write(_findings(1).drop(columns=["message"]))

@@ -23,7 +23,6 @@ from visaudit.tasks.data import storage
 from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many, normalise, to_batch
 from visaudit.tasks.data.labels import label_matrix
 from visaudit.tasks.data.reads import ReadPolicy
-from visaudit.tasks.data.schema import table_schema
 from visaudit.tasks.explain import cam, localisation, mil, occlusion, signals
 from visaudit.tasks.explain.attention_maps import attention_maps
 from visaudit.tasks.explain.cam_family import class_activation_maps, linear_head
@@ -99,71 +98,94 @@ def audit_shard(
         return ShardResult(shard, len(rows), 0, reused=True)
     timings = {"decode": 0.0, "model": 0.0, "rows": 0.0}
     non_finite = 0
-    built: list[Future[BatchRows]] = []
+    built: list[Future[int]] = []
     batches = [rows.iloc[i : i + settings.batch_size] for i in range(0, len(rows), settings.batch_size)]
+    parts = ShardParts(out_dir, run_id, shard)
 
     def load(batch: pd.DataFrame) -> list[Decoded | str]:
         device = loaded.device if settings.gpu_decode else None
         return decode_many(batch["uri"].tolist(), settings.preprocess, settings.decode_workers, device, settings.reads)
 
-    def build(batch: pd.DataFrame, decoded: list[Decoded | str], ok: list[int], result: BatchResult | None) -> BatchRows:
+    def build(batch: pd.DataFrame, decoded: list[Decoded | str], ok: list[int], result: BatchResult | None) -> int:
         mark = time.perf_counter()
         built_rows = batch_rows(batch, decoded, ok, result, settings)
+        parts.write(built_rows)
         timings["rows"] += time.perf_counter() - mark  # on the writer thread, off the model's path
-        return built_rows
+        return int(built_rows.predictions["error"].notna().sum())
 
     # Decode the next batch while the model works on the current one, and turn the previous
-    # batch's results into table rows on a writer thread: the model's loop only waits for them.
-    with ThreadPoolExecutor(max_workers=1) as prefetch, ThreadPoolExecutor(max_workers=1) as writer:
-        pending = prefetch.submit(load, batches[0]) if batches else None
-        for number, batch in enumerate(batches):
-            t0 = time.perf_counter()
-            decoded = pending.result()  # type: ignore[union-attr]
-            if number + 1 < len(batches):
-                pending = prefetch.submit(load, batches[number + 1])
-            t1 = time.perf_counter()
-            ok = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
-            result = _run_batch(batch.iloc[ok], [decoded[i] for i in ok], loaded, settings) if ok else None
-            if result is not None and not result.finite.all():  # NaN/inf scores are no prediction
-                for i in np.array(ok)[~result.finite]:
-                    decoded[i] = NON_FINITE
-                non_finite += int((~result.finite).sum())
+    # batch's results into table rows, Arrow and Parquet row groups on a writer thread: the
+    # model's loop only waits for them.
+    try:
+        with ThreadPoolExecutor(max_workers=1) as prefetch, ThreadPoolExecutor(max_workers=1) as writer:
+            pending = prefetch.submit(load, batches[0]) if batches else None
+            for number, batch in enumerate(batches):
+                t0 = time.perf_counter()
+                decoded = pending.result()  # type: ignore[union-attr]
+                if number + 1 < len(batches):
+                    pending = prefetch.submit(load, batches[number + 1])
+                t1 = time.perf_counter()
                 ok = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
                 result = _run_batch(batch.iloc[ok], [decoded[i] for i in ok], loaded, settings) if ok else None
-            t2 = time.perf_counter()
-            built.append(writer.submit(build, batch, decoded, ok, result))
-            timings["decode"] += t1 - t0  # time waiting for decoding, beyond what overlapped
-            timings["model"] += t2 - t1
-            if progress:
-                progress(min(len(rows), (number + 1) * settings.batch_size))
-        waiting = time.perf_counter()
-        parts = [future.result() for future in built]  # a row builder's failure is the shard's
-        timings["rows_wait"] = time.perf_counter() - waiting  # rows still unbuilt when the model was done
-    predictions = [part.predictions for part in parts]
-    explanations = [part.explanations for part in parts if part.explanations is not None]
-    signal_parts = [part.signals for part in parts if part.signals is not None]
-    occlusions = [part.occlusion for part in parts if part.occlusion is not None]
-    t3 = time.perf_counter()
-    pred_df = pd.concat(predictions, ignore_index=True)
-    if non_finite and pred_df["error"].isna().sum() == 0:
-        raise ModelError(f"the model returned NaN or infinite scores for every readable image of shard {shard} "
-                         f"({non_finite} images); check the weights (a diverged training?) and the preprocessing")
-    tables = {
-        "explanations": pd.concat(explanations, ignore_index=True) if explanations else _empty("explanations"),
-        "signals": pd.concat(signal_parts, ignore_index=True) if signal_parts else _empty("signals"),
-    }
-    if occlusions:
-        tables["occlusion"] = pd.concat(occlusions, ignore_index=True)
-    with ThreadPoolExecutor(max_workers=len(tables)) as writers:  # Arrow encodes and compresses without the GIL
-        for future in [writers.submit(storage.write_part, df, name, out_dir, run_id, shard) for name, df in tables.items()]:
-            future.result()
-    storage.write_part(pred_df, "predictions", out_dir, run_id, shard)  # written last: marks the shard done
-    timings["write"] = time.perf_counter() - t3
-    return ShardResult(shard, len(rows), int(pred_df["error"].notna().sum()), timings)
+                if result is not None and not result.finite.all():  # NaN/inf scores are no prediction
+                    for i in np.array(ok)[~result.finite]:
+                        decoded[i] = NON_FINITE
+                    non_finite += int((~result.finite).sum())
+                    ok = [i for i, d in enumerate(decoded) if isinstance(d, Decoded)]
+                    result = _run_batch(batch.iloc[ok], [decoded[i] for i in ok], loaded, settings) if ok else None
+                t2 = time.perf_counter()
+                built.append(writer.submit(build, batch, decoded, ok, result))
+                timings["decode"] += t1 - t0  # time waiting for decoding, beyond what overlapped
+                timings["model"] += t2 - t1
+                if progress:
+                    progress(min(len(rows), (number + 1) * settings.batch_size))
+            waiting = time.perf_counter()
+            unreadable = sum(future.result() for future in built)  # a row builder's failure is the shard's
+            timings["rows_wait"] = time.perf_counter() - waiting  # rows still unbuilt when the model was done
+        if non_finite and unreadable == len(rows):
+            raise ModelError(f"the model returned NaN or infinite scores for every readable image of shard {shard} "
+                             f"({non_finite} images); check the weights (a diverged training?) and the preprocessing")
+        t3 = time.perf_counter()
+        parts.close()
+        timings["write"] = time.perf_counter() - t3
+    except BaseException:
+        parts.abort()
+        raise
+    return ShardResult(shard, len(rows), unreadable, timings)
 
 
-def _empty(table: str) -> pd.DataFrame:
-    return table_schema(table).empty_table().to_pandas()
+class ShardParts:
+    """The Parquet parts of one shard (``explanations``, ``signals``, ``occlusion`` when any,
+    ``predictions``), streamed batch by batch through :class:`storage.PartWriter`. ``close``
+    puts them in place with ``predictions`` last: its part marks the shard done."""
+
+    def __init__(self, out_dir: Path, run_id: str, shard: str) -> None:
+        self._where = (out_dir, run_id, shard)
+        self._writers: dict[str, storage.PartWriter] = {}
+
+    def _writer(self, table: str) -> storage.PartWriter:
+        if table not in self._writers:
+            out_dir, run_id, shard = self._where
+            self._writers[table] = storage.PartWriter(table, out_dir, run_id, shard)
+        return self._writers[table]
+
+    def write(self, rows: BatchRows) -> None:
+        for table in ("predictions", "explanations", "signals", "occlusion"):
+            frame = getattr(rows, table)
+            if frame is not None:
+                self._writer(table).write(frame)
+
+    def close(self) -> None:
+        first = [self._writer(table) for table in ("explanations", "signals")]  # written even when empty
+        first += [writer for table, writer in self._writers.items() if table == "occlusion"]
+        with ThreadPoolExecutor(max_workers=len(first)) as closing:  # Arrow compresses and writes without the GIL
+            for future in [closing.submit(writer.close) for writer in first]:
+                future.result()
+        self._writer("predictions").close()
+
+    def abort(self) -> None:
+        for writer in self._writers.values():
+            writer.abort()
 
 
 def target_matrix(

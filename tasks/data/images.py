@@ -7,10 +7,12 @@ pixels to model-input pixels so that boxes can be compared with heatmaps.
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -218,36 +220,65 @@ def decode_many(
 
 
 def _decode_jpegs_on_gpu(datas: list[bytes], pre: Preprocess, device: torch.device) -> list[Decoded | None]:
-    """Batched nvJPEG decode, then per image the same resize/crop as :func:`fit` on the GPU;
-    None where the GPU cannot decode (the caller falls back to PIL)."""
+    """Batched nvJPEG decode, then :func:`fit_on_device`; None where the GPU cannot decode (the
+    caller falls back to PIL). On CUDA the kernels go to a side stream, so that decoding the next
+    batch (on the shard's prefetch thread) runs beside the model's kernels on the default stream;
+    this thread waits for them before handing the images over."""
+    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    side = _decode_stream(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else None
+    with torch.cuda.stream(side) if side is not None else nullcontext():
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        except Exception:  # no nvJPEG, a file it refuses, or torchvision without decoders: PIL takes over
+            return [None] * len(datas)
+        out: list[Decoded | None] = list(fit_on_device(images, pre))
+    if side is not None:
+        side.synchronize()
+    return out
+
+
+@functools.cache
+def _decode_stream(index: int) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device=index)
+
+
+def fit_on_device(images: list[torch.Tensor], pre: Preprocess) -> list[Decoded]:
+    """:func:`fit` for (3, H, W) uint8 tensors: images of one size are resized (bilinear, antialiased)
+    and cropped as one batch, so a dataset of one image size costs one ``interpolate`` per batch."""
     import torch.nn.functional as F
 
-    tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
-    except Exception:  # no nvJPEG, a file it refuses, or torchvision without decoders: PIL takes over
-        return [None] * len(datas)
-    out: list[Decoded | None] = []
-    for image in images:
-        _, height, width = image.shape
+    out: list[Decoded | None] = [None] * len(images)
+    sizes: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        sizes.setdefault((int(image.shape[1]), int(image.shape[2])), []).append(i)
+    for (height, width), members in sizes.items():
         scale = pre.resize / min(width, height)
         new_w, new_h = max(pre.resize, round(width * scale)), max(pre.resize, round(height * scale))
-        resized = image
-        if (new_w, new_h) != (width, height):
-            resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", antialias=True,
-                                    align_corners=False)[0].round().clamp(0, 255).to(torch.uint8)
         left = int(round((new_w - pre.crop) / 2.0))
         top = int(round((new_h - pre.crop) / 2.0))
-        crop = resized[:, top : top + pre.crop, left : left + pre.crop]
-        out.append(Decoded(crop, height, width, scale, left, top))  # type: ignore[arg-type]
-    return out
+        step = max(1, 2**26 // (3 * height * width))  # images per interpolate: up to 256 MiB of float32
+        for start in range(0, len(members), step):
+            chunk = members[start : start + step]
+            batch = torch.stack([images[i] for i in chunk])
+            if (new_w, new_h) != (width, height):
+                batch = F.interpolate(batch.float(), size=(new_h, new_w), mode="bilinear", antialias=True,
+                                      align_corners=False).round().clamp(0, 255).to(torch.uint8)
+            crops = batch[:, :, top : top + pre.crop, left : left + pre.crop]
+            for k, i in enumerate(chunk):
+                out[i] = Decoded(crops[k], height, width, scale, left, top)  # type: ignore[arg-type]
+    return out  # type: ignore[return-value]
 
 
 def to_batch(images: list[Decoded], device: torch.device) -> torch.Tensor:
     """Stack decoded images into a (N, 3, H, W) uint8 tensor on ``device``."""
     if any(isinstance(d.pixels, torch.Tensor) for d in images):  # decoded on the GPU (some maybe by PIL)
+        if device.type == "cuda":  # decoded on the side stream, read on this one: not reused before this reads them
+            for d in images:
+                if isinstance(d.pixels, torch.Tensor) and d.pixels.is_cuda:
+                    d.pixels.record_stream(torch.cuda.current_stream(device))
         return torch.stack([
             d.pixels if isinstance(d.pixels, torch.Tensor)
             else torch.from_numpy(np.array(d.pixels)).permute(2, 0, 1).to(device)

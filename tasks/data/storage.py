@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -51,6 +52,65 @@ def write_part(df: pd.DataFrame, table: str, out_dir: Path, run_id: str, part: s
     final = folder / f"part-{part}.parquet"
     write_atomically(final, lambda tmp: pq.write_table(arrow, tmp, compression="zstd"))
     return final
+
+
+class PartWriter:
+    """One part of a run-in-progress table written as its rows come, for a shard whose batches
+    finish one by one: each :meth:`write` converts its rows to Arrow at once, and a Parquet row
+    group goes to disk whenever ``row_group_rows`` rows are waiting, so little is left for
+    :meth:`close`, which writes the rest and renames the file into place. Until then the part
+    is a hidden temporary file: a killed writer leaves no part, as with :func:`write_part`, and
+    :meth:`abort` removes it. One thread at a time."""
+
+    def __init__(self, table: str, out_dir: Path, run_id: str, part: str, row_group_rows: int = 1024) -> None:
+        self.table = table
+        self.schema = table_schema(table)
+        self.final = staging_dir(out_dir, table, run_id) / f"part-{part}.parquet"
+        self.row_group_rows = row_group_rows
+        self._tmp = self.final.with_name(f".{self.final.name}.{uuid.uuid4().hex}.tmp")
+        self._waiting: list[pa.Table] = []
+        self._rows = 0
+        self._writer: pq.ParquetWriter | None = None
+
+    def write(self, df: pd.DataFrame) -> None:
+        """Add rows (the table's columns, any order; more are ignored)."""
+        missing = [name for name in self.schema.names if name not in df.columns]
+        if missing:
+            raise ValueError(f"table {self.table!r}: rows lack columns {missing}")
+        self._waiting.append(pa.Table.from_pandas(df[self.schema.names], schema=self.schema, preserve_index=False))
+        self._rows += len(df)
+        if self._rows >= self.row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._waiting:
+            return
+        rows = pa.concat_tables(self._waiting)
+        if self._writer is None:
+            self._tmp.parent.mkdir(parents=True, exist_ok=True)
+            self._writer = pq.ParquetWriter(self._tmp, rows.schema, compression="zstd")
+        self._writer.write_table(rows)
+        self._waiting, self._rows = [], 0
+
+    def close(self) -> Path:
+        """Write what is waiting (an empty table when nothing was written) and rename the part into place."""
+        if self._writer is None and not self._waiting:
+            self._waiting.append(pa.Table.from_pandas(self.schema.empty_table().to_pandas(), schema=self.schema,
+                                                      preserve_index=False))
+        try:
+            self._flush()
+            assert self._writer is not None
+            self._writer.close()
+            os.replace(self._tmp, self.final)
+        finally:
+            self._tmp.unlink(missing_ok=True)
+        return self.final
+
+    def abort(self) -> None:
+        """Drop the part: nothing of it stays on disk."""
+        if self._writer is not None:
+            self._writer.close()
+        self._tmp.unlink(missing_ok=True)
 
 
 def part_exists(table: str, out_dir: Path, run_id: str, part: str) -> bool:
