@@ -56,11 +56,11 @@ def write_part(df: pd.DataFrame, table: str, out_dir: Path, run_id: str, part: s
 
 class PartWriter:
     """One part of a run-in-progress table written as its rows come, for a shard whose batches
-    finish one by one: each :meth:`write` converts its rows to Arrow at once, and a Parquet row
-    group goes to disk whenever ``row_group_rows`` rows are waiting, so little is left for
-    :meth:`close`, which writes the rest and renames the file into place. Until then the part
-    is a hidden temporary file: a killed writer leaves no part, as with :func:`write_part`, and
-    :meth:`abort` removes it. One thread at a time."""
+    finish one by one: whenever ``row_group_rows`` rows are waiting they go to disk as a Parquet
+    row group (converted to Arrow in one go: per-batch conversions cost twice as much), so that
+    on a writer thread the work overlaps the model's; :meth:`close` writes the rest and renames
+    the file into place. Until then the part is a hidden temporary file: a killed writer leaves
+    no part, as with :func:`write_part`, and :meth:`abort` removes it. One thread at a time."""
 
     def __init__(self, table: str, out_dir: Path, run_id: str, part: str, row_group_rows: int = 1024) -> None:
         self.table = table
@@ -68,7 +68,7 @@ class PartWriter:
         self.final = staging_dir(out_dir, table, run_id) / f"part-{part}.parquet"
         self.row_group_rows = row_group_rows
         self._tmp = self.final.with_name(f".{self.final.name}.{uuid.uuid4().hex}.tmp")
-        self._waiting: list[pa.Table] = []
+        self._waiting: list[pd.DataFrame] = []
         self._rows = 0
         self._writer: pq.ParquetWriter | None = None
 
@@ -77,7 +77,7 @@ class PartWriter:
         missing = [name for name in self.schema.names if name not in df.columns]
         if missing:
             raise ValueError(f"table {self.table!r}: rows lack columns {missing}")
-        self._waiting.append(pa.Table.from_pandas(df[self.schema.names], schema=self.schema, preserve_index=False))
+        self._waiting.append(df[self.schema.names])
         self._rows += len(df)
         if self._rows >= self.row_group_rows:
             self._flush()
@@ -85,7 +85,8 @@ class PartWriter:
     def _flush(self) -> None:
         if not self._waiting:
             return
-        rows = pa.concat_tables(self._waiting)
+        frame = self._waiting[0] if len(self._waiting) == 1 else pd.concat(self._waiting, ignore_index=True)
+        rows = pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False)
         if self._writer is None:
             self._tmp.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self._tmp, rows.schema, compression="zstd")
@@ -95,8 +96,7 @@ class PartWriter:
     def close(self) -> Path:
         """Write what is waiting (an empty table when nothing was written) and rename the part into place."""
         if self._writer is None and not self._waiting:
-            self._waiting.append(pa.Table.from_pandas(self.schema.empty_table().to_pandas(), schema=self.schema,
-                                                      preserve_index=False))
+            self._waiting.append(self.schema.empty_table().to_pandas())
         try:
             self._flush()
             assert self._writer is not None
