@@ -60,3 +60,33 @@ def test_a_shard_that_fails_midway_leaves_no_part(tmp_path, tiny_model_file, mon
         folder = storage.staging_dir(plan.out_dir, table, plan.run_id)
         assert not folder.exists() or not list(folder.iterdir()), f"{table}: nothing left behind"
     assert not storage.part_exists("predictions", plan.out_dir, plan.run_id, "00000"), "the shard is not done"
+
+
+def test_a_full_disk_ends_the_shard_at_once_and_leaves_no_file(tmp_path, tiny_model_file, monkeypatch) -> None:
+    import errno
+    import time
+
+    manifest = make_shapes(tmp_path / "data", {"red": 10, "green": 10, "blue": 10})
+    model, weights = tiny_model_file
+    plan = prepare_run(AuditRequest(source=str(manifest), out_dir=str(tmp_path / "out"), model=f"{model}:build",
+                                    weights=str(weights), resize=32, crop=32, batch_size=2, shard_size=30,
+                                    setup_checks=False))
+    batches = []
+    real_batch = shard_module._run_batch
+
+    def slow_batch(*args, **kwargs):  # a model slower than the writer, as on a real shard
+        batches.append(1)
+        time.sleep(0.1)
+        return real_batch(*args, **kwargs)
+
+    def full(self, table, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shard_module, "_run_batch", slow_batch)
+    monkeypatch.setattr(storage.PartWriter.__init__, "__defaults__", (1,))  # every batch's rows go to disk at once
+    monkeypatch.setattr(storage.pq.ParquetWriter, "write_table", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        steps.run_shard(str(plan.folder), *plan.shards[0])
+    assert len(batches) <= 5, f"the model ran {len(batches)} of 15 batches after the disk was full"
+    leftovers = [p for p in (tmp_path / "out" / "tables").rglob("*") if p.is_file()]
+    assert not leftovers, leftovers

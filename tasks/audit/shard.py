@@ -135,6 +135,8 @@ def audit_shard(
                     result = _run_batch(batch.iloc[ok], [decoded[i] for i in ok], loaded, settings) if ok else None
                 t2 = time.perf_counter()
                 built.append(writer.submit(build, batch, decoded, ok, result))
+                if failed := next((f for f in built if f.done() and f.exception() is not None), None):
+                    failed.result()  # a failed row group (a full disk, say) ends the shard now, not after every batch
                 timings["decode"] += t1 - t0  # time waiting for decoding, beyond what overlapped
                 timings["model"] += t2 - t1
                 if progress:
@@ -184,7 +186,7 @@ class ShardParts:
         self._writer("predictions").close()
 
     def abort(self) -> None:
-        for writer in self._writers.values():
+        for writer in self._writers.values():  # each drops its file whatever happened to the others
             writer.abort()
 
 

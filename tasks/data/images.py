@@ -259,7 +259,7 @@ def fit_on_device(images: list[torch.Tensor], pre: Preprocess) -> list[Decoded]:
         new_w, new_h = max(pre.resize, round(width * scale)), max(pre.resize, round(height * scale))
         left = int(round((new_w - pre.crop) / 2.0))
         top = int(round((new_h - pre.crop) / 2.0))
-        step = max(1, 2**26 // (3 * height * width))  # images per interpolate: up to 256 MiB of float32
+        step = max(1, 2**26 // (3 * max(height * width, new_h * new_w)))  # per interpolate: <= 256 MiB of float32
         for start in range(0, len(members), step):
             chunk = members[start : start + step]
             batch = torch.stack([images[i] for i in chunk])

@@ -71,9 +71,12 @@ class PartWriter:
         self._waiting: list[pd.DataFrame] = []
         self._rows = 0
         self._writer: pq.ParquetWriter | None = None
+        self._failed: BaseException | None = None  # a failed row group fails every later call (disk full)
 
     def write(self, df: pd.DataFrame) -> None:
         """Add rows (the table's columns, any order; more are ignored)."""
+        if self._failed is not None:
+            raise self._failed
         missing = [name for name in self.schema.names if name not in df.columns]
         if missing:
             raise ValueError(f"table {self.table!r}: rows lack columns {missing}")
@@ -85,12 +88,16 @@ class PartWriter:
     def _flush(self) -> None:
         if not self._waiting:
             return
-        frame = self._waiting[0] if len(self._waiting) == 1 else pd.concat(self._waiting, ignore_index=True)
-        rows = pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False)
-        if self._writer is None:
-            self._tmp.parent.mkdir(parents=True, exist_ok=True)
-            self._writer = pq.ParquetWriter(self._tmp, rows.schema, compression="zstd")
-        self._writer.write_table(rows)
+        try:
+            frame = self._waiting[0] if len(self._waiting) == 1 else pd.concat(self._waiting, ignore_index=True)
+            rows = pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False)
+            if self._writer is None:
+                self._tmp.parent.mkdir(parents=True, exist_ok=True)
+                self._writer = pq.ParquetWriter(self._tmp, rows.schema, compression="zstd")
+            self._writer.write_table(rows)
+        except BaseException as exc:
+            self._failed = exc
+            raise
         self._waiting, self._rows = [], 0
 
     def close(self) -> Path:
@@ -107,10 +114,16 @@ class PartWriter:
         return self.final
 
     def abort(self) -> None:
-        """Drop the part: nothing of it stays on disk."""
-        if self._writer is not None:
-            self._writer.close()
-        self._tmp.unlink(missing_ok=True)
+        """Drop the part: nothing of it stays on disk (a writer that cannot close, on a full disk, is
+        dropped all the same)."""
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        except Exception:
+            pass
+        finally:
+            self._writer = None
+            self._tmp.unlink(missing_ok=True)
 
 
 def part_exists(table: str, out_dir: Path, run_id: str, part: str) -> bool:
