@@ -179,7 +179,8 @@ class ShardParts:
 
     def close(self) -> None:
         first = [self._writer(table) for table in ("explanations", "signals")]  # written even when empty
-        first += [writer for table, writer in self._writers.items() if table == "occlusion"]
+        if "occlusion" in self._writers:
+            first.append(self._writers["occlusion"])
         with ThreadPoolExecutor(max_workers=len(first)) as closing:  # Arrow compresses and writes without the GIL
             for future in [closing.submit(writer.close) for writer in first]:
                 future.result()

@@ -225,8 +225,9 @@ def _decode_jpegs_on_gpu(datas: list[bytes], pre: Preprocess, device: torch.devi
     batch (on the shard's prefetch thread) runs beside the model's kernels on the default stream;
     this thread waits for them before handing the images over."""
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    side = _decode_stream(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else None
+    side = None
+    if device.type == "cuda":
+        side = _decode_stream(torch.cuda.current_device() if device.index is None else device.index)
     with torch.cuda.stream(side) if side is not None else nullcontext():
         try:
             from torchvision.io import ImageReadMode, decode_jpeg

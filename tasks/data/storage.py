@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.data.schema import SCHEMAS, table_schema
 
 PARTITIONING = ds.partitioning(pa.schema([pa.field("run_id", pa.string())]), flavor="hive")
@@ -42,16 +41,13 @@ def partition_dir(out_dir: Path, table: str, run_id: str) -> Path:
 
 def write_part(df: pd.DataFrame, table: str, out_dir: Path, run_id: str, part: str) -> Path:
     """Write one part of a table for a run in progress; atomic (temp name, then rename)."""
-    schema = table_schema(table)
-    missing = [name for name in schema.names if name not in df.columns]
-    if missing:
-        raise ValueError(f"table {table!r}: rows lack columns {missing}")
-    arrow = pa.Table.from_pandas(df[schema.names], schema=schema, preserve_index=False)
-    folder = staging_dir(out_dir, table, run_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"part-{part}.parquet"
-    write_atomically(final, lambda tmp: pq.write_table(arrow, tmp, compression="zstd"))
-    return final
+    writer = PartWriter(table, out_dir, run_id, part)
+    try:
+        writer.write(df)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 class PartWriter:
