@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
@@ -57,6 +58,12 @@ def _signals(audited: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     frame["embedding"] = list(rng.normal(size=(n, 16)).astype(np.float32))
     frame["thumbnail"] = list(rng.integers(0, 256, size=(n, 192)).astype(np.uint8))
     return frame
+
+
+def _as_arrow(signals: pd.DataFrame) -> pd.DataFrame:
+    """The signals as the findings step reads them: vector columns as Arrow lists (no object per cell)."""
+    nested = lambda kind: pd.ArrowDtype(kind) if pa.types.is_nested(kind) else None  # noqa: E731
+    return pa.Table.from_pandas(signals, preserve_index=False).to_pandas(types_mapper=nested)
 
 
 # ----------------------------------------------------------------------------- signals
@@ -132,9 +139,10 @@ def test_slice_gap_flags_a_weak_site_and_not_a_neutral_one() -> None:
 # ----------------------------------------------------------------------------- likely_label_error
 
 
-def test_label_errors_recall_flipped_labels() -> None:
+@pytest.mark.parametrize("arrow", [False, True], ids=["object-cells", "arrow-lists"])
+def test_label_errors_recall_flipped_labels(arrow: bool) -> None:
     audited = _audit()
-    signals = _signals(audited)
+    signals = _as_arrow(_signals(audited)) if arrow else _signals(audited)
     flipped = audited.sample(18, random_state=0).index
     for k in flipped:
         given = audited.at[k, "labels"][0]
@@ -210,7 +218,8 @@ def test_label_noise_in_one_class_raises_no_row_on_the_clean_ones() -> None:
 # ----------------------------------------------------------------------------- near_duplicate
 
 
-def test_near_duplicates_within_and_across_splits() -> None:
+@pytest.mark.parametrize("arrow", [False, True], ids=["object-cells", "arrow-lists"])
+def test_near_duplicates_within_and_across_splits(arrow: bool) -> None:
     audited = _audit(n_per_class=20, attributes=[[("split", "test")]] * 60)
     signals = _signals(audited)
     rng = np.random.default_rng(6)
@@ -223,7 +232,7 @@ def test_near_duplicates_within_and_across_splits() -> None:
     for copy, original in ((1, 0), (11, 10)):  # a copy's embedding is the original's, slightly perturbed
         signals.at[copy, "embedding"] = signals.at[original, "embedding"] + rng.normal(0, 0.01, 16).astype(np.float32)
     audited.at[11, "attributes"] = [("split", "train")]
-    rows = {r.slice: r for r in near_duplicates(audited, signals, Thresholds())}
+    rows = {r.slice: r for r in near_duplicates(audited, _as_arrow(signals) if arrow else signals, Thresholds())}
     assert set(rows) == {"leakage", "within split"}
     assert rows["leakage"].evidence == ("i0010", "i0011") and rows["leakage"].severity == "high"
     assert rows["within split"].evidence == ("i0000", "i0001", "i0004", "i0005")  # not 2-3: flat and disagreeing
@@ -233,7 +242,8 @@ def test_near_duplicates_within_and_across_splits() -> None:
     assert near_duplicates(audited, _signals(audited), Thresholds()) == []
 
 
-def test_near_duplicates_without_embeddings_rest_on_the_thumbnails() -> None:
+@pytest.mark.parametrize("arrow", [False, True], ids=["object-cells", "arrow-lists"])
+def test_near_duplicates_without_embeddings_rest_on_the_thumbnails(arrow: bool) -> None:
     """No embeddings (a TorchScript model has no layer to read them from): a detailed thumbnail
     match stands, a low-detail one is not confirmed, and no label or instability claim is made."""
     audited = _audit(n_per_class=20)
@@ -244,7 +254,7 @@ def test_near_duplicates_without_embeddings_rest_on_the_thumbnails() -> None:
     signals.at[25, "thumbnail"] = noisy(signals.at[0, "thumbnail"])  # another class: a label claim needs embeddings
     flat = np.full(192, 128, np.uint8)
     signals.at[2, "thumbnail"], signals.at[3, "thumbnail"] = noisy(flat), noisy(flat)
-    (row,) = near_duplicates(audited, signals, Thresholds())
+    (row,) = near_duplicates(audited, _as_arrow(signals) if arrow else signals, Thresholds())
     assert set(row.evidence) == {"i0000", "i0001", "i0025"} and row.value == 3
     assert "no model embeddings to compare" in row.message and "nan" not in row.message
     assert "different labels" not in row.message and "embeddings disagree" not in row.message

@@ -6,6 +6,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from visaudit.tasks.data.schema import PROPERTY_COLUMNS
@@ -55,8 +56,12 @@ def test_clusters_follow_appearance_not_errors() -> None:
         assert len(set(mine[labels == cluster])) == 1
 
 
-def test_a_reddish_cluster_that_fails_is_found_described_and_quoted() -> None:
+@pytest.mark.parametrize("arrow", [False, True], ids=["object-cells", "arrow-lists"])
+def test_a_reddish_cluster_that_fails_is_found_described_and_quoted(arrow: bool) -> None:
     audited, signals, dark = _tables(0.8, 0.05)
+    if arrow:  # as the findings step reads the signals: vectors as Arrow lists
+        signals = pa.Table.from_pandas(signals, preserve_index=False).to_pandas(
+            types_mapper=lambda kind: pd.ArrowDtype(kind) if pa.types.is_nested(kind) else None)
     rows = error_slices(audited, signals, Thresholds())
     assert {r.class_name for r in rows} == {"cat", "dog"}  # one finding per class, not one per cluster
     clusters = error_clusters(audited, signals, Thresholds())

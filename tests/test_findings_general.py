@@ -8,6 +8,7 @@ from dataclasses import replace
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
 from visaudit.tasks.data.schema import PROPERTY_COLUMNS
@@ -16,7 +17,7 @@ from visaudit.tasks.findings.compute import FindingInputs, Thresholds, detect_al
 from visaudit.tasks.findings.confident_error import confident_errors
 from visaudit.tasks.findings.confused_pair import confused_pairs
 from visaudit.tasks.findings.group_gap import failing_groups, group_gap
-from visaudit.tasks.findings.inputs import listed, sharing
+from visaudit.tasks.findings.inputs import listed, sharing, stacked
 from visaudit.tasks.findings.likely_label_error import likely_label_errors
 from visaudit.tasks.findings.shortcut_property import _membership, shortcut_property
 from visaudit.tasks.findings.slice_gap import slice_gap
@@ -229,3 +230,22 @@ def test_list_cells_flatten_in_order_and_name_their_classes() -> None:
     member = _membership(cells, ["a", "b", "c"])
     assert member.tolist() == [[True, True, False], [False] * 3, [False, False, True], [False] * 3, [False] * 3,
                                [True, False, False]]
+
+
+def test_vector_columns_stack_alike_from_arrow_lists_and_array_cells() -> None:
+    """The findings step reads the signals' vectors as Arrow lists; the detectors' tables hold
+    array cells: both give the same matrix, row order and index kept, and a gap is an error."""
+    vectors = np.arange(24, dtype=np.float32).reshape(6, 4)
+    cells = pd.Series(list(vectors), index=[5, 3, 9, 0, 1, 2], name="embedding")
+    arrow = pd.Series(pd.array(vectors.tolist(), dtype=pd.ArrowDtype(pa.list_(pa.float32()))), index=cells.index,
+                      name="embedding")
+    for column in (cells, arrow):
+        assert np.array_equal(stacked(column, np.float64), vectors) and stacked(column, np.float64).dtype == np.float64
+        assert np.array_equal(stacked(column.iloc[[4, 1]], np.float32), vectors[[4, 1]])
+        assert stacked(column.iloc[:0], np.float32).shape[0] == 0
+    ragged = pd.Series(pd.array([[1.0, 2.0], [3.0]], dtype=pd.ArrowDtype(pa.list_(pa.float32()))), name="thumbnail")
+    with pytest.raises(ValueError, match="'thumbnail' holds vectors of lengths \\[1, 2\\]"):
+        stacked(ragged, np.float32)
+    gap = pd.Series(pd.array([[1.0], None], dtype=pd.ArrowDtype(pa.list_(pa.float32()))), name="probabilities")
+    with pytest.raises(ValueError, match="'probabilities' has 1 null cells"):
+        stacked(gap, np.float32)

@@ -34,6 +34,20 @@ def test_same_pairs_as_comparing_every_pair(seed: int) -> None:
     assert np.allclose(rms, exact, atol=1e-6)
 
 
+def test_uint8_thumbnails_pair_as_their_float_copies() -> None:
+    """Thumbnails are searched as stored (uint8, the threshold in pixel units): the same pairs,
+    and the same differences, as their float copies in [0, 1]."""
+    rng = np.random.default_rng(4)
+    pixels = rng.integers(0, 256, (3000, 192)).astype(np.uint8)
+    copies = rng.choice(3000, 80, replace=False)
+    originals = rng.integers(0, 3000, 80)
+    pixels[copies] = np.clip(pixels[originals].astype(int) + rng.integers(-6, 7, (80, 192)), 0, 255)
+    first, second, rms = close_pairs(pixels, 0.02 * 255)
+    assert set(zip(first.tolist(), second.tolist())) == _every_pair(pixels / 255.0, 0.02) and len(first) >= 40
+    exact = np.sqrt(((pixels[first].astype(np.float64) - pixels[second]) ** 2).mean(axis=1))
+    assert np.allclose(rms, exact, atol=1e-4) and (rms <= 0.02 * 255).all()
+
+
 @pytest.mark.parametrize("count", [0, 1, 2])
 def test_tiny_sets(count: int) -> None:
     vectors = np.zeros((count, 192), np.float32)

@@ -226,7 +226,8 @@ def find(plan: RunPlan) -> int:
     recurring near-identical patches by pasting and removing them (``findings.cue_probe``).
     """
     out_dir = Path(plan.out_dir)
-    staged = {table: storage.read_staged(table, out_dir, plan.run_id, columns=FIND_COLUMNS.get(table))
+    staged = {table: storage.read_staged(table, out_dir, plan.run_id, columns=FIND_COLUMNS.get(table),
+                                         nested_as_arrow=table == "signals")  # vectors as Arrow: no object per cell
               for table in ("predictions", "explanations", "signals", "occlusion", "metrics", "impressions", "adversarial")}
     thresholds = plan.request.finding_thresholds()
     predictions, explanations = staged["predictions"], staged["explanations"]

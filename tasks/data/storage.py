@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -127,9 +127,11 @@ def part_exists(table: str, out_dir: Path, run_id: str, part: str) -> bool:
     return (staging_dir(out_dir, table, run_id) / f"part-{part}.parquet").exists()
 
 
-def read_staged(table: str, out_dir: Path, run_id: str, columns: list[str] | None = None) -> pd.DataFrame:
+def read_staged(table: str, out_dir: Path, run_id: str, columns: list[str] | None = None,
+                nested_as_arrow: bool = False) -> pd.DataFrame:
     """Read every part of a run in progress (before commit), with the table's schema; only
-    ``columns`` (in that order) when given."""
+    ``columns`` (in that order) when given; list and map columns as :func:`read_table` gives
+    them (``nested_as_arrow``: their Arrow data, no Python object per cell)."""
     folder = staging_dir(out_dir, table, run_id)
     files = sorted(folder.glob("part-*.parquet")) if folder.exists() else []
     schema = table_schema(table)
@@ -139,7 +141,8 @@ def read_staged(table: str, out_dir: Path, run_id: str, columns: list[str] | Non
         empty = schema.empty_table().to_pandas()
         return empty if columns is None else empty[columns]
     arrow = ds.dataset(files, schema=schema, format="parquet").to_table(columns=columns)
-    frame = arrow.to_pandas(split_blocks=True, self_destruct=True)  # frees each column once converted
+    frame = arrow.to_pandas(split_blocks=True, self_destruct=True,  # frees each column once converted
+                            types_mapper=_nested_mapper(nested_as_arrow))
     pa.default_memory_pool().release_unused()
     return frame
 
@@ -201,8 +204,12 @@ def read_table(
         holding = _parts_holding(dataset, expr) if len(ids) else set()
         parts = [part for part in dataset.get_fragments() if part.path in holding]  # in the dataset's order
         dataset = ds.FileSystemDataset(parts, dataset.schema, dataset.format, dataset.filesystem)
-    nested = (lambda kind: pd.ArrowDtype(kind) if pa.types.is_nested(kind) else None) if nested_as_arrow else None
-    return dataset.to_table(columns=columns, filter=expr).to_pandas(types_mapper=nested)
+    return dataset.to_table(columns=columns, filter=expr).to_pandas(types_mapper=_nested_mapper(nested_as_arrow))
+
+
+def _nested_mapper(nested_as_arrow: bool) -> Callable[[pa.DataType], pd.ArrowDtype | None] | None:
+    """The ``to_pandas`` types mapper that keeps list and map columns as Arrow data, or None (object cells)."""
+    return (lambda kind: pd.ArrowDtype(kind) if pa.types.is_nested(kind) else None) if nested_as_arrow else None
 
 
 def _parts_holding(dataset: ds.FileSystemDataset, expr: ds.Expression) -> set[str]:

@@ -33,7 +33,7 @@ import pandas as pd
 from visaudit.tasks.data.schema import PROPERTY_COLUMNS
 from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.group_gap import failing_groups
-from visaudit.tasks.findings.inputs import shared, true_class
+from visaudit.tasks.findings.inputs import shared, stacked, true_class
 from visaudit.tasks.findings.slice_gap import slice_gap, slice_table
 from visaudit.tasks.findings.stats import difference_interval
 from visaudit.tasks.findings.thresholds import Thresholds, severity
@@ -42,6 +42,8 @@ IMAGES_PER_CLUSTER = 20  # k = clip(n / this, MIN_CLUSTERS, MAX_CLUSTERS)
 MIN_CLUSTERS, MAX_CLUSTERS = 2, 6
 THUMBNAIL_VARIANCE = 0.9  # PCA keeps the components holding this share of the thumbnails' variance ...
 MAX_COMPONENTS = 8  # ... at most this many
+PCA_SAMPLE = 20_000  # thumbnails of a class its principal axes are estimated from (evenly spaced; all when fewer)
+CHUNK = 65_536  # thumbnails projected per step (float64 only a chunk at a time)
 DESCRIBED_D = 0.5  # a property describes a cluster when its standardised mean difference reaches this
 EXPLAINED_SHARE = 0.5  # a cluster whose errors lie at least this much in metadata findings' images is theirs
 
@@ -67,14 +69,22 @@ class ErrorCluster:
 
 
 def appearance(signals: pd.DataFrame) -> np.ndarray:
-    """Each image's appearance features: the thumbnail's leading principal components, then its properties."""
+    """Each image's appearance features: the thumbnail's leading principal components, then its properties.
+
+    The axes are fitted on at most ``PCA_SAMPLE`` evenly spaced thumbnails (all of a smaller
+    class); every thumbnail is then projected, ``(x / 255 - mean) @ axes.T``, a chunk at a time,
+    so memory holds the uint8 thumbnails (192 bytes an image), not float64 copies of them."""
     from sklearn.decomposition import PCA
 
-    pixels = np.stack(signals["thumbnail"].to_numpy()).astype(np.float64) / 255.0
-    components = min(MAX_COMPONENTS, len(pixels) - 1, pixels.shape[1])
-    pca = PCA(n_components=components, random_state=0).fit(pixels)
+    pixels = stacked(signals["thumbnail"], np.uint8)
+    sample = pixels[np.linspace(0, len(pixels) - 1, min(len(pixels), PCA_SAMPLE)).astype(np.int64)] / 255.0
+    components = min(MAX_COMPONENTS, len(sample) - 1, pixels.shape[1])
+    pca = PCA(n_components=components, random_state=0).fit(sample)
     keep = int(np.searchsorted(np.cumsum(pca.explained_variance_ratio_), THUMBNAIL_VARIANCE) + 1)
-    scores = pca.transform(pixels)[:, : min(keep, components)]
+    axes = pca.components_[: min(keep, components)]
+    scores = np.empty((len(pixels), len(axes)))
+    for start in range(0, len(pixels), CHUNK):
+        scores[start : start + CHUNK] = (pixels[start : start + CHUNK] / 255.0 - pca.mean_) @ axes.T
     return np.column_stack([scores, signals[list(PROPERTY_COLUMNS)].to_numpy(np.float64)])
 
 
@@ -118,12 +128,14 @@ def error_clusters(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) 
     judged = audited[mask]
     frame = pd.DataFrame({"image_id": judged["image_id"], "class": true_class(audited)[mask],
                           "correct": judged["correct"].astype(bool), "confidence": judged["confidence"]})
-    frame = frame[frame["class"].notna()].merge(signals[["image_id", "thumbnail", *PROPERTY_COLUMNS]], on="image_id")
+    frame = frame[frame["class"].notna()].merge(  # each image's row of ``signals``: its thumbnail taken per class
+        signals[["image_id", *PROPERTY_COLUMNS]].assign(_signal=np.arange(len(signals))), on="image_id")
+    looks = signals[["thumbnail", *PROPERTY_COLUMNS]]
     candidates = []
     for name, rows in frame.groupby("class", sort=True):
         if len(rows) < 2 * t.min_group_images or rows["correct"].all():
             continue
-        labels = cluster_labels(appearance(rows))
+        labels = cluster_labels(appearance(looks.iloc[rows["_signal"].to_numpy()]))
         for cluster in np.unique(labels):
             inside = labels == cluster
             if inside.sum() >= t.min_group_images and (~inside).sum() >= t.min_group_images:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from visaudit.tasks.findings.fixed_location import LocationCandidate, LocationProbe
 
@@ -146,6 +147,34 @@ def listed(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
     rows = np.repeat(np.flatnonzero(present), np.fromiter(map(len, kept), dtype=np.int64, count=len(kept)))
     names = np.concatenate(kept).astype(object, copy=False) if len(kept) else np.empty(0, dtype=object)
     return rows, names
+
+
+STACK_CHUNK = 65_536  # object cells stacked per step (no full-size copy in the cells' own dtype)
+
+
+def stacked(cells: pd.Series, dtype: type[np.generic]) -> np.ndarray:
+    """A column of equal-length vectors (``signals.embedding``, ``thumbnail``, ``probabilities``)
+    as one (N, D) array of ``dtype``.
+
+    The column may hold Arrow lists (``pd.ArrowDtype``, as the findings step reads the signals:
+    the values are taken whole, no Python object per cell) or array cells (stacked a chunk at a
+    time). A null cell or cells of unequal length are a ``ValueError``: these columns are
+    written whole for every audited image."""
+    if isinstance(cells.dtype, pd.ArrowDtype):
+        data = pa.array(cells, from_pandas=True)
+        lists = data.combine_chunks() if isinstance(data, pa.ChunkedArray) else data
+        if lists.null_count:
+            raise ValueError(f"column {cells.name!r} has {lists.null_count} null cells; expected a vector in every row")
+        lengths = lists.value_lengths().to_numpy()
+        if len(lists) and (lengths != lengths[0]).any():
+            raise ValueError(f"column {cells.name!r} holds vectors of lengths {sorted(set(lengths.tolist()))}")
+        width = int(lengths[0]) if len(lists) else 0
+        return lists.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(lists), width)
+    values = cells.to_numpy(dtype=object)
+    out = np.empty((len(values), len(values[0]) if len(values) else 0), dtype)
+    for start in range(0, len(values), STACK_CHUNK):
+        out[start : start + STACK_CHUNK] = np.stack(values[start : start + STACK_CHUNK])
+    return out
 
 
 @shared

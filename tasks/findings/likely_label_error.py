@@ -51,7 +51,7 @@ from scipy.stats import poisson
 from visaudit.tasks.findings.error_slice import ErrorCluster, error_clusters
 from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.group_gap import GroupGap, describe_groups, failing_groups, in_failing_group
-from visaudit.tasks.findings.inputs import true_class
+from visaudit.tasks.findings.inputs import stacked, true_class
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 
@@ -90,7 +90,7 @@ def likely_label_errors(
         return []
     position = {name: i for i, name in enumerate(classes)}
     labels = frame["given"].map(position).to_numpy()
-    probs = np.stack(frame["probabilities"].to_numpy()).astype(np.float64)
+    probs = stacked(frame["probabilities"], np.float64)
     probs = probs / probs.sum(axis=1, keepdims=True)
     with warnings.catch_warnings():  # cleanlab's "may not flag all label issues in class k" about small classes:
         warnings.filterwarnings("ignore", message="May not flag all label issues", category=UserWarning)

@@ -25,6 +25,7 @@ import pandas as pd
 
 from visaudit.tasks.data.sources import attribute_pairs
 from visaudit.tasks.findings.finding import Detector, Finding
+from visaudit.tasks.findings.inputs import stacked
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 if TYPE_CHECKING:
@@ -35,12 +36,14 @@ PROJECTED_DIMS = 8  # the k-d tree searches the thumbnails' top principal axes (
 PCA_SAMPLE = 20_000  # thumbnails the principal axes are estimated from
 CANDIDATE_BUDGET = 4_000_000  # candidate pairs listed at most (estimated first): plain thumbnails pair as N^2
 COUNT_SAMPLE = 4_096  # points whose neighbours are counted to estimate the candidates
-CHUNK = 65_536  # rows (or pairs) per step of the projection, the full comparison and the stacking
+CHUNK = 65_536  # rows per step of the projection
+PAIR_CHUNK = 8_192  # pairs per step of the full comparison (three float64 (PAIR_CHUNK, D) temporaries)
 
 
 def _projection(v: np.ndarray, mean: np.ndarray, axes: np.ndarray) -> np.ndarray:
-    """``(v - mean) @ axes.T``, a chunk of rows at a time (no centred copy of ``v``)."""
-    out = np.empty((len(v), len(axes)), np.float32)
+    """``(v - mean) @ axes.T`` in float64 (the k-d tree's own precision), a chunk of rows at a
+    time: no centred or float copy of ``v`` (uint8 thumbnails stay uint8)."""
+    out = np.empty((len(v), len(axes)), np.float64)
     for start in range(0, len(v), CHUNK):
         out[start : start + CHUNK] = (v[start : start + CHUNK] - mean) @ axes.T
     return out
@@ -84,19 +87,22 @@ def _identical_pairs(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _rms(v: np.ndarray, first: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """RMS difference of the rows ``first`` and ``second`` of ``v`` (float64 sums, float32 result), in chunks."""
+    """RMS difference of the rows ``first`` and ``second`` of ``v`` (float64 differences and
+    sums, float32 result), in chunks."""
     out = np.empty(len(first), np.float32)
-    for start in range(0, len(first), CHUNK):
-        a, b = v[first[start : start + CHUNK]], v[second[start : start + CHUNK]]
-        out[start : start + CHUNK] = np.sqrt(((a - b).astype(np.float64) ** 2).mean(axis=1))
+    for start in range(0, len(first), PAIR_CHUNK):
+        a, b = v[first[start : start + PAIR_CHUNK]], v[second[start : start + PAIR_CHUNK]]
+        out[start : start + PAIR_CHUNK] = np.sqrt(((a.astype(np.float64) - b) ** 2).mean(axis=1))
     return out
 
 
 def close_pairs(vectors: np.ndarray, max_rms: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Index pairs (i < j) whose RMS difference is at most ``max_rms``, and the differences; exact.
 
-    Sub-quadratic: the D-dimensional vectors are projected on their top ``PROJECTED_DIMS``
-    principal axes P (orthonormal rows, so ``|P(a - b)| <= |a - b|``: no close pair is lost),
+    ``vectors`` of any real dtype, kept as given (uint8 thumbnails: 192 bytes a row, not 768
+    as float32), ``max_rms`` in their units. Sub-quadratic: the D-dimensional vectors are
+    projected on their top ``PROJECTED_DIMS`` principal axes P (orthonormal rows, so
+    ``|P(a - b)| <= |a - b|``: no close pair is lost),
     a k-d tree lists the pairs within ``r = max_rms * sqrt(D)`` in that projection, and each
     candidate is kept when its full RMS difference ``|a - b| / sqrt(D)`` is at most ``max_rms``.
     At most MAX_PAIRS pairs, the closest first.
@@ -109,15 +115,15 @@ def close_pairs(vectors: np.ndarray, max_rms: float) -> tuple[np.ndarray, np.nda
     """
     from scipy.spatial import cKDTree
 
-    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    v = np.ascontiguousarray(vectors)
     empty = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     if len(v) < 2:
         return empty
     dims = v.shape[1]
-    mean = v.mean(axis=0)
+    mean = v.mean(axis=0, dtype=np.float64)
     sample = v[np.linspace(0, len(v) - 1, min(len(v), PCA_SAMPLE)).astype(np.int64)] - mean
     axes = np.linalg.svd(sample, full_matrices=False)[2][: min(PROJECTED_DIMS, dims)]
-    radius = max_rms * np.sqrt(dims) * (1 + 1e-6) + 1e-6  # float32 rounding must not drop a pair at the edge
+    radius = max_rms * np.sqrt(dims) * (1 + 1e-6) + 1e-6  # rounding must not drop a pair at the edge
     tree = cKDTree(_projection(v, mean, axes))
     searched = _search_radius(tree, radius)
     if searched is None:
@@ -135,15 +141,6 @@ def close_pairs(vectors: np.ndarray, max_rms: float) -> tuple[np.ndarray, np.nda
     return low, high, rms[order]
 
 
-def _stacked(cells: np.ndarray, dtype: type[np.floating]) -> np.ndarray:
-    """Equal-length array cells as one (N, D) array of ``dtype``, converted a chunk at a time
-    (no full-size copy in the cells' own dtype)."""
-    out = np.empty((len(cells), len(cells[0]) if len(cells) else 0), dtype)
-    for start in range(0, len(cells), CHUNK):
-        out[start : start + CHUNK] = np.stack(cells[start : start + CHUNK])
-    return out
-
-
 def _split_of(cell: object) -> str | None:
     """The ``split`` attribute of an image's attributes cell (train/test...), None without one."""
     return next((str(v) for k, v in attribute_pairs(cell) if k == "split"), None)
@@ -158,19 +155,19 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
     if len(frame) < 2:
         return []
     rows = frame["_signal"].to_numpy()
-    thumbnails = _stacked(signals["thumbnail"].to_numpy()[rows], np.float32)
-    thumbnails /= 255.0
-    i, j, rms = close_pairs(thumbnails, t.duplicate_pixel_rms)
+    thumbnails = stacked(signals["thumbnail"].iloc[rows], np.uint8)  # uint8: 192 bytes an image
+    i, j, rms = close_pairs(thumbnails, t.duplicate_pixel_rms * 255)
+    rms = rms / np.float32(255)
     if len(i) == 0:
         return []
     # from here on only the images in a pair: ``used`` are their rows of ``frame``, i and j index ``used``
     used, pair_rows = np.unique(np.concatenate([i, j]), return_inverse=True)
     i, j = pair_rows[: len(i)], pair_rows[len(i) :]
-    embeddings = _stacked(signals["embedding"].to_numpy()[rows[used]], np.float64)
+    embeddings = stacked(signals["embedding"].iloc[rows[used]], np.float64)
     embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
     # no embeddings (a model with no layer to read them from: TorchScript): NaN, no veto lifted, no label claim
     sims = (embeddings[i] * embeddings[j]).sum(axis=1) if embeddings.shape[1] else np.full(len(i), np.nan)
-    detail = thumbnails[used].std(axis=1)
+    detail = thumbnails[used].std(axis=1, dtype=np.float64) / 255
     same = (sims >= t.duplicate_min_cosine) | (np.minimum(detail[i], detail[j]) >= t.duplicate_min_detail)
     if not same.any():
         return []
