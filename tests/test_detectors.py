@@ -16,6 +16,7 @@ from visaudit.tasks.explain.signals import image_properties, thumbnails
 from visaudit.tasks.findings.colour_shortcut import colour_shortcuts
 from visaudit.tasks.findings.compute import FindingInputs, Thresholds, compute_findings
 from visaudit.tasks.findings.fixed_location import location_candidates, most_constant_patch, probe_location
+from visaudit.tasks.findings.inputs import embedding_rows
 from visaudit.tasks.findings.likely_label_error import likely_label_errors
 from visaudit.tasks.findings.near_duplicate import near_duplicates
 from visaudit.tasks.findings.shortcut_property import one_feature_balanced_accuracy, shortcut_property
@@ -218,8 +219,8 @@ def test_label_noise_in_one_class_raises_no_row_on_the_clean_ones() -> None:
 # ----------------------------------------------------------------------------- near_duplicate
 
 
-@pytest.mark.parametrize("arrow", [False, True], ids=["object-cells", "arrow-lists"])
-def test_near_duplicates_within_and_across_splits(arrow: bool) -> None:
+@pytest.mark.parametrize("layout", ["object-cells", "arrow-lists", "embeddings-read-apart"])
+def test_near_duplicates_within_and_across_splits(layout: str) -> None:
     audited = _audit(n_per_class=20, attributes=[[("split", "test")]] * 60)
     signals = _signals(audited)
     rng = np.random.default_rng(6)
@@ -232,7 +233,18 @@ def test_near_duplicates_within_and_across_splits(arrow: bool) -> None:
     for copy, original in ((1, 0), (11, 10)):  # a copy's embedding is the original's, slightly perturbed
         signals.at[copy, "embedding"] = signals.at[original, "embedding"] + rng.normal(0, 0.01, 16).astype(np.float32)
     audited.at[11, "attributes"] = [("split", "train")]
-    rows = {r.slice: r for r in near_duplicates(audited, _as_arrow(signals) if arrow else signals, Thresholds())}
+    read: list[str] = []
+
+    def embeddings(ids):  # as the findings step reads them: only the compared images' rows
+        read.extend(ids)
+        return embedding_rows(signals, ids)
+
+    if layout == "embeddings-read-apart":
+        found = near_duplicates(audited, _as_arrow(signals.drop(columns=["embedding"])), Thresholds(), embeddings)
+        assert 0 < len(read) <= 8, "only the images of candidate pairs"
+    else:
+        found = near_duplicates(audited, _as_arrow(signals) if layout == "arrow-lists" else signals, Thresholds())
+    rows = {r.slice: r for r in found}
     assert set(rows) == {"leakage", "within split"}
     assert rows["leakage"].evidence == ("i0010", "i0011") and rows["leakage"].severity == "high"
     assert rows["within split"].evidence == ("i0000", "i0001", "i0004", "i0005")  # not 2-3: flat and disagreeing

@@ -243,6 +243,14 @@ def test_vector_columns_stack_alike_from_arrow_lists_and_array_cells() -> None:
         assert np.array_equal(stacked(column, np.float64), vectors) and stacked(column, np.float64).dtype == np.float64
         assert np.array_equal(stacked(column.iloc[[4, 1]], np.float32), vectors[[4, 1]])
         assert stacked(column.iloc[:0], np.float32).shape[0] == 0
+        assert np.array_equal(stacked(column, np.uint8, np.array([5, 0, 5, 2])), vectors[[5, 0, 5, 2]].astype(np.uint8))
+    # parts read together: several Arrow chunks (one empty, one a slice), rows picked across them in any order
+    table = pa.table({"v": pa.array(vectors.tolist(), pa.list_(pa.float32()))})
+    parts = pa.concat_tables([table.slice(0, 2), table.slice(2, 0), table.slice(2, 3), table.slice(5)])
+    chunked = parts.to_pandas(types_mapper=pd.ArrowDtype)["v"]
+    assert chunked.array.__arrow_array__().num_chunks == 4
+    assert np.array_equal(stacked(chunked, np.float32), vectors)
+    assert np.array_equal(stacked(chunked, np.float32, np.array([5, 1, 3, 0, 4, 2, 4])), vectors[[5, 1, 3, 0, 4, 2, 4]])
     ragged = pd.Series(pd.array([[1.0, 2.0], [3.0]], dtype=pd.ArrowDtype(pa.list_(pa.float32()))), name="thumbnail")
     with pytest.raises(ValueError, match="'thumbnail' holds vectors of lengths \\[1, 2\\]"):
         stacked(ragged, np.float32)

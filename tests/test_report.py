@@ -12,10 +12,10 @@ import pytest
 from PIL import Image, ImageDraw
 from pypdf import PdfReader
 
+from visaudit.tasks.data.columns import attribute_pairs_of, class_matrix, first_codes
 from visaudit.tasks.data.labels import label_matrix
 from visaudit.tasks.data.storage import commit_run, read_table, write_part
 from visaudit.tasks.report.classes import class_table
-from visaudit.tasks.report.columns import attribute_pairs_of, class_matrix, first_codes
 from visaudit.tasks.report.examples import most_confident
 from visaudit.tasks.report.figures import digest
 from visaudit.tasks.report.formatting import names

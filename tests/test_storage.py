@@ -126,3 +126,15 @@ def test_part_writer_with_no_rows_writes_an_empty_part_and_abort_leaves_nothing(
     assert not list(storage.staging_dir(tmp_path, "predictions", "r1").glob("*")), "no part, no temporary file"
     with pytest.raises(ValueError, match="lack columns"):
         storage.PartWriter("findings", tmp_path, "r1", "0").write(_findings(1).drop(columns=["message"]))
+
+
+def test_read_staged_picks_rows_by_image_id(tmp_path) -> None:
+    names = schema.table_schema("signals").names
+    rows = pd.DataFrame({name: [[0.5]] * 3 if name in ("probabilities", "embedding") else [0.0] * 3 for name in names})
+    rows = rows.assign(image_id=["a", "b", "c"], thumbnail=[[1, 2]] * 3, embedding=[[1.0], [2.0], [3.0]])
+    storage.write_part(rows, "signals", tmp_path, "r1", "0")
+    picked = storage.read_staged("signals", tmp_path, "r1", columns=["image_id", "embedding"], image_ids=["c", "a", "x"])
+    assert picked["image_id"].tolist() == ["a", "c"], "table order, unknown ids ignored"
+    assert [cell.tolist() for cell in picked["embedding"]] == [[1.0], [3.0]]
+    with pytest.raises(ValueError, match="no image_id column"):
+        storage.read_staged("metrics", tmp_path, "r1", image_ids=["a"])

@@ -8,9 +8,12 @@ tasks pass only the plan and names, never models or tensors.
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -20,6 +23,7 @@ from visaudit.tasks.audit.shard import ShardResult, audit_shard
 from visaudit.tasks.data import storage
 from visaudit.tasks.data.images import Decoded, boxes_to_input, decode_many, normalise, standardise, to_batch
 from visaudit.tasks.data.records import MetricRow, metric_frame
+from visaudit.tasks.data.schema import table_schema
 from visaudit.tasks.data.sources import read_index
 from visaudit.tasks.explain import cam, mil, occlusion, rise
 from visaudit.tasks.explain.adversarial import attack_and_explain
@@ -34,7 +38,7 @@ from visaudit.tasks.explain.sanity import sanity_check
 from visaudit.tasks.findings.compute import compute_findings
 from visaudit.tasks.findings.cue_probe import cue_metric_rows, cue_samples, probe_cues
 from visaudit.tasks.findings.fixed_location import location_candidates, location_metric_rows, probe_location
-from visaudit.tasks.findings.inputs import FindingInputs
+from visaudit.tasks.findings.inputs import FindingInputs, embedding_rows
 from visaudit.tasks.findings.localisation_rates import localisation_metric_rows
 from visaudit.tasks.model.channels import rgb_view
 from visaudit.tasks.model.head import Head
@@ -53,6 +57,8 @@ FIND_COLUMNS: dict[str, list[str]] = {
     "explanations": ["image_id", "method", "layer", "target", "is_label", "peak_x", "peak_y", "energy_in_box",
                      "box_area_fraction", "pointing_hit", "wsl_iou", "localised"],
     "occlusion": ["image_id", "target", "is_label", "gradcam_spearman"],
+    # every column but the embeddings (512 bytes an image): read for the few images compared (``embeddings``)
+    "signals": [name for name in table_schema("signals").names if name != "embedding"],
 }
 
 
@@ -218,6 +224,13 @@ def adversarial(plan: RunPlan) -> int:
     return len(table)
 
 
+def _staged_embeddings(plan: RunPlan, image_ids: Sequence[str]) -> np.ndarray:
+    """The staged ``signals.embedding`` vectors of ``image_ids``, in that order (only their rows read)."""
+    rows = storage.read_staged("signals", Path(plan.out_dir), plan.run_id, columns=["image_id", "embedding"],
+                               nested_as_arrow=True, image_ids=image_ids)
+    return embedding_rows(rows, image_ids)
+
+
 def find(plan: RunPlan) -> int:
     """Compute findings over the run's staged tables and stage them; returns how many.
 
@@ -255,7 +268,7 @@ def find(plan: RunPlan) -> int:
         predictions=predictions, explanations=explanations, classes=plan.classes, multi_label=plan.multi_label,
         layer=plan.layer, signals=staged["signals"], occlusion=staged["occlusion"], metrics=staged["metrics"],
         impressions=staged["impressions"], locations=(candidates, probes), cues=cues,
-        adversarial=staged["adversarial"],
+        adversarial=staged["adversarial"], embeddings=functools.partial(_staged_embeddings, plan),
     ), thresholds)
     if probes:  # every probed candidate's numbers, flagged or not, for the record
         rows = metric_frame(location_metric_rows(candidates, probes, plan.layer))

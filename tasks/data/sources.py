@@ -33,6 +33,7 @@ from visaudit.tasks.data.reads import (
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 BOX_COLUMNS = ("x0", "y0", "x1", "y1")
 MANIFEST_SUFFIXES = {".csv", ".parquet", ".pq"}
+MANIFEST_CHUNK = 65_536  # manifest rows turned into index rows per step
 INDEX_COLUMNS = ["image_id", "uri", "labels", "box_x0", "box_y0", "box_x1", "box_y1", "attributes"]
 
 
@@ -118,14 +119,16 @@ def index_folder(root: Path) -> pd.DataFrame:
     root = Path(os.path.realpath(root))
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith("."))
     rows = []
+    cells = _Cells()
+    no_attributes = cells.attributes([], ())
     for class_dir in class_dirs:
-        label = _readable_name(class_dir.name)
+        labels = cells.labels([_readable_name(class_dir.name)])
         for folder, folders, files in os.walk(class_dir):  # symlinked folders are not entered
             folders[:] = sorted(d for d in folders if not d.startswith("."))
             linked = [d for d in folders if os.path.islink(os.path.join(folder, d))]
             for name in sorted([*files, *linked]):
                 if not name.startswith("."):
-                    rows.append(_row(_storable(os.path.join(folder, name)), [label], None, {}))
+                    rows.append(_row(_storable(os.path.join(folder, name)), labels, None, no_attributes))
     if not rows:
         raise DataSourceError(
             f"{root}: no images found; expected one sub-folder per class, e.g. {root}/cat/001.jpg"
@@ -188,16 +191,42 @@ def index_manifest(uri: str, policy: ReadPolicy = ReadPolicy()) -> pd.DataFrame:
     base = uri.rsplit("/", 1)[0] if is_remote(uri) else str(Path(os.path.realpath(uri)).parent)
     attribute_columns = [c for c in table.columns if c not in ("path", "label", *BOX_COLUMNS)]
     csv = uri.lower().endswith(".csv")
-    rows = []
-    for number, record in enumerate(table.to_dict("records"), start=2 if csv else 0):
-        try:
-            location = _locate(str(record["path"]), base, policy)
-        except ValueError as exc:
-            raise DataSourceError(f"{uri}: {'line' if csv else 'row'} {number}: {exc}") from None
-        box = [_to_float(record[c]) for c in BOX_COLUMNS] if present_box else None
-        attributes = {c: _to_str(record[c]) for c in attribute_columns}
-        rows.append(_row(location, _parse_labels(record["label"]), box, attributes))
-    return _finish(pd.DataFrame(rows, columns=INDEX_COLUMNS), uri)
+    cells = _Cells()
+    parts = []
+    for start in range(0, len(table), MANIFEST_CHUNK):  # records a chunk at a time: no dict per row of the whole manifest
+        rows = []
+        chunk = table.iloc[start : start + MANIFEST_CHUNK].to_dict("records")
+        for number, record in enumerate(chunk, start=start + (2 if csv else 0)):
+            try:
+                location = _locate(str(record["path"]), base, policy)
+            except ValueError as exc:
+                raise DataSourceError(f"{uri}: {'line' if csv else 'row'} {number}: {exc}") from None
+            box = [_to_float(record[c]) for c in BOX_COLUMNS] if present_box else None
+            attributes = cells.attributes(attribute_columns, tuple(_to_str(record[c]) for c in attribute_columns))
+            rows.append(_row(location, cells.labels(_parse_labels(record["label"])), box, attributes))
+        parts.append(pd.DataFrame(rows, columns=INDEX_COLUMNS))
+    return _finish(pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0], uri)
+
+
+class _Cells:
+    """One object per distinct label list and attribute set of an index being built: a
+    million-image manifest holds a few distinct ones, and a list and a dict per row cost
+    ~1 KB an image. Cells are therefore shared between rows: no code edits one in place."""
+
+    def __init__(self) -> None:
+        self._labels: dict[tuple[str, ...], list[str]] = {}
+        self._attributes: dict[tuple[str | None, ...], dict[str, str | None]] = {}
+
+    def labels(self, names: list[str]) -> list[str]:
+        """The shared list equal to ``names``."""
+        return self._labels.setdefault(tuple(names), names)
+
+    def attributes(self, columns: list[str], values: tuple[str | None, ...]) -> dict[str, str | None]:
+        """The shared ``{column: value}`` dict of these values."""
+        found = self._attributes.get(values)
+        if found is None:
+            found = self._attributes[values] = dict(zip(columns, values))
+        return found
 
 
 def _locate(path: str, base: str, policy: ReadPolicy) -> str:

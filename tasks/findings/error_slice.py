@@ -33,7 +33,7 @@ import pandas as pd
 from visaudit.tasks.data.schema import PROPERTY_COLUMNS
 from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.group_gap import failing_groups
-from visaudit.tasks.findings.inputs import shared, stacked, true_class
+from visaudit.tasks.findings.inputs import shared, signal_rows, stacked, true_class
 from visaudit.tasks.findings.slice_gap import slice_gap, slice_table
 from visaudit.tasks.findings.stats import difference_interval
 from visaudit.tasks.findings.thresholds import Thresholds, severity
@@ -68,15 +68,16 @@ class ErrorCluster:
         return self.correct_rest / self.images_rest - self.correct / self.images
 
 
-def appearance(signals: pd.DataFrame) -> np.ndarray:
-    """Each image's appearance features: the thumbnail's leading principal components, then its properties.
+def appearance(signals: pd.DataFrame, rows: np.ndarray | None = None) -> np.ndarray:
+    """Each image's appearance features (of the images at row positions ``rows``, when given):
+    the thumbnail's leading principal components, then its properties.
 
     The axes are fitted on at most ``PCA_SAMPLE`` evenly spaced thumbnails (all of a smaller
     class); every thumbnail is then projected, ``(x / 255 - mean) @ axes.T``, a chunk at a time,
     so memory holds the uint8 thumbnails (192 bytes an image), not float64 copies of them."""
     from sklearn.decomposition import PCA
 
-    pixels = stacked(signals["thumbnail"], np.uint8)
+    pixels = stacked(signals["thumbnail"], np.uint8, rows)
     sample = pixels[np.linspace(0, len(pixels) - 1, min(len(pixels), PCA_SAMPLE)).astype(np.int64)] / 255.0
     components = min(MAX_COMPONENTS, len(sample) - 1, pixels.shape[1])
     pca = PCA(n_components=components, random_state=0).fit(sample)
@@ -85,7 +86,8 @@ def appearance(signals: pd.DataFrame) -> np.ndarray:
     scores = np.empty((len(pixels), len(axes)))
     for start in range(0, len(pixels), CHUNK):
         scores[start : start + CHUNK] = (pixels[start : start + CHUNK] / 255.0 - pca.mean_) @ axes.T
-    return np.column_stack([scores, signals[list(PROPERTY_COLUMNS)].to_numpy(np.float64)])
+    properties = signals[list(PROPERTY_COLUMNS)].to_numpy(np.float64)
+    return np.column_stack([scores, properties if rows is None else properties[rows]])
 
 
 def cluster_labels(features: np.ndarray) -> np.ndarray:
@@ -124,18 +126,19 @@ def error_clusters(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) 
     """Every cluster of a class surely weaker than the rest of its class, worst first (metadata-explained ones included)."""
     if "correct" not in audited:
         return []
-    mask = audited["correct"].notna().to_numpy()
-    judged = audited[mask]
-    frame = pd.DataFrame({"image_id": judged["image_id"], "class": true_class(audited)[mask],
-                          "correct": judged["correct"].astype(bool), "confidence": judged["confidence"]})
-    frame = frame[frame["class"].notna()].merge(  # each image's row of ``signals``: its thumbnail taken per class
-        signals[["image_id", *PROPERTY_COLUMNS]].assign(_signal=np.arange(len(signals))), on="image_id")
-    looks = signals[["thumbnail", *PROPERTY_COLUMNS]]
+    classes, positions = true_class(audited).to_numpy(), signal_rows(audited, signals)
+    keep = audited["correct"].notna().to_numpy() & pd.notna(classes) & (positions >= 0)
+    judged = audited[keep]
+    frame = pd.DataFrame({  # each image's row of ``signals``: its thumbnail is taken per class
+        "image_id": judged["image_id"].reset_index(drop=True), "class": classes[keep], "_signal": positions[keep],
+        "correct": judged["correct"].astype(bool).to_numpy(), "confidence": judged["confidence"].to_numpy(),
+    })
+    frame[list(PROPERTY_COLUMNS)] = signals[list(PROPERTY_COLUMNS)].iloc[positions[keep]].to_numpy()
     candidates = []
     for name, rows in frame.groupby("class", sort=True):
         if len(rows) < 2 * t.min_group_images or rows["correct"].all():
             continue
-        labels = cluster_labels(appearance(looks.iloc[rows["_signal"].to_numpy()]))
+        labels = cluster_labels(appearance(signals, rows["_signal"].to_numpy()))
         for cluster in np.unique(labels):
             inside = labels == cluster
             if inside.sum() >= t.min_group_images and (~inside).sum() >= t.min_group_images:

@@ -5,7 +5,7 @@ and what several detectors derive from them, computed once per findings run (:fu
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from visaudit.tasks.findings.fixed_location import LocationCandidate, LocationProbe
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from visaudit.tasks.findings.cue_probe import CueProbe
 
 Locations = tuple[list[LocationCandidate], dict[str, LocationProbe]]
+Embeddings = Callable[[Sequence[str]], np.ndarray]  # image ids -> their (N, D) float64 embeddings, in that order
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -39,6 +41,9 @@ class FindingInputs:
     fixed-location candidates with their probe results by class and ``cues`` the
     shortcut-cue probes by class (both need the model, so the flow runs them);
     ``adversarial`` the PGD experiment's rows. A detector whose input is missing is skipped.
+    ``embeddings`` reads chosen images' embeddings when ``signals`` is given without its
+    ``embedding`` column (the findings step: 512 bytes an image that only a few images'
+    comparisons need); by default they are taken from ``signals``.
     """
 
     predictions: pd.DataFrame
@@ -53,6 +58,7 @@ class FindingInputs:
     locations: Locations | None = None
     cues: dict[str, CueProbe] | None = None
     adversarial: pd.DataFrame | None = None
+    embeddings: Embeddings | None = None
 
     def tables(self) -> AuditTables:
         """The inputs as the detectors read them."""
@@ -72,6 +78,7 @@ class FindingInputs:
             locations=self.locations,
             cues=self.cues,
             adversarial=self.adversarial,
+            embeddings=self.embeddings,
         )
 
 
@@ -93,6 +100,7 @@ class AuditTables:
     locations: Locations | None
     cues: dict[str, CueProbe] | None
     adversarial: pd.DataFrame | None = None
+    embeddings: Embeddings | None = None  # None: taken from ``signals`` (:func:`embedding_rows`)
 
     def has(self, name: str) -> bool:
         """Whether input ``name`` is present: not None and, for a table, not empty."""
@@ -152,29 +160,74 @@ def listed(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 STACK_CHUNK = 65_536  # object cells stacked per step (no full-size copy in the cells' own dtype)
 
 
-def stacked(cells: pd.Series, dtype: type[np.generic]) -> np.ndarray:
+def stacked(cells: pd.Series, dtype: type[np.generic], rows: np.ndarray | None = None) -> np.ndarray:
     """A column of equal-length vectors (``signals.embedding``, ``thumbnail``, ``probabilities``)
-    as one (N, D) array of ``dtype``.
+    as one (N, D) array of ``dtype``; only the cells at row positions ``rows``, in that order,
+    when given.
 
-    The column may hold Arrow lists (``pd.ArrowDtype``, as the findings step reads the signals:
-    the values are taken whole, no Python object per cell) or array cells (stacked a chunk at a
-    time). A null cell or cells of unequal length are a ``ValueError``: these columns are
-    written whole for every audited image."""
-    if isinstance(cells.dtype, pd.ArrowDtype):
-        data = pa.array(cells, from_pandas=True)
-        lists = data.combine_chunks() if isinstance(data, pa.ChunkedArray) else data
-        if lists.null_count:
-            raise ValueError(f"column {cells.name!r} has {lists.null_count} null cells; expected a vector in every row")
-        lengths = lists.value_lengths().to_numpy()
-        if len(lists) and (lengths != lengths[0]).any():
-            raise ValueError(f"column {cells.name!r} holds vectors of lengths {sorted(set(lengths.tolist()))}")
-        width = int(lengths[0]) if len(lists) else 0
-        return lists.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).reshape(len(lists), width)
-    values = cells.to_numpy(dtype=object)
-    out = np.empty((len(values), len(values[0]) if len(values) else 0), dtype)
-    for start in range(0, len(values), STACK_CHUNK):
-        out[start : start + STACK_CHUNK] = np.stack(values[start : start + STACK_CHUNK])
+    The column may hold Arrow lists (``pd.ArrowDtype``, as the findings step reads the signals):
+    each Arrow chunk's values are viewed as a (rows, D) numpy array, no Python object per cell,
+    and the wanted rows copied from it (pandas' ``iloc`` or Arrow's ``take`` on the lists
+    cost 1.3-2.4 KB a row here, for 192-byte thumbnails). Array cells are stacked a chunk at a
+    time. A null cell or cells of unequal length are a ``ValueError``: these columns are written
+    whole for every audited image."""
+    picked = None if rows is None else np.asarray(rows, np.int64)
+    if not isinstance(cells.dtype, pd.ArrowDtype):
+        values = cells.to_numpy(dtype=object)
+        values = values if picked is None else values[picked]
+        out = np.empty((len(values), len(values[0]) if len(values) else 0), dtype)
+        for start in range(0, len(values), STACK_CHUNK):
+            out[start : start + STACK_CHUNK] = np.stack(values[start : start + STACK_CHUNK])
+        return out
+    views = [_vectors(chunk, str(cells.name)) for chunk in pa.chunked_array(pa.array(cells, from_pandas=True)).chunks]
+    views = [view for view in views if len(view)]
+    widths = {view.shape[1] for view in views}
+    if len(widths) > 1:
+        raise ValueError(f"column {cells.name!r} holds vectors of lengths {sorted(widths)}")
+    out = np.empty((len(cells) if picked is None else len(picked), widths.pop() if widths else 0), dtype)
+    ends = np.cumsum([len(view) for view in views])
+    if picked is None:
+        for view, end in zip(views, ends):
+            out[end - len(view) : end] = view
+        return out
+    chunk_of = np.searchsorted(ends, picked, side="right")
+    order = np.argsort(chunk_of, kind="stable")
+    bounds = np.searchsorted(chunk_of[order], np.arange(len(views) + 1))
+    for k, view in enumerate(views):
+        wanted = order[bounds[k] : bounds[k + 1]]
+        out[wanted] = view[picked[wanted] - (ends[k] - len(view))]
     return out
+
+
+def _vectors(chunk: pa.ListArray, name: str) -> np.ndarray:
+    """One Arrow chunk of equal-length lists as a (rows, D) numpy view of its values (no copy)."""
+    if chunk.null_count:
+        raise ValueError(f"column {name!r} has {chunk.null_count} null cells; expected a vector in every row")
+    lengths = chunk.value_lengths().to_numpy()
+    if len(chunk) and (lengths != lengths[0]).any():
+        raise ValueError(f"column {name!r} holds vectors of lengths {sorted(set(lengths.tolist()))}")
+    width = int(lengths[0]) if len(chunk) else 0
+    return chunk.flatten().to_numpy(zero_copy_only=False).reshape(len(chunk), width)
+
+
+@shared
+def signal_rows(audited: pd.DataFrame, signals: pd.DataFrame) -> np.ndarray:
+    """Each ``audited`` image's row position in ``signals`` (one row per image), -1 for an
+    image without one: Arrow's hash lookup of the ids (no Python object per id, unlike a
+    pandas merge on them: 0.5 s and no copy of the frames at a million images)."""
+    if signals.empty or audited.empty:
+        return np.full(len(audited), -1, np.int64)
+    found = pc.index_in(pa.array(audited["image_id"], pa.string()), value_set=pa.array(signals["image_id"], pa.string()))
+    return found.fill_null(-1).to_numpy().astype(np.int64, copy=False)
+
+
+def embedding_rows(signals: pd.DataFrame, image_ids: Sequence[str]) -> np.ndarray:
+    """The ``embedding`` vectors of ``image_ids`` in ``signals`` (one row per image), in the
+    order given, as one float64 (N, D) array; a ``KeyError`` names an image without a row."""
+    position = pd.Index(signals["image_id"]).get_indexer(list(image_ids))
+    if (missing := position < 0).any():
+        raise KeyError(f"no signals row for images {np.asarray(image_ids)[missing][:5].tolist()}")
+    return stacked(signals["embedding"], np.float64, position)
 
 
 @shared

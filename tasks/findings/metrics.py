@@ -18,9 +18,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
+from visaudit.tasks.data.columns import arrow_lists, flat_items
 from visaudit.tasks.findings.calibration import reliability_of
-from visaudit.tasks.findings.inputs import listed
 
 
 @dataclass(frozen=True)
@@ -40,13 +42,10 @@ class RunMetrics:
         return asdict(self)
 
 
-def _among(names: np.ndarray, cells: pd.Series) -> np.ndarray:
-    """(N,) bool: whether each row's name is one of its list cell's names (as strings; a null cell has none)."""
-    rows, listed_names = listed(cells)
-    as_text = np.array([str(name) for name in listed_names], dtype=object)
-    out = np.zeros(len(names), dtype=bool)
-    out[rows[as_text == names[rows]]] = True
-    return out
+def first_labels(labels: pd.Series) -> pa.Array:
+    """Each row's first label as text (``"None"`` for a null one, as ``str`` writes it), from
+    Arrow lists or object cells alike; judged rows all have a label."""
+    return pc.fill_null(pc.list_element(arrow_lists(labels), 0), "None")
 
 
 def judged_rows(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -56,7 +55,9 @@ def judged_rows(predictions: pd.DataFrame) -> pd.DataFrame:
 
 
 def summary_metrics(predictions: pd.DataFrame, multi_label: bool) -> RunMetrics:
-    """The headline numbers of a ``predictions`` frame (one run's rows)."""
+    """The headline numbers of a ``predictions`` frame (one run's rows; its ``labels`` and
+    ``top_classes`` as Arrow lists or object cells: both are read whole through Arrow, no
+    Python loop per row)."""
     audited = predictions[predictions["error"].isna()]
     judged = judged_rows(predictions)
     accuracy = top5 = ece = low = high = None
@@ -64,10 +65,13 @@ def summary_metrics(predictions: pd.DataFrame, multi_label: bool) -> RunMetrics:
         correct = judged["correct"].astype(bool)
         accuracy = float(correct.mean())
         if not multi_label:
-            firsts = judged["labels"].map(lambda cell: str(cell[0]))  # judged: every row has a label
-            top5 = float(np.mean(_among(firsts.to_numpy(object), judged["top_classes"])))
+            firsts = first_labels(judged["labels"])
+            rows, listed_names = flat_items(judged["top_classes"])
+            among = np.zeros(len(judged), dtype=bool)
+            among[rows[pc.equal(listed_names, firsts.take(pa.array(rows))).to_numpy(zero_copy_only=False)]] = True
+            top5 = float(among.mean())
             ece = reliability_of(judged).ece
-            per_class = correct.groupby(firsts.to_numpy()).mean()
+            per_class = correct.groupby(firsts.to_numpy(zero_copy_only=False)).mean()
             low, high = float(per_class.min()), float(per_class.max())
     return RunMetrics(
         images=int(len(predictions)),

@@ -18,6 +18,7 @@ the embeddings disagree. Only pairs whose embeddings agree back the claim that a
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,7 +26,7 @@ import pandas as pd
 
 from visaudit.tasks.data.sources import attribute_pairs
 from visaudit.tasks.findings.finding import Detector, Finding
-from visaudit.tasks.findings.inputs import stacked
+from visaudit.tasks.findings.inputs import Embeddings, embedding_rows, signal_rows, stacked
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 if TYPE_CHECKING:
@@ -146,16 +147,20 @@ def _split_of(cell: object) -> str | None:
     return next((str(v) for k, v in attribute_pairs(cell) if k == "split"), None)
 
 
-def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[Finding]:
+def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds,
+                    embeddings: Embeddings | None = None) -> list[Finding]:
     """Near-duplicate image pairs; those across the ``split`` attribute are reported as leakage.
-    At most two findings (leakage, within split); evidence every pair, most similar first."""
-    frame = signals[["image_id"]].assign(_signal=np.arange(len(signals))).merge(
-        audited[["image_id"]].assign(_audited=np.arange(len(audited))), on="image_id"
-    )
+    At most two findings (leakage, within split); evidence every pair, most similar first.
+    The paired images' embeddings come from ``embeddings`` (by default from ``signals``)."""
+    positions = signal_rows(audited, signals)
+    present = np.flatnonzero(positions >= 0)
+    present = present[np.argsort(positions[present], kind="stable")]  # in the signals' order
+    frame = pd.DataFrame({"image_id": audited["image_id"].iloc[present].reset_index(drop=True), "_signal": positions[present],
+                          "_audited": present})
     if len(frame) < 2:
         return []
     rows = frame["_signal"].to_numpy()
-    thumbnails = stacked(signals["thumbnail"].iloc[rows], np.uint8)  # uint8: 192 bytes an image
+    thumbnails = stacked(signals["thumbnail"], np.uint8, rows)  # uint8: 192 bytes an image
     i, j, rms = close_pairs(thumbnails, t.duplicate_pixel_rms * 255)
     rms = rms / np.float32(255)
     if len(i) == 0:
@@ -163,10 +168,11 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
     # from here on only the images in a pair: ``used`` are their rows of ``frame``, i and j index ``used``
     used, pair_rows = np.unique(np.concatenate([i, j]), return_inverse=True)
     i, j = pair_rows[: len(i)], pair_rows[len(i) :]
-    embeddings = stacked(signals["embedding"].iloc[rows[used]], np.float64)
-    embeddings /= np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+    ids = frame["image_id"].to_numpy()[used]
+    vectors = (embeddings or functools.partial(embedding_rows, signals))(ids)
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
     # no embeddings (a model with no layer to read them from: TorchScript): NaN, no veto lifted, no label claim
-    sims = (embeddings[i] * embeddings[j]).sum(axis=1) if embeddings.shape[1] else np.full(len(i), np.nan)
+    sims = (vectors[i] * vectors[j]).sum(axis=1) if vectors.shape[1] else np.full(len(i), np.nan)
     detail = thumbnails[used].std(axis=1, dtype=np.float64) / 255
     same = (sims >= t.duplicate_min_cosine) | (np.minimum(detail[i], detail[j]) >= t.duplicate_min_detail)
     if not same.any():
@@ -177,7 +183,6 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
     labels = picked["labels"].map(lambda ls: ",".join(ls) if ls is not None else "").to_numpy()
     pairs = pd.DataFrame({"a": i, "b": j, "rms": rms, "sim": sims}).sort_values("rms", kind="stable")
     crossing = (splits[pairs["a"]] != splits[pairs["b"]]) & pd.notna(splits[pairs["a"]]) & pd.notna(splits[pairs["b"]])
-    ids = frame["image_id"].to_numpy()[used]
     found = []
     for leak, group in ((True, pairs[crossing]), (False, pairs[~crossing])):
         if group.empty:
@@ -231,6 +236,6 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds)
 
 DETECTOR = Detector(
     kind="near_duplicate",
-    detect=lambda tables, t: near_duplicates(tables.audited, tables.signals, t),
+    detect=lambda tables, t: near_duplicates(tables.audited, tables.signals, t, tables.embeddings),
     needs=("signals",),
 )

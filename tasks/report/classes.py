@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from visaudit.tasks.data.columns import attribute_pairs_of, class_matrix, first_codes
 from visaudit.tasks.findings.calibration import reliability_of
 from visaudit.tasks.findings.metrics import judged_rows
 from visaudit.tasks.findings.stats import Z_95, wilson_interval
-from visaudit.tasks.report.columns import attribute_pairs_of, class_matrix, first_codes
 from visaudit.tasks.report.figures import Painter, draw_confusion, draw_reliability
 from visaudit.tasks.report.formatting import percent, score
 
@@ -111,7 +111,7 @@ def confusion_view(predictions: pd.DataFrame, classes: list[str], painter: Paint
 
 def pair_counts(true: np.ndarray, predicted: np.ndarray, classes: list[str]) -> pd.DataFrame:
     """How many rows pair each true class (rows) with each predicted class (columns); ``true`` and
-    ``predicted``: each row's :func:`~visaudit.tasks.report.columns.class_codes` code (-1: none)."""
+    ``predicted``: each row's :func:`~visaudit.tasks.data.columns.class_codes` code (-1: none)."""
     k = len(classes)
     both = (true >= 0) & (predicted >= 0)
     counts = np.bincount(true[both] * k + predicted[both], minlength=k * k).reshape(k, k).astype(np.int64)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from visaudit.tasks.report.columns import class_codes, flat_items
+from visaudit.tasks.data.columns import class_codes, flat_items
 from visaudit.tasks.report.examples import Thumb, most_confident
 from visaudit.tasks.report.figures import PREFERRED_METHOD, Painter
 from visaudit.tasks.report.formatting import file_name, optional_float, score

@@ -20,9 +20,9 @@ import pandas as pd
 import pyarrow.compute as pc
 
 from visaudit.tasks.audit.record import RunRecord
+from visaudit.tasks.data.columns import flat_items, object_cells
 from visaudit.tasks.data.storage import read_table
 from visaudit.tasks.explain.features import FEATURES_DIR, INDEX_NAME
-from visaudit.tasks.report.columns import flat_items, object_cells
 
 # what the report reads of every image: the run-wide sections (headline numbers, ``summary_metrics``
 # included, class table, confusion matrix, calibration, slices, failure gallery) and the shown images
@@ -35,7 +35,7 @@ OCCLUSION_COLUMNS = ["target", "is_predicted", "gradcam_spearman", "window", "st
 @dataclass(frozen=True)
 class RunInputs:
     """One run's record and tables (``predictions``: :data:`PREDICTION_COLUMNS` only, its list
-    and map columns as Arrow data, see :mod:`~visaudit.tasks.report.columns`; ``occlusion``: :data:`OCCLUSION_COLUMNS` only; ``history``: the ``metrics`` rows of every
+    and map columns as Arrow data, see :mod:`~visaudit.tasks.data.columns`; ``occlusion``: :data:`OCCLUSION_COLUMNS` only; ``history``: the ``metrics`` rows of every
     run, for trends)."""
 
     out_dir: Path

@@ -11,7 +11,6 @@ from visaudit.tasks.audit.record import RunRecord
 from visaudit.tasks.findings.causes import finding_name
 from visaudit.tasks.findings.metrics import summary_metrics
 from visaudit.tasks.findings.thresholds import SEVERITY_ORDER
-from visaudit.tasks.report.columns import object_cells
 from visaudit.tasks.report.examples import Example, evidence_example
 from visaudit.tasks.report.figures import Painter
 from visaudit.tasks.report.formatting import format_date, names, number, optional_str, percent, text
@@ -69,8 +68,7 @@ def run_summary(record: RunRecord) -> RunSummary:
 
 def headline_metrics(predictions: pd.DataFrame, classes: list[str], multilabel: bool) -> list[tuple[str, str]]:
     """Key numbers, computed from the tables (the tables are the truth, run.json may be older)."""
-    summary = summary_metrics(predictions[SUMMARY_COLUMNS].assign(
-        **{name: object_cells(predictions[name]) for name in ("labels", "top_classes")}), multilabel)
+    summary = summary_metrics(predictions[SUMMARY_COLUMNS], multilabel)
     spread = "n/a"
     if summary.class_accuracy_min is not None and summary.class_accuracy_max is not None:
         spread = f"{percent(summary.class_accuracy_min)} to {percent(summary.class_accuracy_max)}"

@@ -1,5 +1,6 @@
-"""Whole list and map columns of a ``predictions`` frame at once, through Arrow: the report's
-run-wide sections read every row, so no section walks the rows in Python.
+"""Whole list and map columns of a ``predictions`` frame at once, through Arrow: the headline
+numbers (``findings.metrics``) and the report's run-wide sections read every row, so none
+walks the rows in Python.
 
 A column may hold Arrow data (``pd.ArrowDtype``, as ``read_table(..., nested_as_arrow=True)``
 gives it: no Python object per cell) or object cells (arrays, lists; None or NaN: none). Each

@@ -1,0 +1,68 @@
+"""``cells.to_frame``: list and map cells as ``to_pandas`` gives them, one shared object per distinct value."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from visaudit.tasks.data.cells import shared_cells, to_frame
+
+MAP = pa.map_(pa.string(), pa.string())
+
+
+def _same_cell(a: object, b: object) -> bool:
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.dtype == b.dtype and a.tolist() == b.tolist()
+    return a == b and type(a) is type(b)
+
+
+def _table() -> pa.Table:
+    rng = np.random.default_rng(0)
+    words = ["cat", "dog", "", "a b", "é"]
+    lists = [None if r == 0 else [words[w] for w in rng.integers(0, 5, r - 1)] for r in rng.integers(0, 4, 500)]
+    maps = [None if r == 0 else [(f"k{w}", None if w == 4 else words[w]) for w in rng.integers(0, 5, r - 1)]
+            for r in rng.integers(0, 4, 500)]
+    return pa.table({
+        "labels": pa.array(lists, pa.list_(pa.string())),
+        "attributes": pa.array(maps, MAP),
+        "scores": pa.array([[float(x)] for x in rng.random(500)], pa.list_(pa.float32())),  # not shared: one per cell
+        "n": pa.array(np.arange(500)),
+    })
+
+
+@pytest.mark.parametrize("chunks", [1, 3], ids=["one-chunk", "three-chunks"])
+def test_cells_equal_to_pandas_and_shared(chunks: int) -> None:
+    table = _table()
+    if chunks > 1:  # parts read together: a chunked column, the middle one a slice
+        table = pa.concat_tables([table.slice(0, 100), table.slice(100, 250), table.slice(350)])
+    expected, got = table.to_pandas(), to_frame(table)
+    assert list(got.columns) == list(expected.columns) and got["n"].tolist() == expected["n"].tolist()
+    for name in ("labels", "attributes", "scores"):
+        assert all(_same_cell(a, b) for a, b in zip(expected[name], got[name])), name
+    for name in ("labels", "attributes"):  # equal cells: one object
+        distinct = {id(cell) for cell in got[name] if cell is not None}
+        assert len(distinct) == len({repr(cell) for cell in expected[name] if cell is not None}) < 100
+    assert not any(cell.flags.writeable for cell in got["labels"] if cell is not None), "a shared cell is read-only"
+
+
+def test_empty_list_null_list_and_one_empty_string_stay_apart() -> None:
+    column = pa.array([[], None, [""], ["", ""], [], [""]], pa.list_(pa.string()))
+    assert [None if c is None else c.tolist() for c in shared_cells(column)] == [[], None, [""], ["", ""], [], [""]]
+    maps = pa.array([[("k", None)], [("k", "")], [("k", None)], None, []], MAP)
+    assert shared_cells(maps).tolist() == [[("k", None)], [("k", "")], [("k", None)], None, []]
+
+
+def test_a_separator_or_null_element_leaves_the_column_to_pandas() -> None:
+    """The row key joins elements with U+001F: an element holding it (or a null element) could
+    make two different cells one key, so such a column is converted cell by cell."""
+    joined = pa.array([["a\x1fb", "c"], ["a", "b\x1fc"]], pa.list_(pa.string()))
+    assert shared_cells(joined) is None
+    assert shared_cells(pa.array([["a", None], ["a"]], pa.list_(pa.string()))) is None
+    frame = to_frame(pa.table({"labels": joined}))
+    assert [c.tolist() for c in frame["labels"]] == [["a\x1fb", "c"], ["a", "b\x1fc"]]
+
+
+def test_nested_as_arrow_keeps_arrow_data() -> None:
+    frame = to_frame(_table(), nested_as_arrow=True)
+    assert str(frame["labels"].dtype).startswith("list<") and frame["n"].dtype == np.int64
