@@ -133,8 +133,8 @@ def read_staged(table: str, out_dir: Path, run_id: str, columns: list[str] | Non
                 nested_as_arrow: bool = False, image_ids: Iterable[str] | None = None) -> pd.DataFrame:
     """Read every part of a run in progress (before commit), with the table's schema; only
     ``columns`` (in that order) when given; only the rows of ``image_ids`` when given (in
-    table order; each batch is filtered as it is read, so a few images' rows never hold the
-    whole column); list and map columns as :func:`read_table` gives them (``cells.to_frame``)."""
+    table order; only the row groups holding them are decoded, so a few images' rows never
+    hold the whole column); list and map columns as :func:`read_table` gives them (``cells.to_frame``)."""
     folder = staging_dir(out_dir, table, run_id)
     files = sorted(folder.glob("part-*.parquet")) if folder.exists() else []
     schema = table_schema(table)
@@ -151,20 +151,19 @@ def read_staged(table: str, out_dir: Path, run_id: str, columns: list[str] | Non
 
 
 def _rows_of(files: list[Path], schema: pa.Schema, columns: list[str] | None, ids: pa.Array) -> pa.Table:
-    """The rows of ``ids`` in ``files``, read one row group at a time and filtered before the
-    next is read: a dataset scan with the same filter decodes batches ahead and held 0.7-1.1
-    GB here to pick 200 rows of a million images' embeddings."""
+    """The rows of ``ids`` in ``files``, one row group at a time: its ``image_id`` column first,
+    the other columns only where it holds one of ``ids``. A dataset scan with the same filter
+    decodes every batch ahead and held 0.7-1.1 GB here to pick 200 rows of a million images'
+    embeddings."""
     names = schema.names if columns is None else list(columns)
-    read = names if "image_id" in names else [*names, "image_id"]
     target = pa.schema([schema.field(name) for name in names])
     kept = []
     for path in files:
         source = pq.ParquetFile(path)
         for group in range(source.metadata.num_row_groups):
-            rows = source.read_row_group(group, columns=read)
-            wanted = pc.is_in(rows["image_id"], value_set=ids)
-            if pc.any(wanted).as_py():
-                kept.append(rows.filter(wanted).select(names).cast(target))
+            wanted = pc.is_in(source.read_row_group(group, columns=["image_id"])["image_id"], value_set=ids)
+            if pc.any(wanted).as_py():  # only then are the (wide) columns of this row group decoded
+                kept.append(source.read_row_group(group, columns=names).filter(wanted).cast(target))
     return pa.concat_tables(kept) if kept else target.empty_table()
 
 
