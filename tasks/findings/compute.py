@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pandas as pd
 
+from visaudit.tasks.data.memory import release_freed
 from visaudit.tasks.data.schema import table_schema
 from visaudit.tasks.findings.causes import link_causes
 from visaudit.tasks.findings.finding import Detector, Finding
@@ -44,8 +45,11 @@ def detect_all(inputs: FindingInputs, thresholds: Thresholds) -> list[Finding]:
     (``causes``), most severe first (within a severity in registry order, each detector's own
     order kept). Detectors share what they derive alike (``inputs.shared``) within the run."""
     tables = inputs.tables()
+    found: list[Finding] = []
     with sharing():
-        found = [f for d in DETECTORS if _applies(d, tables) for f in d.detect(tables, thresholds)]
+        for detector in (d for d in DETECTORS if _applies(d, tables)):
+            found.extend(detector.detect(tables, thresholds))
+            release_freed()  # each detector's working set, freed, back to the system before the next
     found = link_causes(mark_low_confidence(found), DETECTORS)
     return sorted(found, key=lambda f: (SEVERITY_ORDER[f.severity], KIND_RANK[f.kind]))
 

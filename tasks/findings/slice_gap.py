@@ -14,37 +14,51 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
-from visaudit.tasks.data.sources import attribute_pairs
+from visaudit.tasks.data.columns import attribute_pairs_of
 from visaudit.tasks.findings.finding import Detector, Finding
-from visaudit.tasks.findings.inputs import shared
+from visaudit.tasks.findings.inputs import shared, signal_rows
 from visaudit.tasks.findings.stats import difference_interval
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 
 @shared
 def attribute_table(audited: pd.DataFrame) -> pd.DataFrame:
-    """The judged images' image_id, correct, confidence and one column per manifest attribute ("attr:...")."""
+    """The judged images' image_id, correct, confidence and one column per manifest attribute
+    ("attr:...", object cells; NaN where an image lacks the key, None where its value is null).
+    Built from the column's (image, key, value) codes (``data.columns.attribute_pairs_of``): no
+    dict per image, and each distinct value is one string object however many images hold it."""
     judged = audited[audited["correct"].notna()]
     frame = judged[["image_id", "correct", "confidence"]].copy()
     frame["correct"] = frame["correct"].astype(bool)
-    attributes = pd.DataFrame(
-        [dict(attribute_pairs(cell)) for cell in judged["attributes"]], index=judged.index, dtype=object
-    ) if "attributes" in judged else pd.DataFrame(index=judged.index)
-    return pd.concat([frame, attributes.add_prefix("attr:")], axis=1)
+    if "attributes" not in judged or judged.empty:
+        return frame
+    pairs = attribute_pairs_of(judged["attributes"])
+    values = np.array([*pairs.values, None], dtype=object)  # code -1 (a null value) takes the last
+    columns = {}
+    for code, key in enumerate(pairs.keys):
+        mine = pairs.key == code
+        cells = np.full(len(judged), np.nan, dtype=object)
+        cells[pairs.row[mine]] = values[pairs.value[mine]]
+        columns[f"attr:{key}"] = pd.Series(cells, index=judged.index, dtype=object)
+    return pd.concat([frame, pd.DataFrame(columns, index=judged.index)], axis=1)
 
 
 @shared
 def slice_table(audited: pd.DataFrame, signals: pd.DataFrame) -> pd.DataFrame:
-    """image_id, correct, confidence and one column per slice attribute (manifest + derived terciles)."""
+    """image_id, correct, confidence and one column per slice attribute (manifest + derived terciles
+    of brightness and contrast over all ``signals`` rows; NaN for an image without a row)."""
     frame = attribute_table(audited)
-    if len(signals) >= 3:  # terciles need three images (qcut of fewer has repeated bin edges)
-        derived = signals[["image_id", "brightness", "contrast"]].copy()
-        for name in ("brightness", "contrast"):
-            derived[f"derived:{name}"] = pd.qcut(
-                derived[name].rank(method="first"), 3, labels=["low", "mid", "high"]
-            ).astype(str)
-        frame = frame.merge(derived[["image_id", "derived:brightness", "derived:contrast"]], on="image_id", how="left")
-    return frame
+    if len(signals) < 3:  # terciles need three images (qcut of fewer has repeated bin edges)
+        return frame
+    rows = signal_rows(frame, signals)
+    found = rows >= 0
+    derived = {}
+    for name in ("brightness", "contrast"):
+        terciles = pd.qcut(signals[name].rank(method="first"), 3, labels=["low", "mid", "high"]).astype(str).to_numpy()
+        cells = np.full(len(frame), np.nan, dtype=object)
+        cells[found] = terciles[rows[found]]
+        derived[f"derived:{name}"] = pd.array(cells, dtype="str")
+    return frame.assign(**derived).reset_index(drop=True)
 
 
 @shared

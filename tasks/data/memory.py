@@ -1,0 +1,35 @@
+"""Returning freed memory to the system between steps that each build a large working set.
+
+A step that builds and drops hundreds of megabytes of frames leaves the allocators holding the
+freed pages: glibc's ``malloc`` keeps them in its arenas (fragmented, so a later step's arrays
+of other sizes do not always reuse them) and Arrow's pool keeps its own. Measured on a million
+-image run's findings step, the process grew by ~0.2-0.7 GB after each detector without this
+and fell back to within ~0.1 GB of the tables' own size with it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+
+import pyarrow as pa
+
+
+@functools.cache
+def _malloc_trim() -> ctypes._CFuncPtr | None:
+    """glibc's ``malloc_trim`` (None on a C library without it: musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed() -> None:
+    """Hand the freed pages of Arrow's pool and of ``malloc``'s heap back to the system (where the
+    platform allows; elsewhere only Arrow's pool). No garbage collection: the frames are freed by
+    reference counting, and a full collection costs ~0.25 s in a process holding torch and Prefect (this CPU)."""
+    pa.default_memory_pool().release_unused()
+    if (trim := _malloc_trim()) is not None:
+        trim(0)
