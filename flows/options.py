@@ -19,6 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
+from rich.markup import escape
 
 from visaudit.tasks.audit.request import GROUPS, AuditRequest
 from visaudit.tasks.audit.settings import Settings
@@ -59,7 +60,8 @@ def option_parameter(info: FieldInfo, name: str, panel: str) -> inspect.Paramete
         annotation, default = list[str], []
     if flag == "--out":
         names = ("--out", "-o")
-    meta = typer.Option(*names, help=info.description, rich_help_panel=panel, show_default=form != "pairs")
+    # escaped: Typer reads help as Rich markup, which would swallow "[timm]" in "pip install 'visaudit[timm]'"
+    meta = typer.Option(*names, help=escape(info.description or ""), rich_help_panel=panel, show_default=form != "pairs")
     return inspect.Parameter(flag[2:].replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, meta])
 
@@ -77,7 +79,7 @@ def request_parameters(source_required: bool = True) -> list[inspect.Parameter]:
         "source", inspect.Parameter.POSITIONAL_OR_KEYWORD,
         default=inspect.Parameter.empty if source_required else None,
         annotation=Annotated[str if source_required else Optional[str],
-                             typer.Argument(help=own["source"].description, show_default=False)])
+                             typer.Argument(help=escape(own["source"].description or ""), show_default=False)])
     top = [option_parameter(own[name], name, "Run") for name in ("out_dir", "run_id", "series", "thresholds")]
     return [source, *top, *(p for group in GROUPS.values() for p in group_parameters(group))]
 
