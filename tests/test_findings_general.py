@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
+from visaudit.tasks.data.columns import class_matrix
 from visaudit.tasks.data.schema import PROPERTY_COLUMNS
 from visaudit.tasks.findings.attention_off_object import attention_off_object, normalised_excess
 from visaudit.tasks.findings.compute import FindingInputs, Thresholds, detect_all
@@ -19,7 +20,7 @@ from visaudit.tasks.findings.confused_pair import confused_pairs
 from visaudit.tasks.findings.group_gap import failing_groups, group_gap
 from visaudit.tasks.findings.inputs import listed, sharing, stacked
 from visaudit.tasks.findings.likely_label_error import likely_label_errors
-from visaudit.tasks.findings.shortcut_property import _membership, shortcut_property
+from visaudit.tasks.findings.shortcut_property import shortcut_property
 from visaudit.tasks.findings.slice_gap import slice_gap
 
 BIRDS = ["landbird", "waterbird"]
@@ -227,7 +228,7 @@ def test_list_cells_flatten_in_order_and_name_their_classes() -> None:
     cells = pd.Series([["b", "a"], None, np.array(["c"], dtype=object), [], float("nan"), ("a", "x")])
     rows, names = listed(cells)
     assert rows.tolist() == [0, 0, 2, 5, 5] and names.tolist() == ["b", "a", "c", "a", "x"]
-    member = _membership(cells, ["a", "b", "c"])
+    member = class_matrix(cells, ["a", "b", "c"])
     assert member.tolist() == [[True, True, False], [False] * 3, [False, False, True], [False] * 3, [False] * 3,
                                [True, False, False]]
 

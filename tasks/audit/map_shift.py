@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from visaudit.tasks.data.columns import is_in
+
 MAP_KEYS = ["image_id", "method", "layer", "target"]
 MAP_COLUMNS = [*MAP_KEYS, "height", "width", "heatmap", "is_predicted"]
 MOVED_BELOW = 0.5  # a map whose correlation with the other run's is below this "moved"
@@ -55,7 +57,7 @@ def map_shift(maps_a: pd.DataFrame, maps_b: pd.DataFrame, both_right: list[str])
     keep = set(both_right)
 
     def predicted(maps: pd.DataFrame) -> pd.DataFrame:
-        rows = maps[maps["is_predicted"] & maps["image_id"].isin(keep)]
+        rows = maps[maps["is_predicted"].to_numpy() & is_in(maps["image_id"], keep)]
         return rows[MAP_COLUMNS].drop_duplicates(MAP_KEYS)
 
     pairs = predicted(maps_a).merge(predicted(maps_b), on=MAP_KEYS, suffixes=("_a", "_b"))

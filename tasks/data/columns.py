@@ -11,6 +11,7 @@ function gives what the per-cell helpers of ``formatting`` (``names``) and
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,24 @@ def arrow_array(column: pd.Series, kind: pa.DataType) -> pa.Array:
 def arrow_lists(column: pd.Series) -> pa.ListArray:
     """A column of lists of strings as one Arrow array."""
     return arrow_array(column, STRINGS)
+
+
+def is_in(column: pd.Series, values: Iterable[str | None]) -> np.ndarray:
+    """``column.isin(values)`` for a string column, as a bool array: Arrow's hash lookup of each
+    cell in the set ``values`` (a null cell is in it when ``values`` holds a null).
+
+    pandas' own ``isin`` on an Arrow string column builds a Python scalar per *value*: for the
+    million image ids of a large audit, ~360 MB and seconds; this holds the ids as Arrow data."""
+    value_set = pa.array(values if isinstance(values, pd.Series) else list(values), from_pandas=True)
+    haystack = pa.array(column, from_pandas=True)
+    if len(value_set) == 0 or len(haystack) == 0:
+        return np.zeros(len(column), dtype=bool)
+    if isinstance(value_set, pa.ChunkedArray):
+        value_set = value_set.combine_chunks()
+    if value_set.type != haystack.type:
+        value_set = value_set.cast(haystack.type)
+    found = pc.fill_null(pc.is_in(haystack, value_set=value_set, skip_nulls=False), False)
+    return found.to_numpy(zero_copy_only=False) if isinstance(found, pa.Array) else np.asarray(found)
 
 
 def object_cells(column: pd.Series) -> pd.Series:

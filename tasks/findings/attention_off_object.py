@@ -23,6 +23,7 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
+from visaudit.tasks.data.columns import is_in
 from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.stats import wilson_interval
 from visaudit.tasks.findings.thresholds import Thresholds, severity
@@ -44,7 +45,7 @@ def attention_off_object(audited: pd.DataFrame, explanations: pd.DataFrame, t: T
         (explanations["method"] == "gradcam") & explanations["is_label"] & explanations["energy_in_box"].notna()
         & (explanations["box_area_fraction"] < MAX_BOX_SHARE)
     ]
-    maps = maps[maps["image_id"].isin(audited["image_id"])]
+    maps = maps[is_in(maps["image_id"], audited["image_id"])]
     z = NormalDist().inv_cdf(1 - (1 - t.slice_confidence) / 2)
     found = []
     for (name, layer), group in maps.groupby(["target", "layer"], sort=True):

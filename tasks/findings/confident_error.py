@@ -19,7 +19,7 @@ from visaudit.tasks.findings.thresholds import Thresholds, severity
 def confident_errors(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[Finding]:
     """One finding per true class with too many confident mistakes outside its failing groups;
     evidence most confident first."""
-    frame = audited.assign(true=true_class(audited)).dropna(subset=["true"])
+    frame = audited[["image_id", "predicted", "correct", "confidence"]].assign(true=true_class(audited)).dropna(subset=["true"])
     frame = frame[frame["correct"].notna()]
     groups = failing_groups(audited, signals, t)
     found = []

@@ -18,7 +18,8 @@ from visaudit.tasks.findings.thresholds import Thresholds, severity
 def confused_pairs(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[Finding]:
     """One finding per (true, predicted) pair over the thresholds outside the true class's
     failing groups; evidence most confident first."""
-    frame = audited.assign(true=true_class(audited), pred=audited["predicted"].map(lambda p: p[0] if p else None))
+    frame = audited[["image_id", "confidence"]].assign(
+        true=true_class(audited), pred=audited["predicted"].map(lambda p: p[0] if p else None))
     frame = frame.dropna(subset=["true", "pred"])
     sizes = frame.groupby("true").size()
     wrong = frame[frame["true"] != frame["pred"]]

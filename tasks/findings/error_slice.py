@@ -86,8 +86,8 @@ def appearance(signals: pd.DataFrame, rows: np.ndarray | None = None) -> np.ndar
     scores = np.empty((len(pixels), len(axes)))
     for start in range(0, len(pixels), CHUNK):
         scores[start : start + CHUNK] = (pixels[start : start + CHUNK] / 255.0 - pca.mean_) @ axes.T
-    properties = signals[list(PROPERTY_COLUMNS)].to_numpy(np.float64)
-    return np.column_stack([scores, properties if rows is None else properties[rows]])
+    properties = [signals[name].to_numpy() for name in PROPERTY_COLUMNS]  # views, not a float64 copy of every row
+    return np.column_stack([scores, *(p if rows is None else p[rows] for p in properties)])
 
 
 def cluster_labels(features: np.ndarray) -> np.ndarray:
@@ -126,16 +126,17 @@ def error_clusters(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) 
     """Every cluster of a class surely weaker than the rest of its class, worst first (metadata-explained ones included)."""
     if "correct" not in audited:
         return []
-    classes, positions = true_class(audited).to_numpy(), signal_rows(audited, signals)
-    keep = audited["correct"].notna().to_numpy() & pd.notna(classes) & (positions >= 0)
-    judged = audited[keep]
+    classes, positions = true_class(audited), signal_rows(audited, signals)
+    keep = audited["correct"].notna().to_numpy() & classes.notna().to_numpy() & (positions >= 0)
     frame = pd.DataFrame({  # each image's row of ``signals``: its thumbnail is taken per class
-        "image_id": judged["image_id"].reset_index(drop=True), "class": classes[keep], "_signal": positions[keep],
-        "correct": judged["correct"].astype(bool).to_numpy(), "confidence": judged["confidence"].to_numpy(),
+        "image_id": audited["image_id"][keep].reset_index(drop=True),
+        "class": pd.Categorical(classes[keep]),  # codes: no Python string per image
+        "_signal": positions[keep],
+        "correct": audited["correct"][keep].astype(bool).to_numpy(), "confidence": audited["confidence"][keep].to_numpy(),
+        **{name: signals[name].to_numpy()[positions[keep]] for name in PROPERTY_COLUMNS},
     })
-    frame[list(PROPERTY_COLUMNS)] = signals[list(PROPERTY_COLUMNS)].iloc[positions[keep]].to_numpy()
     candidates = []
-    for name, rows in frame.groupby("class", sort=True):
+    for name, rows in frame.groupby("class", sort=True, observed=True):
         if len(rows) < 2 * t.min_group_images or rows["correct"].all():
             continue
         labels = cluster_labels(appearance(signals, rows["_signal"].to_numpy()))

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from visaudit.tasks.data.columns import is_in
 from visaudit.tasks.data.records import MetricRow
 from visaudit.tasks.findings.thresholds import Thresholds
 
@@ -67,7 +68,7 @@ def location_candidates(audited: pd.DataFrame, explanations: pd.DataFrame, t: Th
     if explanations.empty:
         return []
     maps = explanations[(explanations["method"] == "gradcam") & explanations["is_label"]]
-    maps = maps[maps["image_id"].isin(audited["image_id"])].dropna(subset=["peak_x", "peak_y"])
+    maps = maps[is_in(maps["image_id"], audited["image_id"])].dropna(subset=["peak_x", "peak_y"])
     found = []
     for name, group in maps.groupby("target", sort=True):
         if len(group) < t.min_class_images:

@@ -23,6 +23,7 @@ from statistics import NormalDist
 import numpy as np
 import pandas as pd
 
+from visaudit.tasks.data.columns import is_in
 from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.inputs import shared, true_class
 from visaudit.tasks.findings.slice_gap import attribute_table, slice_gap
@@ -99,7 +100,7 @@ def describe_groups(groups: list[GroupGap]) -> str:
 def in_failing_group(ids: pd.Series, groups: list[GroupGap], class_name: str) -> tuple[pd.Series, list[GroupGap]]:
     """Which of ``ids`` (images of ``class_name``) lie in one of its failing groups, and those groups."""
     mine = [g for g in groups if g.class_name == class_name]
-    return ids.isin({i for g in mine for i in g.image_ids}), mine
+    return pd.Series(is_in(ids, {i for g in mine for i in g.image_ids}), index=ids.index), mine
 
 
 def group_gap(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) -> list[Finding]:

@@ -48,10 +48,11 @@ import numpy as np
 import pandas as pd
 from scipy.stats import poisson
 
+from visaudit.tasks.data.columns import is_in
 from visaudit.tasks.findings.error_slice import ErrorCluster, error_clusters
 from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.group_gap import GroupGap, describe_groups, failing_groups, in_failing_group
-from visaudit.tasks.findings.inputs import stacked, true_class
+from visaudit.tasks.findings.inputs import signal_rows, stacked, true_class
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 
@@ -83,14 +84,15 @@ def likely_label_errors(
     them, least likely label first), images of failing groups set aside."""
     from cleanlab.filter import find_label_issues
 
-    given = true_class(audited)
-    frame = audited.assign(given=given)[given.isin(classes).to_numpy()]
-    frame = frame.merge(signals[["image_id", "probabilities"]], on="image_id")
+    given, rows = true_class(audited), signal_rows(audited, signals)
+    keep = given.isin(classes).to_numpy() & (rows >= 0)
+    frame = pd.DataFrame({"image_id": audited["image_id"][keep].reset_index(drop=True),
+                          "given": given[keep].reset_index(drop=True)})
     if len(frame) < 2 * len(classes) or frame["given"].nunique() < 2:
         return []
     position = {name: i for i, name in enumerate(classes)}
     labels = frame["given"].map(position).to_numpy()
-    probs = stacked(frame["probabilities"], np.float64)
+    probs = stacked(signals["probabilities"], np.float64, rows[keep])
     probs = probs / probs.sum(axis=1, keepdims=True)
     with warnings.catch_warnings():  # cleanlab's "may not flag all label issues in class k" about small classes:
         warnings.filterwarnings("ignore", message="May not flag all label issues", category=UserWarning)
@@ -101,7 +103,7 @@ def likely_label_errors(
     sizes = frame["given"].value_counts()
     groups = failing_groups(audited, signals, t)
     clusters = error_clusters(audited, signals, t)
-    outside = ~frame["image_id"].isin({i for g in [*groups, *clusters] for i in g.image_ids}).to_numpy()
+    outside = ~is_in(frame["image_id"], {i for g in [*groups, *clusters] for i in g.image_ids})
     surprise = label_surprise(labels[outside], probs[outside], t.label_error_probability)
     supported = surprise.p_value <= 1 - t.label_error_confidence
     found = []
@@ -109,7 +111,7 @@ def likely_label_errors(
         n = int(sizes[name])
         in_group, mine = in_failing_group(everything["image_id"], groups, name)
         mine_clusters = [c for c in clusters if c.class_name == name]
-        in_group |= everything["image_id"].isin({i for c in mine_clusters for i in c.image_ids})
+        in_group |= is_in(everything["image_id"], {i for c in mine_clusters for i in c.image_ids})
         group, set_aside = everything[~in_group], int(in_group.sum())
         where, verdict = _where(mine, mine_clusters, str(name))
         share = len(group) / n

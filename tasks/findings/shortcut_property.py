@@ -14,9 +14,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from visaudit.tasks.data.columns import class_matrix
 from visaudit.tasks.data.schema import PROPERTY_COLUMNS
 from visaudit.tasks.findings.finding import Detector, Finding
-from visaudit.tasks.findings.inputs import listed
+from visaudit.tasks.findings.inputs import signal_rows
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 FOLDS = 5
@@ -28,60 +29,73 @@ PROPERTY_WORDS = {
 }
 
 
-def property_frame(audited: pd.DataFrame, signals: pd.DataFrame) -> pd.DataFrame:
-    """One row per audited image with a signal: image_id plus every property that varies."""
-    sizes = audited[["image_id", "image_width", "image_height"]].dropna()
-    width, height = sizes["image_width"].astype(float), sizes["image_height"].astype(float)
-    sizes = pd.DataFrame({"image_id": sizes["image_id"], "aspect": width / height, "megapixels": width * height / 1e6})
-    frame = signals[["image_id", *PROPERTY_COLUMNS]].merge(sizes, on="image_id", how="inner")
-    frame = frame[frame["image_id"].isin(audited["image_id"])]
-    varying = [c for c in frame.columns[1:] if frame[c].astype(float).std() > 1e-6]
-    return frame[["image_id", *varying]].reset_index(drop=True)
+def property_frame(audited: pd.DataFrame, signals: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """One row per audited image with a signals row and a size, in the signals' order: its
+    image_id, labels, predicted and every property; and the names of the properties that vary.
+
+    Rows are matched by :func:`signal_rows` (Arrow's id lookup), not a merge on the ids."""
+    position = signal_rows(audited, signals)
+    width, height = (audited[c].astype(float).to_numpy() for c in ("image_width", "image_height"))
+    keep = np.flatnonzero((position >= 0) & ~np.isnan(width) & ~np.isnan(height))
+    rows = keep[np.argsort(position[keep], kind="stable")]
+    at = position[rows]
+    frame = pd.DataFrame({
+        **{c: audited[c].take(rows).reset_index(drop=True) for c in ("image_id", "labels", "predicted")},
+        **{c: signals[c].to_numpy()[at] for c in PROPERTY_COLUMNS},
+        "aspect": width[rows] / height[rows], "megapixels": width[rows] * height[rows] / 1e6,
+    })
+    varying = [c for c in (*PROPERTY_COLUMNS, "aspect", "megapixels") if frame[c].astype(float).std() > 1e-6]
+    return frame, varying
+
+
+def stratified_folds(members: np.ndarray, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
+    """Each row's fold, 0 to ``folds - 1``: rows in random order within their first member
+    class (``members``: (N, K) bool; rows of no class last), dealt round-robin."""
+    n = len(members)
+    first = np.where(members.any(axis=1), members.argmax(axis=1), -1)
+    order = np.lexsort((np.random.default_rng(seed).random(n), first))
+    fold = np.empty(n, dtype=np.int64)
+    fold[order] = np.arange(n) % folds
+    return fold
 
 
 def one_feature_balanced_accuracy(
-    x: np.ndarray, members: np.ndarray, folds: int = FOLDS, bins: int | None = None, seed: int = 0
+    x: np.ndarray, members: np.ndarray, folds: int = FOLDS, bins: int | None = None, seed: int = 0,
+    fold: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cross-validated balanced accuracy of a one-feature binned classifier, per class.
 
     ``x``: (N,) property values; ``members``: (N, K) bool, class membership (one-vs-rest,
-    so multi-label works too). Folds are stratified on the first member class. Returns (K,).
+    so multi-label works too). Folds are stratified on the first member class
+    (:func:`stratified_folds`; ``fold`` gives them computed once for several properties).
+    Returns (K,): ``(TPR + TNR) / 2`` over every row's held-out prediction, counted per bin
+    so that no (N, K) array is made beside ``members``.
     """
     n, k = members.shape
-    rng = np.random.default_rng(seed)
-    first = np.where(members.any(axis=1), members.argmax(axis=1), -1)
-    order = np.lexsort((rng.random(n), first))
-    fold = np.empty(n, dtype=np.int64)
-    fold[order] = np.arange(n) % folds
-    predicted = np.zeros((n, k), dtype=bool)
-    y = members.astype(np.float64)
+    if fold is None:
+        fold = stratified_folds(members, folds, seed)
+    member_rows, member_classes = np.nonzero(members)  # one entry per (image, class it belongs to)
+    positives = np.bincount(member_classes, minlength=k)
+    negatives = n - positives
+    hits = np.zeros(k, dtype=np.int64)  # test images of the class that their bin assigns to it
+    called = np.zeros(k, dtype=np.int64)  # test images their bin assigns to the class
     bins = bins or int(np.clip(n * (folds - 1) / folds // IMAGES_PER_BIN, 5, 32))
     for f in range(folds):
-        train, test = fold != f, fold == f
+        train = fold != f
         edges = np.unique(np.quantile(x[train], np.linspace(0, 1, bins + 1)[1:-1]))
-        train_bin = np.searchsorted(edges, x[train], side="right")
-        test_bin = np.searchsorted(edges, x[test], side="right")
-        per_bin = np.zeros((len(edges) + 1, k))
-        np.add.at(per_bin, train_bin, y[train])
-        totals = np.bincount(train_bin, minlength=len(edges) + 1)[:, None]
-        prior = y[train].mean(axis=0)
-        rate = (per_bin + prior) / (totals + 1.0)  # one pseudo-image at the prior: empty bins predict nothing
-        predicted[test] = rate[test_bin] > prior
-    positives, negatives = members.sum(axis=0), (~members).sum(axis=0)
-    tpr = (predicted & members).sum(axis=0) / np.maximum(positives, 1)
-    tnr = (~predicted & ~members).sum(axis=0) / np.maximum(negatives, 1)
+        row_bin, width = np.searchsorted(edges, x, side="right"), len(edges) + 1
+        in_train = train[member_rows]
+        per_bin = np.bincount(row_bin[member_rows[in_train]] * k + member_classes[in_train],
+                              minlength=width * k).reshape(width, k)
+        totals = np.bincount(row_bin[train], minlength=width)[:, None]
+        prior = np.bincount(member_classes[in_train], minlength=k) / train.sum()
+        calls = (per_bin + prior) / (totals + 1.0) > prior  # (bins, K); one pseudo-image at the prior: empty bins call nothing
+        called += np.bincount(row_bin[~train], minlength=width) @ calls
+        tested_rows, tested_classes = member_rows[~in_train], member_classes[~in_train]
+        hits += np.bincount(tested_classes[calls[row_bin[tested_rows], tested_classes]], minlength=k)
+    tpr = hits / np.maximum(positives, 1)
+    tnr = (negatives - (called - hits)) / np.maximum(negatives, 1)
     return 0.5 * (tpr + tnr)
-
-
-def _membership(cells: pd.Series, classes: list[str]) -> np.ndarray:
-    """(N, K) bool: whether each row's list of names (labels or predictions) holds each class."""
-    rows, names = listed(cells)
-    position = pd.Series(names, dtype=object).map({name: i for i, name in enumerate(classes)})  # NaN: no class
-    column = position.to_numpy(dtype=np.float64, na_value=np.nan)
-    known = ~np.isnan(column)
-    out = np.zeros((len(cells), len(classes)), dtype=bool)
-    out[rows[known], column[known].astype(np.int64)] = True
-    return out
 
 
 def shortcut_property(
@@ -91,15 +105,16 @@ def shortcut_property(
     evidence the images wrongly predicted as the class first, then its images by the property."""
     if signals.empty:
         return []
-    props = property_frame(audited, signals)
-    frame = props.merge(audited[["image_id", "labels", "predicted"]], on="image_id")
-    if len(frame) < 2 * FOLDS or len(props.columns) < 2:
+    frame, names = property_frame(audited, signals)
+    if len(frame) < 2 * FOLDS or not names:
         return []
-    truth = _membership(frame["labels"], classes)
-    prediction = _membership(frame["predicted"], classes)
-    names = list(props.columns[1:])
-    by_label = np.stack([one_feature_balanced_accuracy(frame[p].to_numpy(float), truth) for p in names])
-    by_prediction = np.stack([one_feature_balanced_accuracy(frame[p].to_numpy(float), prediction) for p in names])
+    truth = class_matrix(frame["labels"], classes)
+    prediction = class_matrix(frame["predicted"], classes)
+    truth_folds, prediction_folds = stratified_folds(truth), stratified_folds(prediction)
+    by_label = np.stack([one_feature_balanced_accuracy(frame[p].to_numpy(float), truth, fold=truth_folds)
+                         for p in names])
+    by_prediction = np.stack([one_feature_balanced_accuracy(frame[p].to_numpy(float), prediction, fold=prediction_folds)
+                              for p in names])
     found = []
     enough = np.minimum(truth.sum(axis=0), (~truth).sum(axis=0)) >= max(t.min_class_images, 2 * FOLDS)
     flagged: list[int] = []
