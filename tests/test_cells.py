@@ -1,12 +1,16 @@
-"""``cells.to_frame``: list and map cells as ``to_pandas`` gives them, one shared object per distinct value."""
+"""``cells.to_frame``: list and map cells as ``to_pandas`` gives them, one shared object per distinct value;
+Arrow vector columns viewed in place; ``columns.is_in``."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 
 from visaudit.tasks.data.cells import shared_cells, to_frame
+from visaudit.tasks.data.columns import is_in
+from visaudit.tasks.findings.inputs import stacked
 
 MAP = pa.map_(pa.string(), pa.string())
 
@@ -66,3 +70,30 @@ def test_a_separator_or_null_element_leaves_the_column_to_pandas() -> None:
 def test_nested_as_arrow_keeps_arrow_data() -> None:
     frame = to_frame(_table(), nested_as_arrow=True)
     assert str(frame["labels"].dtype).startswith("list<") and frame["n"].dtype == np.int64
+
+
+def test_nested_as_arrow_gives_one_chunk_and_vectors_viewed_in_place() -> None:
+    vectors = np.arange(60, dtype=np.uint8).reshape(10, 6)
+    table = pa.concat_tables([pa.table({"thumbnail": pa.array(vectors[a:b].tolist(), pa.list_(pa.uint8()))})
+                              for a, b in ((0, 3), (3, 7), (7, 10))])
+    frame = to_frame(table, nested_as_arrow=True)
+    assert isinstance(pa.array(frame["thumbnail"]), pa.Array)  # not chunked
+    whole = stacked(frame["thumbnail"], np.uint8)
+    np.testing.assert_array_equal(whole, vectors)
+    assert not whole.flags.writeable  # the Arrow data itself
+    assert np.shares_memory(whole, stacked(frame["thumbnail"], np.uint8, np.arange(10)))
+    picked = stacked(frame["thumbnail"], np.uint8, [9, 2, 2])
+    np.testing.assert_array_equal(picked, vectors[[9, 2, 2]])
+    assert picked.flags.writeable and not np.shares_memory(picked, whole)
+    np.testing.assert_array_equal(stacked(frame["thumbnail"], np.float64), vectors.astype(np.float64))
+
+
+@pytest.mark.parametrize("dtype", ["str", object])
+def test_is_in_equals_pandas_isin(dtype: object) -> None:
+    rng = np.random.default_rng(0)
+    column = pd.Series([f"id{i}" for i in rng.integers(0, 40, 300)] + [None, None], dtype=dtype)
+    for values in ({f"id{i}" for i in range(0, 40, 3)}, pd.Series([f"id{i}" for i in range(9)], dtype="str"),
+                   [], ["id1", None], pd.Series(["id2", "id3"], dtype=object), ("id4",), column):
+        found = is_in(column, values)
+        assert found.dtype == bool
+        np.testing.assert_array_equal(found, column.isin(values).to_numpy())

@@ -19,7 +19,7 @@ from visaudit.tasks.findings.fixed_location import location_candidates, most_con
 from visaudit.tasks.findings.inputs import embedding_rows
 from visaudit.tasks.findings.likely_label_error import likely_label_errors
 from visaudit.tasks.findings.near_duplicate import near_duplicates
-from visaudit.tasks.findings.shortcut_property import one_feature_balanced_accuracy, shortcut_property
+from visaudit.tasks.findings.shortcut_property import one_feature_balanced_accuracy, shortcut_property, stratified_folds
 from visaudit.tasks.findings.slice_gap import slice_gap
 from visaudit.tasks.findings.stats import difference_interval
 
@@ -99,6 +99,42 @@ def test_one_feature_classifier_scores_separable_and_random_features() -> None:
     assert scores[0] > 0.95
     noise = one_feature_balanced_accuracy(rng.normal(size=300), members)
     assert np.all(np.abs(noise - 0.5) < 0.12)
+
+
+def _held_out_balanced_accuracy(x: np.ndarray, members: np.ndarray, fold: np.ndarray, bins: int) -> np.ndarray:
+    """The classifier written out plainly: each held-out image's (N, K) prediction from its fold's bins."""
+    predicted = np.zeros(members.shape, dtype=bool)
+    for f in np.unique(fold):
+        train, test = fold != f, fold == f
+        edges = np.unique(np.quantile(x[train], np.linspace(0, 1, bins + 1)[1:-1]))
+        train_bin, test_bin = np.searchsorted(edges, x[train], side="right"), np.searchsorted(edges, x[test], side="right")
+        for k in range(members.shape[1]):
+            prior = members[train, k].mean()
+            for b in range(len(edges) + 1):
+                in_bin = train_bin == b
+                rate = (members[train, k][in_bin].sum() + prior) / (in_bin.sum() + 1.0)
+                predicted[np.flatnonzero(test)[test_bin == b], k] = rate > prior
+    tpr = (predicted & members).sum(axis=0) / np.maximum(members.sum(axis=0), 1)
+    tnr = (~predicted & ~members).sum(axis=0) / np.maximum((~members).sum(axis=0), 1)
+    return 0.5 * (tpr + tnr)
+
+
+@pytest.mark.parametrize("multi_label", [False, True], ids=["multi-class", "multi-label"])
+def test_one_feature_classifier_counts_per_bin_as_the_plain_classifier_predicts(multi_label: bool) -> None:
+    rng = np.random.default_rng(4)
+    n, k = 400, 4
+    if multi_label:
+        members = rng.random((n, k)) < 0.3
+    else:
+        members = np.zeros((n, k), bool)
+        members[np.arange(n), rng.integers(0, k, n)] = True
+        members[rng.random(n) < 0.05] = False  # images of no class
+    for x in (rng.normal(size=n), np.round(rng.normal(size=n)), members[:, 1] + rng.normal(0, 0.4, n)):
+        fold = stratified_folds(members, seed=3)
+        assert sorted(np.bincount(fold).tolist()) == [80] * 5
+        expected = _held_out_balanced_accuracy(x, members, fold, bins=9)
+        np.testing.assert_allclose(one_feature_balanced_accuracy(x, members, bins=9, seed=3), expected, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(one_feature_balanced_accuracy(x, members, bins=9, fold=fold), expected, rtol=0, atol=1e-12)
 
 
 def test_shortcut_property_names_the_class_and_property() -> None:

@@ -52,12 +52,13 @@ FEATURE_IMAGES = 4
 # rates read, the others left on disk (at a million images the maps, top scores and map geometry held
 # 0.7 GB); a table not named is read whole. The top-5 pointing game reads the heatmaps itself, if at all.
 FIND_COLUMNS: dict[str, list[str]] = {
-    "predictions": ["image_id", "uri", "labels", "predicted", "top_classes", "confidence", "correct", "image_width",
+    "predictions": ["image_id", "labels", "predicted", "top_classes", "confidence", "correct", "image_width",
                     "image_height", "box_x0", "attributes", "error"],
     "explanations": ["image_id", "method", "layer", "target", "is_label", "peak_x", "peak_y", "energy_in_box",
                      "box_area_fraction", "pointing_hit", "wsl_iou", "localised"],
     "occlusion": ["image_id", "target", "is_label", "gradcam_spearman"],
-    # every column but the embeddings (512 bytes an image): read for the few images compared (``embeddings``)
+    # every column but the embeddings (512 bytes an image): read for the few images compared (``embeddings``);
+    # ``predictions.uri`` likewise, for the few images a probe loads (``_staged_uris``)
     "signals": [name for name in table_schema("signals").names if name != "embedding"],
 }
 
@@ -231,6 +232,13 @@ def _staged_embeddings(plan: RunPlan, image_ids: Sequence[str]) -> np.ndarray:
     return embedding_rows(rows, image_ids)
 
 
+def _staged_uris(plan: RunPlan, image_ids: Sequence[str]) -> list[str]:
+    """The staged ``predictions.uri`` of ``image_ids``, in that order (only their rows read)."""
+    rows = storage.read_staged("predictions", Path(plan.out_dir), plan.run_id, columns=["image_id", "uri"],
+                               image_ids=image_ids)
+    return rows.drop_duplicates("image_id").set_index("image_id")["uri"].loc[list(image_ids)].tolist()
+
+
 def find(plan: RunPlan) -> int:
     """Compute findings over the run's staged tables and stage them; returns how many.
 
@@ -249,9 +257,8 @@ def find(plan: RunPlan) -> int:
     probes = {}
     if candidates:
         loaded = plan.load_model()
-        uris = predictions.set_index("image_id")["uri"]
         for candidate in candidates:
-            inputs = load_inputs(plan, loaded, uris.loc[list(candidate.sample_ids)].tolist())
+            inputs = load_inputs(plan, loaded, _staged_uris(plan, candidate.sample_ids))
             if len(inputs) >= 2:
                 probes[candidate.class_name] = probe_location(
                     loaded.model, inputs, plan.classes.index(candidate.class_name),
@@ -261,8 +268,7 @@ def find(plan: RunPlan) -> int:
     cues = {}
     if samples:
         loaded = plan.load_model()
-        uris = predictions.set_index("image_id")["uri"]
-        cues = probe_cues(loaded.model, samples, lambda ids: load_inputs(plan, loaded, uris.loc[ids].tolist()),
+        cues = probe_cues(loaded.model, samples, lambda ids: load_inputs(plan, loaded, _staged_uris(plan, ids)),
                           audited, plan.classes, thresholds, plan.multi_label)
     findings = compute_findings(FindingInputs(
         predictions=predictions, explanations=explanations, classes=plan.classes, multi_label=plan.multi_label,

@@ -31,9 +31,15 @@ def to_frame(table: pa.Table, nested_as_arrow: bool = False) -> pd.DataFrame:
 
     List and map columns hold object cells, equal cells one shared object (list<string> and
     map<string, string> columns; others one object per cell); with ``nested_as_arrow`` they
-    hold their Arrow data instead (``pd.ArrowDtype``: no Python object per cell)."""
+    hold their Arrow data instead (``pd.ArrowDtype``: no Python object per cell), each as
+    one Arrow chunk."""
     if nested_as_arrow:
-        return table.to_pandas(split_blocks=True, self_destruct=True, types_mapper=_as_arrow)
+        frame = table.to_pandas(split_blocks=True, self_destruct=True, types_mapper=_as_arrow)
+        del table
+        for name in frame.columns:  # one chunk a column: a vector column is then one (N, D) numpy view
+            if isinstance(frame[name].dtype, pd.ArrowDtype):
+                frame[name] = pd.arrays.ArrowExtensionArray(pa.chunked_array(pa.array(frame[name])).combine_chunks())
+        return frame
     names = table.column_names
     shared = {}
     for name in names:

@@ -43,7 +43,7 @@ MIN_CLUSTERS, MAX_CLUSTERS = 2, 6
 THUMBNAIL_VARIANCE = 0.9  # PCA keeps the components holding this share of the thumbnails' variance ...
 MAX_COMPONENTS = 8  # ... at most this many
 PCA_SAMPLE = 20_000  # thumbnails of a class its principal axes are estimated from (evenly spaced; all when fewer)
-CHUNK = 65_536  # thumbnails projected per step (float64 only a chunk at a time)
+CHUNK = 8_192  # thumbnails projected per step: two float64 temporaries of 12.6 MB (192-byte thumbnails)
 DESCRIBED_D = 0.5  # a property describes a cluster when its standardised mean difference reaches this
 EXPLAINED_SHARE = 0.5  # a cluster whose errors lie at least this much in metadata findings' images is theirs
 

@@ -37,7 +37,7 @@ PROJECTED_DIMS = 8  # the k-d tree searches the thumbnails' top principal axes (
 PCA_SAMPLE = 20_000  # thumbnails the principal axes are estimated from
 CANDIDATE_BUDGET = 4_000_000  # candidate pairs listed at most (estimated first): plain thumbnails pair as N^2
 COUNT_SAMPLE = 4_096  # points whose neighbours are counted to estimate the candidates
-CHUNK = 65_536  # rows per step of the projection
+CHUNK = 8_192  # rows per step of the projection: two float64 temporaries of 12.6 MB (192-byte thumbnails)
 PAIR_CHUNK = 8_192  # pairs per step of the full comparison (three float64 (PAIR_CHUNK, D) temporaries)
 
 
