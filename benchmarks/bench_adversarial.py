@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import torchvision
 
 from benchmarks.timing import time_all
-from visaudit.tasks.data.images import Preprocess, standardise
+from visaudit.tasks.data.batches import standardise
+from visaudit.tasks.data.images import Preprocess
 from visaudit.tasks.explain.adversarial import AttackSettings, attack_and_explain, pgd
 from visaudit.tasks.model.hooks import frozen_parameters
 

@@ -115,7 +115,8 @@ def decode_rates(uris: list[str], pre: Preprocess, device: torch.device) -> dict
 def agreement(loaded, settings: ShardSettings, uris: list[str]) -> dict[str, float]:
     """Grad-CAM of the predicted class under bf16 autocast against fp32, on real decoded images:
     per-map Pearson correlation (median, minimum) and the share of maps with the same peak cell."""
-    from visaudit.tasks.data.images import Decoded, decode_many, normalise, to_batch
+    from visaudit.tasks.data.batches import normalise, to_batch
+    from visaudit.tasks.data.images import Decoded, decode_many
     from visaudit.tasks.explain import cam
     from visaudit.tasks.model.hooks import hooked_forward
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from visaudit.tasks.data.images import Preprocess, fit, normalise
+from visaudit.tasks.data.batches import normalise
+from visaudit.tasks.data.images import Preprocess, fit
 
 
 def sample_photos() -> list[Image.Image]:

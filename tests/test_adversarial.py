@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 from torch import nn
 
-from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess, standardise
+from visaudit.tasks.data.batches import standardise
+from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from visaudit.tasks.explain.adversarial import AttackSettings, attack_and_explain, pgd
 from visaudit.tasks.explain.adversarial_output import adversarial_table, strip_rows
 from visaudit.tasks.findings.adversarial_fragility import fragile_classes

@@ -201,8 +201,9 @@ def test_torchscript_archive_as_the_whole_model(tmp_path, resnet18_archives, pho
     measure (saved tensors: a ScriptModule refuses hooks) equals the hooks' on the eager model."""
     import warnings
 
+    from visaudit.tasks.explain.catalogue import method_names
     from visaudit.tasks.explain.perturb import probe_activation
-    from visaudit.tasks.explain.registry import check_methods, method_names
+    from visaudit.tasks.explain.registry import check_methods
     from visaudit.tasks.model.errors import ModelError
     from visaudit.tasks.model.sources import NO_LAYER
 

@@ -16,7 +16,8 @@ import torchvision
 
 from visaudit.tasks.explain import cam
 from visaudit.tasks.explain.attention_maps import attention_maps
-from visaudit.tasks.explain.registry import ATTENTION_LAYER, check_methods
+from visaudit.tasks.explain.catalogue import ATTENTION_LAYER
+from visaudit.tasks.explain.registry import check_methods
 from visaudit.tasks.explain.sanity import sanity_check
 from visaudit.tasks.model.attention import captured_attention
 from visaudit.tasks.model.hooks import hooked_forward

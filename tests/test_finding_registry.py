@@ -12,7 +12,8 @@ import pytest
 from visaudit.tasks.data.records import MetricRow, metric_frame
 from visaudit.tasks.data.schema import table_schema
 from visaudit.tasks.findings.compute import Finding, FindingInputs, Thresholds, compute_findings, mark_low_confidence
-from visaudit.tasks.findings.fixed_location import LocationCandidate, LocationProbe, location_metric_rows
+from visaudit.tasks.findings.fixed_location import location_metric_rows
+from visaudit.tasks.findings.probe_records import LocationCandidate, LocationProbe
 from visaudit.tasks.findings.registry import DETECTORS, KIND_RANK, MAP_BASED
 from visaudit.tasks.findings.stats import wilson_interval
 from visaudit.tasks.findings.unfaithful_explanation import judged_sanity_step, sanity_steps

@@ -9,7 +9,7 @@ import torchvision
 from captum.attr import GuidedBackprop, GuidedGradCam, LayerGradCam
 
 from visaudit.tasks.explain import cam
-from visaudit.tasks.explain.registry import INPUT_LAYER
+from visaudit.tasks.explain.catalogue import INPUT_LAYER
 from visaudit.tasks.model.hooks import hooked_forward
 
 

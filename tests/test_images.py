@@ -11,7 +11,8 @@ import torch
 from conftest import sample_photos
 from PIL import Image
 
-from visaudit.tasks.data.images import Preprocess, _decode_jpegs_on_gpu, decode, fit_on_device, to_batch
+from visaudit.tasks.data.batches import decode_jpegs_on_gpu, fit_on_device, to_batch
+from visaudit.tasks.data.images import Preprocess, decode
 
 
 @pytest.mark.parametrize("size", [(300, 200), (200, 400), (256, 256), (90, 60)])
@@ -21,7 +22,7 @@ def test_device_decode_matches_pil_geometry_and_pixels(tmp_path, size) -> None:
     photo.save(path, format="JPEG", quality=92)
     pre = Preprocess(resize=128, crop=112)
     reference = decode(str(path), pre)
-    (device_decoded,) = _decode_jpegs_on_gpu([path.read_bytes()], pre, torch.device("cpu"))
+    (device_decoded,) = decode_jpegs_on_gpu([path.read_bytes()], pre, torch.device("cpu"))
     assert device_decoded is not None
     assert (device_decoded.height, device_decoded.width) == (reference.height, reference.width)
     assert (device_decoded.scale, device_decoded.left, device_decoded.top) == (
@@ -35,7 +36,7 @@ def test_to_batch_mixes_device_and_pil_decoded_images(tmp_path) -> None:
     buffer = io.BytesIO()
     Image.new("RGB", (64, 64), (200, 10, 10)).save(buffer, format="JPEG")
     pre = Preprocess(resize=32, crop=32)
-    (on_device,) = _decode_jpegs_on_gpu([buffer.getvalue()], pre, torch.device("cpu"))
+    (on_device,) = decode_jpegs_on_gpu([buffer.getvalue()], pre, torch.device("cpu"))
     path = tmp_path / "x.png"
     Image.new("RGB", (64, 64), (10, 200, 10)).save(path)
     batch = to_batch([on_device, decode(str(path), pre)], torch.device("cpu"))

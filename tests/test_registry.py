@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from visaudit.tasks.explain import cam, cam_family, registry
+from visaudit.tasks.explain import cam, cam_family, catalogue, registry
 from visaudit.tasks.explain.guided import GUIDED_STORED_SIZE, guided_saliency
 from visaudit.tasks.model.errors import ModelError
 from visaudit.tasks.model.head import Head
@@ -33,22 +33,23 @@ class Detached(nn.Module):
 
 
 def test_names_titles_and_kinds() -> None:
-    assert registry.method_names() == (
+    assert catalogue.method_names() == (
         "gradcam", "gradcam++", "xgradcam", "layercam", "hirescam", "counterfactual", "cam",
         "guided_backprop", "guided_gradcam", "attention_rollout", "gradient_rollout", "occlusion", "mil_patches",
         "impressions",
     )
-    assert [registry.method_title(m) for m in ("gradcam", "gradcam++", "guided_gradcam", "impressions")] == [
+    assert [catalogue.method_title(m) for m in ("gradcam", "gradcam++", "guided_gradcam", "impressions")] == [
         "Grad-CAM", "Grad-CAM++", "Guided Grad-CAM", "Class impressions"]
-    assert registry.method_title("from_another_version") == "from_another_version"
+    assert catalogue.method_title("from_another_version") == "from_another_version"
     assert list(registry.GRADIENT_METHODS) == ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam",
                                                "counterfactual"]
-    assert registry.GUIDED_METHODS == ("guided_backprop", "guided_gradcam")
-    assert registry.METHODS["guided_backprop"].stored_layer("layer4") == registry.INPUT_LAYER
+    assert catalogue.GUIDED_METHODS == ("guided_backprop", "guided_gradcam")
+    assert registry.METHODS["guided_backprop"].stored_layer("layer4") == catalogue.INPUT_LAYER
     assert registry.METHODS["cam"].stored_layer("layer4") == "layer4"
-    assert registry.METHODS["mil_patches"].stored_layer("layer4") == registry.INPUT_LAYER
-    assert registry.ATTENTION_METHODS == ("attention_rollout", "gradient_rollout")
-    assert registry.METHODS["gradient_rollout"].stored_layer("blocks.11.norm1") == registry.ATTENTION_LAYER
+    assert registry.METHODS["mil_patches"].stored_layer("layer4") == catalogue.INPUT_LAYER
+    assert catalogue.ATTENTION_METHODS == ("attention_rollout", "gradient_rollout")
+    assert registry.METHODS["gradient_rollout"].stored_layer("blocks.11.norm1") == catalogue.ATTENTION_LAYER
+    assert [m.name for m in registry.REGISTRY] == list(catalogue.method_names())  # every catalogued method computed
     with pytest.raises(ValueError, match="weight function goes with the 'gradient' kind"):
         registry.Method("broken", "Broken", "gradient")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -373,3 +375,24 @@ def test_html_opens_in_headless_chromium_with_every_image(rendered: tuple[Path, 
     with Image.open(shot) as image:
         colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50, "the page rendered, not a blank screenshot"
+
+
+NO_TORCH = """
+import importlib.abc, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ImportError(f"the report imported {name}")
+sys.meta_path.insert(0, NoTorch())
+from visaudit.flows.cli import app
+app(sys.argv[1:])
+"""
+
+
+def test_visaudit_report_renders_without_torch(rendered: tuple[Path, str]) -> None:
+    """A re-render loads no torch (~4 s of imports here): the report reads the tables, not the model."""
+    out_dir, run_id = rendered
+    done = subprocess.run([sys.executable, "-c", NO_TORCH, "report", run_id, "--out", str(out_dir), "--no-pdf"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "circle" in (out_dir / "runs" / run_id / "report.html").read_text()

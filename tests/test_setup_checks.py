@@ -22,7 +22,7 @@ from scipy.stats import binomtest
 from typer.testing import CliRunner
 
 from visaudit.flows.cli import app
-from visaudit.tasks.audit.setup_checks import near_chance
+from visaudit.tasks.audit.setup_report import near_chance
 from visaudit.tasks.data.images import IMAGENET_MEAN, IMAGENET_STD
 
 runner = CliRunner()

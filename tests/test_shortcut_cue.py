@@ -18,7 +18,7 @@ from visaudit.tasks.findings.cue_probe import (
     probe_cue,
     probe_cues,
 )
-from visaudit.tasks.findings.fixed_location import LocationCandidate, LocationProbe
+from visaudit.tasks.findings.probe_records import LocationCandidate, LocationProbe
 from visaudit.tasks.findings.shortcut_cue import shortcut_cue
 from visaudit.tasks.findings.thresholds import Thresholds
 

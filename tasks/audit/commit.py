@@ -22,12 +22,12 @@ import torch
 
 from visaudit.tasks.audit.plan import RunPlan
 from visaudit.tasks.audit.record import DataInfo, ModelInfo, RunRecord
-from visaudit.tasks.audit.setup_checks import NearChance, near_chance
+from visaudit.tasks.audit.setup_report import NearChance, near_chance
 from visaudit.tasks.audit.steps import IMPRESSIONS_DIR
 from visaudit.tasks.data import storage
 from visaudit.tasks.data.records import MetricRow, metric_frame
 from visaudit.tasks.explain.adversarial_output import ADVERSARIAL_DIR
-from visaudit.tasks.explain.features import FEATURES_DIR
+from visaudit.tasks.explain.feature_index import FEATURES_DIR
 from visaudit.tasks.findings.metrics import RunMetrics, judged_rows, summary_metrics
 
 RUN_METRICS = ("images", "audited", "unreadable", "accuracy", "top5_accuracy", "ece")  # per-run trend rows

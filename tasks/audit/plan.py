@@ -18,7 +18,8 @@ import pandas as pd
 from pydantic import BaseModel
 
 from visaudit.tasks.audit.request import AuditRequest, ModelSettings
-from visaudit.tasks.audit.setup_checks import SetupReport, run_setup_checks, stop_if_wrong
+from visaudit.tasks.audit.setup_checks import run_setup_checks, stop_if_wrong
+from visaudit.tasks.audit.setup_report import SetupReport
 from visaudit.tasks.audit.shard import ShardSettings
 from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.data.images import NORMALISATIONS, Preprocess
@@ -29,8 +30,9 @@ from visaudit.tasks.data.sources import (
     read_class_file,
     write_index,
 )
+from visaudit.tasks.explain.catalogue import check_method_names
 from visaudit.tasks.explain.impression_settings import choose_classes
-from visaudit.tasks.explain.registry import check_method_names, check_methods
+from visaudit.tasks.explain.registry import check_methods
 from visaudit.tasks.model.errors import ModelError
 from visaudit.tasks.model.layers import stage_layers
 from visaudit.tasks.model.loading import LoadedModel, default_preprocess, load_model

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from visaudit.tasks.audit.setup_checks import NearChance, SetupReport
+from visaudit.tasks.audit.setup_report import NearChance, SetupReport
 from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.data.images import Preprocess
 from visaudit.tasks.findings.metrics import RunMetrics

@@ -32,7 +32,7 @@ from visaudit.tasks.findings.thresholds import Thresholds
 
 if TYPE_CHECKING:  # the command line's --help and option parsing read this module: torch and pandas load on use
     from visaudit.tasks.audit.gate import GatePolicy
-    from visaudit.tasks.audit.setup_checks import SetupThresholds
+    from visaudit.tasks.audit.setup_report import SetupThresholds
     from visaudit.tasks.model.spec import ModelSpec
 
 
@@ -163,7 +163,7 @@ class SetupSettings(Settings):
                                flag="setup-confidence", gt=0.5, lt=1)
 
     def thresholds(self) -> SetupThresholds:
-        from visaudit.tasks.audit.setup_checks import SetupThresholds
+        from visaudit.tasks.audit.setup_report import SetupThresholds
 
         return SetupThresholds(probe_images=self.probe_images, min_gain=self.min_gain,
                                max_loss_ratio=self.max_loss_ratio, confidence=self.confidence)

@@ -20,14 +20,16 @@ import torch.nn.functional as F
 
 from visaudit.tasks.audit.shard_rows import BatchResult, BatchRows, batch_rows
 from visaudit.tasks.data import storage
-from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many, normalise, to_batch
+from visaudit.tasks.data.batches import normalise, to_batch
+from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many
 from visaudit.tasks.data.labels import label_matrix
 from visaudit.tasks.data.reads import ReadPolicy
 from visaudit.tasks.explain import cam, localisation, mil, occlusion, signals
 from visaudit.tasks.explain.attention_maps import attention_maps
 from visaudit.tasks.explain.cam_family import class_activation_maps, linear_head
+from visaudit.tasks.explain.catalogue import ATTENTION_METHODS, GUIDED_METHODS, INPUT_LAYER
 from visaudit.tasks.explain.guided import guided_saliency
-from visaudit.tasks.explain.registry import ATTENTION_METHODS, GRADIENT_METHODS, GUIDED_METHODS, INPUT_LAYER
+from visaudit.tasks.explain.registry import GRADIENT_METHODS
 from visaudit.tasks.model.attention import captured_attention
 from visaudit.tasks.model.errors import ModelError
 from visaudit.tasks.model.head import Head

@@ -21,19 +21,22 @@ from visaudit.tasks.audit.plan import INDEX_NAME, RunPlan, load_plan
 from visaudit.tasks.audit.progress import mark_images
 from visaudit.tasks.audit.shard import ShardResult, audit_shard
 from visaudit.tasks.data import storage
-from visaudit.tasks.data.images import Decoded, boxes_to_input, decode_many, normalise, standardise, to_batch
+from visaudit.tasks.data.batches import normalise, standardise, to_batch
+from visaudit.tasks.data.images import Decoded, boxes_to_input, decode_many
 from visaudit.tasks.data.records import MetricRow, metric_frame
 from visaudit.tasks.data.schema import table_schema
 from visaudit.tasks.data.sources import read_index
 from visaudit.tasks.explain import cam, mil, occlusion, rise
 from visaudit.tasks.explain.adversarial import attack_and_explain
 from visaudit.tasks.explain.adversarial_output import ADVERSARIAL_DIR, adversarial_table, save_strip_pngs
+from visaudit.tasks.explain.catalogue import ATTENTION_METHODS, GUIDED_METHODS
 from visaudit.tasks.explain.colour_impressions import colour_impressions
-from visaudit.tasks.explain.features import FEATURES_DIR, write_feature_views
+from visaudit.tasks.explain.feature_index import FEATURES_DIR
+from visaudit.tasks.explain.features import write_feature_views
 from visaudit.tasks.explain.impression_output import impression_cam, impression_table, save_pngs
 from visaudit.tasks.explain.impression_settings import choose_classes
 from visaudit.tasks.explain.impressions import class_impressions
-from visaudit.tasks.explain.registry import ATTENTION_METHODS, GRADIENT_METHODS, GUIDED_METHODS
+from visaudit.tasks.explain.registry import GRADIENT_METHODS
 from visaudit.tasks.explain.sanity import sanity_check
 from visaudit.tasks.findings.compute import compute_findings
 from visaudit.tasks.findings.cue_probe import cue_metric_rows, cue_samples, probe_cues

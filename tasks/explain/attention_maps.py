@@ -2,7 +2,7 @@
 (:func:`visaudit.tasks.model.attention.captured_attention`): attention rollout
 (:mod:`~visaudit.tasks.explain.attention_rollout`) and gradient-weighted rollout
 (:mod:`~visaudit.tasks.explain.gradient_rollout`), on the patch grid, keyed at
-:data:`~visaudit.tasks.explain.registry.ATTENTION_LAYER`.
+:data:`~visaudit.tasks.explain.catalogue.ATTENTION_LAYER`.
 
 Gradient-weighted rollout takes one ``autograd.grad`` per round of targets (as the CAM
 family does, :func:`visaudit.tasks.explain.cam.target_rounds`) with respect to every block's
@@ -15,8 +15,8 @@ import torch
 
 from visaudit.tasks.explain.attention_rollout import attention_rollout
 from visaudit.tasks.explain.cam import target_rounds
+from visaudit.tasks.explain.catalogue import ATTENTION_LAYER, ATTENTION_METHODS
 from visaudit.tasks.explain.gradient_rollout import gradient_rollout
-from visaudit.tasks.explain.registry import ATTENTION_LAYER, ATTENTION_METHODS
 from visaudit.tasks.model.attention import CapturedAttention, class_token_prefix
 
 

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from visaudit.tasks.explain.registry import GRADIENT_METHODS, GUIDED_METHODS, INPUT_LAYER
+from visaudit.tasks.explain.catalogue import GUIDED_METHODS, INPUT_LAYER
+from visaudit.tasks.explain.registry import GRADIENT_METHODS
 from visaudit.tasks.model.hooks import HookedForward
 
 

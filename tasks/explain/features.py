@@ -23,11 +23,10 @@ from PIL import Image
 from torch import nn
 
 from visaudit.tasks.data.files import write_atomically
+from visaudit.tasks.explain.feature_index import INDEX_NAME
 from visaudit.tasks.model.hooks import forward_hooks
 from visaudit.tasks.model.layout import Layout, infer_layout, to_map, token_grid
 
-FEATURES_DIR = "features"  # under the run folder
-INDEX_NAME = "features.json"
 FILTER_PATCH_PX = 24  # each kernel is drawn this many pixels a side (nearest-neighbour)
 
 

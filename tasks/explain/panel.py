@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from visaudit.tasks.data.images import decode, normalise, to_batch
+from visaudit.tasks.data.batches import normalise, to_batch
+from visaudit.tasks.data.images import decode
 from visaudit.tasks.explain.cam import explain
+from visaudit.tasks.explain.catalogue import INPUT_LAYER, method_title
 from visaudit.tasks.explain.overlay import overlay_pixels
-from visaudit.tasks.explain.registry import INPUT_LAYER, method_title
 from visaudit.tasks.model.head import Head
 from visaudit.tasks.model.hooks import hooked_forward
 from visaudit.tasks.model.loading import LoadedModel, default_preprocess

@@ -16,8 +16,9 @@ Kinds:
                    :data:`INPUT_LAYER`, :mod:`visaudit.tasks.explain.mil`);
 - ``impressions``  class impressions synthesised from noise (:mod:`visaudit.tasks.explain.impressions`).
 
-A new CAM variant is one weight function in ``cam_family`` and one :class:`Method` entry
-here: the audit's method list, the CLI's and the report's titles all read this registry.
+A new CAM variant is one weight function in ``cam_family``, its entry in ``WEIGHTS`` here and
+its name, title and kind in :mod:`visaudit.tasks.explain.catalogue` (no torch: the report and
+the CLI read the names and titles there); the audit's method list reads this registry.
 :func:`check_methods` finds, before any image is read, the methods the model cannot support:
 they are skipped with a one-line note, and only a run where none applies is refused. A model
 with no layer to hook (a TorchScript archive: its modules refuse hooks) gets only the methods
@@ -27,24 +28,20 @@ that need none (:attr:`Method.needs_layer` false: occlusion, MIL patches, class 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from visaudit.tasks.explain import cam_family
+from visaudit.tasks.explain.catalogue import CATALOGUE, MethodInfo, check_method_names
 from visaudit.tasks.model.attention import attention_family, captured_attention, class_token_prefix
 from visaudit.tasks.model.errors import ModelError
 from visaudit.tasks.model.hooks import frozen_parameters, head_features, hooked_forward, relu_modules
 from visaudit.tasks.model.layout import token_grid
 from visaudit.tasks.model.loading import LoadedModel
 
-Kind = Literal["gradient", "guided", "cam", "attention", "occlusion", "patches", "impressions"]
 WeightFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Check = Callable[[LoadedModel, list[str], int], None]
-
-INPUT_LAYER = "input"  # the layer input-space (guided) maps are keyed at
-ATTENTION_LAYER = "attention"  # the layer attention-rollout maps (every block's attention) are keyed at
-
 
 def _probe_input(loaded: LoadedModel, count: int, size: int) -> torch.Tensor:
     """``count`` seeded noise images of ``size`` pixels a side on the model's device, for the checks' forwards."""
@@ -119,13 +116,11 @@ def check_attention_applies(loaded: LoadedModel, layers: list[str], size: int) -
 
 
 @dataclass(frozen=True)
-class Method:
-    """One explanation method: ``weights`` for the ``gradient`` kind (only), and the ``check``
-    of what the model must offer beyond gradients reaching the layers (see :func:`check_methods`)."""
+class Method(MethodInfo):
+    """One explanation method (:class:`MethodInfo`) with what computing it takes: ``weights``
+    for the ``gradient`` kind (only), and the ``check`` of what the model must offer beyond
+    gradients reaching the layers (see :func:`check_methods`)."""
 
-    name: str
-    title: str
-    kind: Kind
     weights: WeightFunction | None = None
     check: Check | None = None
 
@@ -133,63 +128,21 @@ class Method:
         if (self.kind == "gradient") != (self.weights is not None):
             raise ValueError(f"method {self.name!r}: a weight function goes with the 'gradient' kind, and only with it")
 
-    @property
-    def needs_layer(self) -> bool:
-        """Whether the method hooks the model's modules (every kind but occlusion, patches and
-        impressions, which only run the model and take gradients with respect to its input)."""
-        return self.kind not in ("occlusion", "patches", "impressions")
 
-    @property
-    def needs_gradients(self) -> bool:
-        """Whether the method backpropagates to the explained layer (the gradient and guided kinds)."""
-        return self.kind in ("gradient", "guided")
-
-    def stored_layer(self, layer: str) -> str:
-        """The layer the method's maps are keyed at: :data:`INPUT_LAYER` for guided and patch
-        maps, :data:`ATTENTION_LAYER` for attention maps, else ``layer``."""
-        return {"guided": INPUT_LAYER, "patches": INPUT_LAYER, "attention": ATTENTION_LAYER}.get(self.kind, layer)
-
-
-REGISTRY: tuple[Method, ...] = (
-    Method("gradcam", "Grad-CAM", "gradient", weights=cam_family.gradcam),
-    Method("gradcam++", "Grad-CAM++", "gradient", weights=cam_family.gradcam_pp),
-    Method("xgradcam", "XGrad-CAM", "gradient", weights=cam_family.xgradcam),
-    Method("layercam", "LayerCAM", "gradient", weights=cam_family.layercam),
-    Method("hirescam", "HiResCAM", "gradient", weights=cam_family.hirescam),
-    Method("counterfactual", "Counterfactual", "gradient", weights=cam_family.counterfactual),
-    Method("cam", "CAM", "cam", check=check_cam_applies),
-    Method("guided_backprop", "Guided Backprop", "guided", check=check_relu_modules),
-    Method("guided_gradcam", "Guided Grad-CAM", "guided", check=check_relu_modules),
-    Method("attention_rollout", "Attention rollout", "attention", check=check_attention_applies),
-    Method("gradient_rollout", "Gradient-weighted rollout", "attention", check=check_attention_applies),
-    Method("occlusion", "Occlusion", "occlusion"),
-    Method("mil_patches", "MIL patches", "patches"),
-    Method("impressions", "Class impressions", "impressions"),
+WEIGHTS: dict[str, WeightFunction] = {
+    "gradcam": cam_family.gradcam, "gradcam++": cam_family.gradcam_pp, "xgradcam": cam_family.xgradcam,
+    "layercam": cam_family.layercam, "hirescam": cam_family.hirescam, "counterfactual": cam_family.counterfactual,
+}
+CHECKS: dict[str, Check] = {
+    "cam": check_cam_applies, "guided_backprop": check_relu_modules, "guided_gradcam": check_relu_modules,
+    "attention_rollout": check_attention_applies, "gradient_rollout": check_attention_applies,
+}
+REGISTRY: tuple[Method, ...] = tuple(
+    Method(info.name, info.title, info.kind, weights=WEIGHTS.get(info.name), check=CHECKS.get(info.name))
+    for info in CATALOGUE
 )
 METHODS: dict[str, Method] = {method.name: method for method in REGISTRY}
 GRADIENT_METHODS: dict[str, WeightFunction] = {m.name: m.weights for m in REGISTRY if m.weights is not None}
-GUIDED_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kind == "guided")
-ATTENTION_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kind == "attention")
-PATCH_METHODS: tuple[str, ...] = tuple(m.name for m in REGISTRY if m.kind == "patches")
-
-
-def method_names() -> tuple[str, ...]:
-    """Every method's name, in the registry's order."""
-    return tuple(METHODS)
-
-
-def method_title(name: str) -> str:
-    """The method's display title ("Grad-CAM"); a name the registry does not know (a method
-    stored by another version) is its own title."""
-    method = METHODS.get(name)
-    return method.title if method is not None else name
-
-
-def check_method_names(methods: Sequence[str]) -> None:
-    """Refuse names that are not methods (ValueError listing the available ones)."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(method_names())}")
 
 
 def check_methods(loaded: LoadedModel, methods: Sequence[str], layers: list[str], input_size: int) -> dict[str, str]:

@@ -24,9 +24,10 @@ from torch import nn
 
 from visaudit.tasks.explain.attention_maps import attention_maps
 from visaudit.tasks.explain.cam import explain
+from visaudit.tasks.explain.catalogue import ATTENTION_LAYER, ATTENTION_METHODS, GUIDED_METHODS, INPUT_LAYER
 from visaudit.tasks.explain.guided import guided_saliency
 from visaudit.tasks.explain.ranks import spearman
-from visaudit.tasks.explain.registry import ATTENTION_LAYER, ATTENTION_METHODS, GUIDED_METHODS, INPUT_LAYER, METHODS
+from visaudit.tasks.explain.registry import METHODS
 from visaudit.tasks.model.attention import captured_attention
 from visaudit.tasks.model.hooks import hooked_forward
 from visaudit.tasks.model.layout import token_grid

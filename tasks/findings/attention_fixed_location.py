@@ -9,7 +9,7 @@ candidates whose probes confirm a same-content, decisive spot.
 from __future__ import annotations
 
 from visaudit.tasks.findings.finding import Detector, Finding
-from visaudit.tasks.findings.fixed_location import LocationCandidate, LocationProbe
+from visaudit.tasks.findings.probe_records import LocationCandidate, LocationProbe
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 

@@ -50,6 +50,7 @@ import torch
 
 from visaudit.tasks.data.records import MetricRow
 from visaudit.tasks.findings.inputs import true_class
+from visaudit.tasks.findings.probe_records import CueProbe
 from visaudit.tasks.findings.thresholds import Thresholds
 
 # Method parameters (how the cue is measured, not when it is flagged: those are in Thresholds)
@@ -74,25 +75,6 @@ class CueMatch:
     corners: np.ndarray  # (N, 2) top-left (x, y) pixels of the cue's best match in every image
     side: int  # the crop's side in pixels of the input
     ratio: float  # median match ratio of the carriers to the seed (0 = identical)
-
-
-@dataclass(frozen=True)
-class CueProbe:
-    """What the probes measured for one class (tests 1 to 3)."""
-
-    class_name: str
-    images: int  # images of the class searched
-    carriers: tuple[str, ...]  # image ids carrying the cue, the seed first
-    share: float  # carriers / images
-    ratio: float  # median match ratio of the carriers
-    side: float  # the cue's side, a fraction of the input side
-    places: tuple[tuple[float, float], ...]  # distinct carrier places (crop centres, fractions, 0.05 grid)
-    others: int  # images of other classes pasted onto (not predicted as the class before)
-    flip_share: float  # of those, the share predicted as the class with the cue pasted
-    control_flip_share: float  # ... with the class's other images' attended crops pasted
-    drop: float  # mean drop of the class's probability on the carriers with the cue removed
-    control_drop: float  # ... on the class's other images with their attended crops filled
-    removal_flip_share: float  # of the carriers predicted as the class, the share no longer predicted
 
 
 def cue_samples(audited: pd.DataFrame, t: Thresholds) -> list[CueSample]:

@@ -21,46 +21,19 @@ and fails the second):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pandas as pd
 import torch
 
 from visaudit.tasks.data.columns import is_in
 from visaudit.tasks.data.records import MetricRow
+from visaudit.tasks.findings.probe_records import LocationCandidate, LocationProbe
 from visaudit.tasks.findings.thresholds import Thresholds
 
 # Method parameters (how the spot is measured, not when it is flagged: those are in Thresholds)
 RADIUS = 0.125  # of the image side: peaks this close share a spot; the patch is twice this wide
 SAMPLE_IMAGES = 16  # images per candidate class that are probed
 REFERENCE_SPOTS = 4  # spots far from the mark muted for the control drop
-
-
-@dataclass(frozen=True)
-class LocationCandidate:
-    """A class whose map peaks cluster at one spot (x, y as fractions of the input)."""
-
-    class_name: str
-    x: float
-    y: float
-    share: float
-    images: int
-    sample_ids: tuple[str, ...]  # images of the class whose peak is in the spot, for the probes
-
-
-@dataclass(frozen=True)
-class LocationProbe:
-    """What the content and occlusion probes measured for one candidate."""
-
-    x: float  # centre of the most constant patch near the peaks (fractions of the input)
-    y: float
-    side: float  # its side, a fraction of the input side
-    patch_ratio: float  # its spread across images / the median spread of patches of its size
-    drop: float  # mean drop of the class's probability when the spot is muted
-    control_drop: float  # the same, muting the reference spots
-    flip_share: float  # of the probed images predicted as the class, the share no longer predicted
-    images: int
 
 
 def location_candidates(audited: pd.DataFrame, explanations: pd.DataFrame, t: Thresholds) -> list[LocationCandidate]:

@@ -9,17 +9,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visaudit.tasks.findings.fixed_location import LocationCandidate, LocationProbe
-
-if TYPE_CHECKING:
-    from visaudit.tasks.findings.cue_probe import CueProbe
+from visaudit.tasks.findings.probe_records import CueProbe, LocationCandidate, LocationProbe
 
 Locations = tuple[list[LocationCandidate], dict[str, LocationProbe]]
 Embeddings = Callable[[Sequence[str]], np.ndarray]  # image ids -> their (N, D) float64 embeddings, in that order

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from visaudit.tasks.data.records import MetricRow
-from visaudit.tasks.explain.registry import METHODS
+from visaudit.tasks.explain.catalogue import method_kind
 from visaudit.tasks.findings.stats import Z_95, wilson_interval
 
 TOP = 5
@@ -137,7 +137,7 @@ def localisation_metric_rows(predictions: pd.DataFrame, explanations: pd.DataFra
                 rows.append(MetricRow(metric="wsl_mean_iou", value=float(part["wsl_iou"].mean()), images=len(part),
                                       method=method, layer=layer, class_name=name,
                                       detail="predicted class's map"))
-        kind = METHODS[method].kind if method in METHODS else None
+        kind = method_kind(method)
         if not multi_label and len(labelled) and kind in EMPTY_MAP_KINDS:
             hits = _top5_hits(group[["image_id", "target", "pointing_hit", "_row"]], audited, labelled,
                               heatmaps or (lambda: explanations["heatmap"]))

@@ -12,9 +12,9 @@ finding is the same mark seen at one spot on most of the class).
 from __future__ import annotations
 
 from visaudit.tasks.findings.attention_fixed_location import attention_fixed_location
-from visaudit.tasks.findings.cue_probe import CueProbe
 from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.inputs import AuditTables
+from visaudit.tasks.findings.probe_records import CueProbe
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 

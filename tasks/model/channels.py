@@ -8,7 +8,7 @@ order, ``flip`` reversing the channels,
     model( flip( (x - flip(m)) / flip(s) ) ) = model( (flip(x) - m) / s )
 
 so the wrapper is fed ``x`` normalised with the reversed mean and std, and the model sees
-exactly what the audit's own preprocessing feeds it (``visaudit.tasks.data.images.normalise``).
+exactly what the audit's own preprocessing feeds it (``visaudit.tasks.data.batches.normalise``).
 """
 
 from __future__ import annotations

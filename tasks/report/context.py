@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from visaudit.tasks.audit.gate import GateOutcome
+from visaudit.tasks.explain.feature_index import FEATURES_DIR
 from visaudit.tasks.report.adversarial import adversarial_view
 from visaudit.tasks.report.classes import calibration_view, class_table, confusion_view, slice_rows
 from visaudit.tasks.report.examples import failure_gallery, gallery_example, layer_strips
@@ -22,7 +23,7 @@ from visaudit.tasks.report.impressions import (
     impressions_view,
     label_peaks,
 )
-from visaudit.tasks.report.inputs import FEATURES_DIR, RunInputs
+from visaudit.tasks.report.inputs import RunInputs
 from visaudit.tasks.report.localisation import localisation_view
 from visaudit.tasks.report.methods import (
     explained_layer,

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from visaudit.tasks.data.sources import attribute_pairs
-from visaudit.tasks.explain.registry import method_title
+from visaudit.tasks.explain.catalogue import method_title
 from visaudit.tasks.report.figures import Painter
 from visaudit.tasks.report.formatting import file_name, names, optional_float, values
 

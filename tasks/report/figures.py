@@ -21,8 +21,7 @@ from PIL import Image
 
 from visaudit.tasks.data.files import write_atomically
 from visaudit.tasks.data.images import Decoded, Preprocess, boxes_to_input, decode_many
-from visaudit.tasks.explain.overlay import overlay_pixels, saliency_pixels, save_photo
-from visaudit.tasks.explain.registry import (
+from visaudit.tasks.explain.catalogue import (
     ATTENTION_LAYER,
     ATTENTION_METHODS,
     GUIDED_METHODS,
@@ -30,6 +29,7 @@ from visaudit.tasks.explain.registry import (
     PATCH_METHODS,
     method_names,
 )
+from visaudit.tasks.explain.overlay import overlay_pixels, saliency_pixels, save_photo
 from visaudit.tasks.findings.calibration import Reliability
 
 IMAGES_DIR = "images"

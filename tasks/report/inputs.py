@@ -10,7 +10,6 @@ every column of a million images.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import pyarrow.compute as pc
 from visaudit.tasks.audit.record import RunRecord
 from visaudit.tasks.data.columns import flat_items, object_cells
 from visaudit.tasks.data.storage import read_table
-from visaudit.tasks.explain.features import FEATURES_DIR, INDEX_NAME
+from visaudit.tasks.explain.feature_index import read_features
 
 # what the report reads of every image: the run-wide sections (headline numbers, ``summary_metrics``
 # included, class table, confusion matrix, calibration, slices, failure gallery) and the shown images
@@ -88,12 +87,6 @@ def read_inputs(out_dir: Path, run_id: str) -> RunInputs:
         history=read_table(out_dir, "metrics"),
         features=read_features(run_dir),
     )
-
-
-def read_features(run_dir: Path) -> dict[str, Any] | None:
-    """The feature views' index (``features/features.json``), or None when none were drawn."""
-    path = run_dir / FEATURES_DIR / INDEX_NAME
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def classes_seen(predictions: pd.DataFrame) -> list[str]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from visaudit.tasks.explain.registry import method_title
+from visaudit.tasks.explain.catalogue import method_title
 from visaudit.tasks.report.formatting import score
 
 # Grad-CAM paper (Selvaraju et al. 2017), as the seeds quote it: top-5 pointing game on PASCAL VOC 2007.

@@ -10,12 +10,12 @@ from typing import Any
 import pandas as pd
 
 from visaudit.tasks.audit.record import RunRecord
-from visaudit.tasks.explain.registry import method_names, method_title
+from visaudit.tasks.explain.catalogue import method_names, method_title
+from visaudit.tasks.explain.feature_index import FEATURES_DIR
 from visaudit.tasks.findings.thresholds import Thresholds
 from visaudit.tasks.findings.unfaithful_explanation import judged_sanity_step, sanity_steps
 from visaudit.tasks.report.examples import Thumb
 from visaudit.tasks.report.formatting import file_name, number, optional_float, score
-from visaudit.tasks.report.inputs import FEATURES_DIR
 
 # Grad-CAM paper (Selvaraju et al. 2017, sec. 5.3): rank correlation with occlusion maps,
 # image classification on PASCAL VOC 2007 val.
