@@ -20,9 +20,16 @@ import typer
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 from rich.markup import escape
+from typer.core import DEFAULT_MARKUP_MODE
 
 from visaudit.tasks.audit.request import GROUPS, AuditRequest
 from visaudit.tasks.audit.settings import Settings
+
+
+def _help(text: str | None) -> str:
+    """A field's description as option help: escaped where Typer reads help as Rich markup
+    (it would swallow "[timm]" in "pip install 'visaudit[timm]'"), as written where it does not."""
+    return escape(text or "") if DEFAULT_MARKUP_MODE == "rich" else text or ""
 
 
 def _extra(info: FieldInfo) -> dict[str, Any]:
@@ -60,8 +67,7 @@ def option_parameter(info: FieldInfo, name: str, panel: str) -> inspect.Paramete
         annotation, default = list[str], []
     if flag == "--out":
         names = ("--out", "-o")
-    # escaped: Typer reads help as Rich markup, which would swallow "[timm]" in "pip install 'visaudit[timm]'"
-    meta = typer.Option(*names, help=escape(info.description or ""), rich_help_panel=panel, show_default=form != "pairs")
+    meta = typer.Option(*names, help=_help(info.description), rich_help_panel=panel, show_default=form != "pairs")
     return inspect.Parameter(flag[2:].replace("-", "_"), inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, meta])
 
@@ -79,7 +85,7 @@ def request_parameters(source_required: bool = True) -> list[inspect.Parameter]:
         "source", inspect.Parameter.POSITIONAL_OR_KEYWORD,
         default=inspect.Parameter.empty if source_required else None,
         annotation=Annotated[str if source_required else Optional[str],
-                             typer.Argument(help=escape(own["source"].description or ""), show_default=False)])
+                             typer.Argument(help=_help(own["source"].description), show_default=False)])
     top = [option_parameter(own[name], name, "Run") for name in ("out_dir", "run_id", "series", "thresholds")]
     return [source, *top, *(p for group in GROUPS.values() for p in group_parameters(group))]
 

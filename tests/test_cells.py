@@ -97,3 +97,10 @@ def test_is_in_equals_pandas_isin(dtype: object) -> None:
         found = is_in(column, values)
         assert found.dtype == bool
         np.testing.assert_array_equal(found, column.isin(values).to_numpy())
+
+
+def test_a_list_column_too_long_for_one_chunk_stays_in_chunks() -> None:
+    """Joining chunks whose items overflow 32-bit list offsets fails in Arrow: such a column keeps its chunks."""
+    big = pa.ListArray.from_arrays(pa.array([0, 2**30], pa.int32()), pa.nulls(2**30))  # no value buffer: cheap
+    frame = to_frame(pa.table({"v": pa.chunked_array([big, big, big])}), nested_as_arrow=True)
+    assert pa.chunked_array(pa.array(frame["v"])).num_chunks == 3 and len(frame) == 3

@@ -43,6 +43,8 @@ from visaudit.tasks.findings.cue_probe import cue_metric_rows, cue_samples, prob
 from visaudit.tasks.findings.fixed_location import location_candidates, location_metric_rows, probe_location
 from visaudit.tasks.findings.inputs import FindingInputs, embedding_rows
 from visaudit.tasks.findings.localisation_rates import localisation_metric_rows
+from visaudit.tasks.findings.probe_records import CueProbe, LocationCandidate, LocationProbe
+from visaudit.tasks.findings.thresholds import Thresholds
 from visaudit.tasks.model.channels import rgb_view
 from visaudit.tasks.model.head import Head
 from visaudit.tasks.model.hooks import hooked_forward
@@ -235,11 +237,37 @@ def _staged_embeddings(plan: RunPlan, image_ids: Sequence[str]) -> np.ndarray:
     return embedding_rows(rows, image_ids)
 
 
-def _staged_uris(plan: RunPlan, image_ids: Sequence[str]) -> list[str]:
-    """The staged ``predictions.uri`` of ``image_ids``, in that order (only their rows read)."""
-    rows = storage.read_staged("predictions", Path(plan.out_dir), plan.run_id, columns=["image_id", "uri"],
-                               image_ids=image_ids)
-    return rows.drop_duplicates("image_id").set_index("image_id")["uri"].loc[list(image_ids)].tolist()
+def _staged_uris(plan: RunPlan) -> pd.Series:
+    """Every staged image's ``uri`` by image id: read for the probes alone, which load a few
+    images of every class (the detectors never read it: 86 MB at a million images)."""
+    rows = storage.read_staged("predictions", Path(plan.out_dir), plan.run_id, columns=["image_id", "uri"])
+    return rows.drop_duplicates("image_id").set_index("image_id")["uri"]
+
+
+def _model_probes(plan: RunPlan, audited: pd.DataFrame, explanations: pd.DataFrame,
+                  thresholds: Thresholds) -> tuple[list[LocationCandidate], dict[str, LocationProbe], dict[str, CueProbe]]:
+    """The findings' model probes: each fixed-location candidate's spot muted on sample images of its
+    class, and each class's recurring patch pasted and removed. The images they load are found by
+    uri here, so that the detectors never hold that column."""
+    candidates = location_candidates(audited, explanations[explanations["layer"] == plan.layer], thresholds)
+    samples = cue_samples(audited, thresholds)
+    if not candidates and not samples:
+        return candidates, {}, {}
+    uris, loaded = _staged_uris(plan), plan.load_model()
+
+    def load(image_ids: Sequence[str]) -> torch.Tensor:
+        return load_inputs(plan, loaded, uris.loc[list(image_ids)].tolist())
+
+    probes = {}
+    for candidate in candidates:
+        inputs = load(candidate.sample_ids)
+        if len(inputs) >= 2:
+            probes[candidate.class_name] = probe_location(
+                loaded.model, inputs, plan.classes.index(candidate.class_name),
+                candidate.x, candidate.y, plan.multi_label, thresholds.fixed_location_patch_ratio,
+            )
+    cues = probe_cues(loaded.model, samples, load, audited, plan.classes, thresholds, plan.multi_label) if samples else {}
+    return candidates, probes, cues
 
 
 def find(plan: RunPlan) -> int:
@@ -256,23 +284,7 @@ def find(plan: RunPlan) -> int:
     thresholds = plan.request.finding_thresholds()
     predictions, explanations = staged["predictions"], staged["explanations"]
     audited = predictions[predictions["error"].isna()]
-    candidates = location_candidates(audited, explanations[explanations["layer"] == plan.layer], thresholds)
-    probes = {}
-    if candidates:
-        loaded = plan.load_model()
-        for candidate in candidates:
-            inputs = load_inputs(plan, loaded, _staged_uris(plan, candidate.sample_ids))
-            if len(inputs) >= 2:
-                probes[candidate.class_name] = probe_location(
-                    loaded.model, inputs, plan.classes.index(candidate.class_name),
-                    candidate.x, candidate.y, plan.multi_label, thresholds.fixed_location_patch_ratio,
-                )
-    samples = cue_samples(audited, thresholds)
-    cues = {}
-    if samples:
-        loaded = plan.load_model()
-        cues = probe_cues(loaded.model, samples, lambda ids: load_inputs(plan, loaded, _staged_uris(plan, ids)),
-                          audited, plan.classes, thresholds, plan.multi_label)
+    candidates, probes, cues = _model_probes(plan, audited, explanations, thresholds)
     findings = compute_findings(FindingInputs(
         predictions=predictions, explanations=explanations, classes=plan.classes, multi_label=plan.multi_label,
         layer=plan.layer, signals=staged["signals"], occlusion=staged["occlusion"], metrics=staged["metrics"],

@@ -38,7 +38,7 @@ def to_frame(table: pa.Table, nested_as_arrow: bool = False) -> pd.DataFrame:
         del table
         for name in frame.columns:  # one chunk a column: a vector column is then one (N, D) numpy view
             if isinstance(frame[name].dtype, pd.ArrowDtype):
-                frame[name] = pd.arrays.ArrowExtensionArray(pa.chunked_array(pa.array(frame[name])).combine_chunks())
+                frame[name] = _one_chunk(frame[name])
         return frame
     names = table.column_names
     shared = {}
@@ -55,6 +55,18 @@ def to_frame(table: pa.Table, nested_as_arrow: bool = False) -> pd.DataFrame:
     if not shared:
         return frame
     return frame.assign(**{name: pd.Series(cells, index=frame.index, dtype=object) for name, cells in shared.items()})[names]
+
+
+def _one_chunk(column: pd.Series) -> pd.Series | pd.arrays.ArrowExtensionArray:
+    """An Arrow column's chunks joined into one; kept in chunks when its items overflow one
+    array's 32-bit offsets (a million images x 2,200 classes of probabilities would)."""
+    chunks = pa.chunked_array(pa.array(column))
+    if chunks.num_chunks < 2:
+        return column
+    try:
+        return pd.arrays.ArrowExtensionArray(chunks.combine_chunks())
+    except pa.ArrowInvalid:  # "offset overflow while concatenating arrays"
+        return column
 
 
 def _as_arrow(kind: pa.DataType) -> pd.ArrowDtype | None:

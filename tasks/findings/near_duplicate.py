@@ -170,7 +170,7 @@ def near_duplicates(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds,
     i, j = pair_rows[: len(i)], pair_rows[len(i) :]
     ids = frame["image_id"].to_numpy()[used]
     vectors = (embeddings or functools.partial(embedding_rows, signals))(ids)
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)  # not in place: may be Arrow's
     # no embeddings (a model with no layer to read them from: TorchScript): NaN, no veto lifted, no label claim
     sims = (vectors[i] * vectors[j]).sum(axis=1) if vectors.shape[1] else np.full(len(i), np.nan)
     detail = thumbnails[used].std(axis=1, dtype=np.float64) / 255
