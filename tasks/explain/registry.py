@@ -1,20 +1,10 @@
-"""The explanation methods, one entry each: its name, its display title, its kind and its check.
-
-Kinds:
-
-- ``gradient``     a CAM-family method computed from the gradients at the explained layer;
-                   its entry carries the weight function ``(A, g) -> L``
-                   (:mod:`visaudit.tasks.explain.cam_family`) that
-                   :func:`visaudit.tasks.explain.cam.explain` applies;
-- ``guided``       an input-space method from the guided backward (maps keyed at
-                   :data:`INPUT_LAYER`);
-- ``cam``          CAM from the model's global-average-pool + linear head (no gradients);
-- ``attention``    a transformer's attention rolled out over its blocks (maps keyed at
-                   :data:`ATTENTION_LAYER`, :mod:`visaudit.tasks.explain.attention_maps`);
-- ``occlusion``    muting windows (:mod:`visaudit.tasks.explain.occlusion`);
-- ``patches``      every patch classified on its own, multiple-instance style (maps keyed at
-                   :data:`INPUT_LAYER`, :mod:`visaudit.tasks.explain.mil`);
-- ``impressions``  class impressions synthesised from noise (:mod:`visaudit.tasks.explain.impressions`).
+"""The explanation methods as computed: each method of :mod:`visaudit.tasks.explain.catalogue`
+(its name, title and kind, listed there) joined to what computing it takes. A ``gradient``
+method carries its weight function ``(A, g) -> L`` (:mod:`visaudit.tasks.explain.cam_family`,
+applied by :func:`visaudit.tasks.explain.cam.explain`); CAM, the guided and the attention
+methods carry the check of what the model must offer (a linear head, ``nn.ReLU`` modules,
+self-attention over a class token); the other kinds live in their own modules (``occlusion``,
+``mil``, ``impressions``, ``attention_maps``).
 
 A new CAM variant is one weight function in ``cam_family``, its entry in ``WEIGHTS`` here and
 its name, title and kind in :mod:`visaudit.tasks.explain.catalogue` (no torch: the report and

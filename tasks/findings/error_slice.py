@@ -128,12 +128,13 @@ def error_clusters(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) 
         return []
     classes, positions = true_class(audited), signal_rows(audited, signals)
     keep = audited["correct"].notna().to_numpy() & classes.notna().to_numpy() & (positions >= 0)
+    at = positions[keep]
     frame = pd.DataFrame({  # each image's row of ``signals``: its thumbnail is taken per class
         "image_id": audited["image_id"][keep].reset_index(drop=True),
         "class": pd.Categorical(classes[keep]),  # codes: no Python string per image
-        "_signal": positions[keep],
+        "_signal": at,
         "correct": audited["correct"][keep].astype(bool).to_numpy(), "confidence": audited["confidence"][keep].to_numpy(),
-        **{name: signals[name].to_numpy()[positions[keep]] for name in PROPERTY_COLUMNS},
+        **{name: signals[name].to_numpy()[at] for name in PROPERTY_COLUMNS},
     })
     candidates = []
     for name, rows in frame.groupby("class", sort=True, observed=True):
