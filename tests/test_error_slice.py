@@ -108,3 +108,24 @@ def test_label_errors_in_a_failing_cluster_are_not_called_wrong_labels() -> None
     rows = likely_label_errors(audited, signals, CLASSES, Thresholds())
     assert rows and all(r.severity == "low" and r.slice == "explained=error_slice" for r in rows)
     assert all("look alike" in r.message and "fix their labels" not in r.message for r in rows)
+
+
+def test_a_class_larger_than_the_sample_is_clustered_from_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A class of more than ``SAMPLE`` images: its PCA axes and k-means centres are fitted on
+    ``SAMPLE`` evenly spaced images and every image goes to its nearest centre; the planted
+    reddish clusters are found as they are from the whole class."""
+    from visaudit.tasks.findings import error_slice
+
+    audited, signals, dark = _tables(0.8, 0.05, n=400)
+    cats = signals[[ls[0] == "cat" for ls in audited["labels"]]]
+    whole = error_clusters(audited, signals, Thresholds())
+    monkeypatch.setattr(error_slice, "SAMPLE", 50)  # each class has 200 images
+    sampled = error_clusters(audited, signals, Thresholds())  # outside ``sharing``: computed again
+    labels = cluster_labels(appearance(cats))
+    assert len(np.unique(labels)) == 6  # k from the class's 200 images, not the sample's 50
+    for cluster in np.unique(labels):  # every cluster still all reddish or all blue
+        assert len(set(dark[:200][labels == cluster])) == 1
+    reddish = set(audited.loc[dark, "image_id"])
+    for found in (whole, sampled):
+        assert {c.class_name for c in found} == {"cat", "dog"}
+        assert all(set(c.image_ids) <= reddish and c.gap > 0.5 for c in found)

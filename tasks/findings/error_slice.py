@@ -7,7 +7,8 @@ class it mistakes them for, so clusters there would hold errors by construction,
 data with no slice at all. The view is the 8x8 thumbnail (``signals.thumbnail``, pixels in
 [0, 1]) reduced by PCA to the components that keep 90% of its variance (at most 8), next to
 the image properties (``PROPERTY_COLUMNS``), clustered by k-means (scikit-learn) into
-k = clip(n / 20, 2, 6) clusters for a class of n images. The clustering never sees the
+k = clip(n / 20, 2, 6) clusters for a class of n images (a class of more than ``SAMPLE`` images: the
+centres fitted on ``SAMPLE`` of them, evenly spaced, and every image assigned to its nearest). The clustering never sees the
 errors, so each cluster's accuracy can be tested as a fixed slice would be: against the rest
 of its class, with Newcombe's hybrid score interval for the difference (``stats``),
 Bonferroni-corrected at ``slice_confidence`` over every cluster tested; a cluster fails when
@@ -42,7 +43,7 @@ IMAGES_PER_CLUSTER = 20  # k = clip(n / this, MIN_CLUSTERS, MAX_CLUSTERS)
 MIN_CLUSTERS, MAX_CLUSTERS = 2, 6
 THUMBNAIL_VARIANCE = 0.9  # PCA keeps the components holding this share of the thumbnails' variance ...
 MAX_COMPONENTS = 8  # ... at most this many
-PCA_SAMPLE = 20_000  # thumbnails of a class its principal axes are estimated from (evenly spaced; all when fewer)
+SAMPLE = 20_000  # images of a class its principal axes and k-means centres are fitted on (evenly spaced; all when fewer)
 CHUNK = 8_192  # thumbnails projected per step: two float64 temporaries of 12.6 MB (192-byte thumbnails)
 DESCRIBED_D = 0.5  # a property describes a cluster when its standardised mean difference reaches this
 EXPLAINED_SHARE = 0.5  # a cluster whose errors lie at least this much in metadata findings' images is theirs
@@ -72,30 +73,43 @@ def appearance(signals: pd.DataFrame, rows: np.ndarray | None = None) -> np.ndar
     """Each image's appearance features (of the images at row positions ``rows``, when given):
     the thumbnail's leading principal components, then its properties.
 
-    The axes are fitted on at most ``PCA_SAMPLE`` evenly spaced thumbnails (all of a smaller
-    class); every thumbnail is then projected, ``(x / 255 - mean) @ axes.T``, a chunk at a time,
-    so memory holds the uint8 thumbnails (192 bytes an image), not float64 copies of them."""
+    The axes are fitted on at most ``SAMPLE`` evenly spaced thumbnails (all of a smaller
+    class), from their covariance (a 192 x 192 matrix, not an SVD of the sample); every thumbnail
+    is then gathered and projected, ``(x / 255 - mean) @ axes.T``, a chunk at a time, so memory
+    holds no copy of the class's thumbnails, float64 or uint8."""
     from sklearn.decomposition import PCA
 
-    pixels = stacked(signals["thumbnail"], np.uint8, rows)
-    sample = pixels[np.linspace(0, len(pixels) - 1, min(len(pixels), PCA_SAMPLE)).astype(np.int64)] / 255.0
-    components = min(MAX_COMPONENTS, len(sample) - 1, pixels.shape[1])
-    pca = PCA(n_components=components, random_state=0).fit(sample)
+    thumbnails = signals["thumbnail"]
+    rows = np.arange(len(signals)) if rows is None else rows
+    sample = stacked(thumbnails, np.uint8, rows[_evenly_spaced(len(rows))]) / 255.0
+    components = min(MAX_COMPONENTS, len(sample) - 1, sample.shape[1])
+    pca = PCA(n_components=components, svd_solver="covariance_eigh").fit(sample)
     keep = int(np.searchsorted(np.cumsum(pca.explained_variance_ratio_), THUMBNAIL_VARIANCE) + 1)
     axes = pca.components_[: min(keep, components)]
-    scores = np.empty((len(pixels), len(axes)))
-    for start in range(0, len(pixels), CHUNK):
-        scores[start : start + CHUNK] = (pixels[start : start + CHUNK] / 255.0 - pca.mean_) @ axes.T
+    scores = np.empty((len(rows), len(axes)))
+    for start in range(0, len(rows), CHUNK):  # the class's thumbnails gathered a chunk at a time
+        pixels = stacked(thumbnails, np.uint8, rows[start : start + CHUNK])
+        scores[start : start + CHUNK] = (pixels / 255.0 - pca.mean_) @ axes.T
     properties = [signals[name].to_numpy() for name in PROPERTY_COLUMNS]  # views, not a float64 copy of every row
-    return np.column_stack([scores, *(p if rows is None else p[rows] for p in properties)])
+    return np.column_stack([scores, *(p[rows] for p in properties)])
+
+
+def _evenly_spaced(n: int) -> np.ndarray:
+    """Positions of at most ``SAMPLE`` evenly spaced items of ``n`` (all of them when fewer)."""
+    return np.linspace(0, n - 1, min(n, SAMPLE)).astype(np.int64)
 
 
 def cluster_labels(features: np.ndarray) -> np.ndarray:
-    """k-means clusters (k = clip(n / 20, 2, 6)) of one class's appearance features."""
+    """k-means clusters (k = clip(n / 20, 2, 6)) of one class's appearance features; a class of
+    more than ``SAMPLE`` images has its centres fitted on ``SAMPLE`` evenly spaced ones, then
+    every image goes to its nearest centre (the fit's memory and time then do not grow with n)."""
     from sklearn.cluster import KMeans
 
     k = int(np.clip(len(features) // IMAGES_PER_CLUSTER, MIN_CLUSTERS, MAX_CLUSTERS))
-    return KMeans(n_clusters=k, n_init=4, random_state=0).fit_predict(features)
+    means = KMeans(n_clusters=k, n_init=4, random_state=0)
+    if len(features) <= SAMPLE:
+        return means.fit_predict(features)
+    return means.fit(features[_evenly_spaced(len(features))]).predict(features)
 
 
 def _describe(properties: pd.DataFrame, inside: np.ndarray) -> tuple[tuple[str, float, float, float], ...]:
@@ -136,29 +150,35 @@ def error_clusters(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) 
         "correct": audited["correct"][keep].astype(bool).to_numpy(), "confidence": audited["confidence"][keep].to_numpy(),
         **{name: signals[name].to_numpy()[at] for name in PROPERTY_COLUMNS},
     })
+    codes = frame["class"].cat.codes.to_numpy()
+    order = np.argsort(codes, kind="stable")  # each class's rows in their order, without a sorted copy of the frame
+    bounds = np.searchsorted(codes[order], np.arange(len(frame["class"].cat.categories) + 1))
+    correct_all = frame["correct"].to_numpy()
     candidates = []
-    for name, rows in frame.groupby("class", sort=True, observed=True):
-        if len(rows) < 2 * t.min_group_images or rows["correct"].all():
+    for code, name in enumerate(frame["class"].cat.categories):
+        members = order[bounds[code] : bounds[code + 1]]
+        if len(members) < 2 * t.min_group_images or correct_all[members].all():
             continue
-        labels = cluster_labels(appearance(signals, rows["_signal"].to_numpy()))
+        labels = cluster_labels(appearance(signals, frame["_signal"].to_numpy()[members]))
         for cluster in np.unique(labels):
             inside = labels == cluster
             if inside.sum() >= t.min_group_images and (~inside).sum() >= t.min_group_images:
-                candidates.append((str(name), rows, inside))
+                candidates.append((str(name), members, inside))
     if not candidates:
         return []
     z = NormalDist().inv_cdf(1 - (1 - t.slice_confidence) / (2 * len(candidates)))
     found = []
-    for name, rows, inside in candidates:
-        correct = rows["correct"].to_numpy()
+    for name, members, inside in candidates:
+        correct = correct_all[members]
         k1, n1, k2, n2 = (np.float64(v) for v in (correct[inside].sum(), inside.sum(),
                                                     correct[~inside].sum(), (~inside).sum()))
         low, high = difference_interval(k1, n1, k2, n2, z)
         if low <= t.slice_margin:
             continue
-        members = rows[inside].sort_values(["correct", "confidence"], ascending=[True, False], kind="stable")
+        rows = frame.iloc[members]
+        ranked = rows[inside].sort_values(["correct", "confidence"], ascending=[True, False], kind="stable")
         found.append(ErrorCluster(name, int(k1), int(n1), int(k2), int(n2), float(low), float(high),
-                                  _describe(rows[list(PROPERTY_COLUMNS)], inside), tuple(members["image_id"])))
+                                  _describe(rows[list(PROPERTY_COLUMNS)], inside), tuple(ranked["image_id"])))
     return sorted(found, key=lambda c: -c.gap)
 
 
