@@ -29,6 +29,7 @@ from visaudit.tasks.findings.stats import wilson_interval
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 MAX_BOX_SHARE = 0.95  # a box this large leaves no room to tell where a map looks
+USED = ("image_id", "target", "layer", "energy_in_box", "box_area_fraction", "pointing_hit")  # explanations' columns read
 
 
 def normalised_excess(energy: np.ndarray, area: np.ndarray) -> np.ndarray:
@@ -41,11 +42,10 @@ def attention_off_object(audited: pd.DataFrame, explanations: pd.DataFrame, t: T
     evidence the images with the lowest normalised excess first."""
     if explanations.empty or explanations["energy_in_box"].isna().all():
         return []
-    maps = explanations[
-        (explanations["method"] == "gradcam") & explanations["is_label"] & explanations["energy_in_box"].notna()
-        & (explanations["box_area_fraction"] < MAX_BOX_SHARE)
-    ]
-    maps = maps[is_in(maps["image_id"], audited["image_id"])]
+    chosen = ((explanations["method"] == "gradcam") & explanations["is_label"] & explanations["energy_in_box"].notna()
+              & (explanations["box_area_fraction"] < MAX_BOX_SHARE)).to_numpy(bool) \
+        & is_in(explanations["image_id"], audited["image_id"])
+    maps = explanations.loc[chosen, list(USED)]  # one copy, of the columns used only
     z = NormalDist().inv_cdf(1 - (1 - t.slice_confidence) / 2)
     found = []
     for (name, layer), group in maps.groupby(["target", "layer"], sort=True):
