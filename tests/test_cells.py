@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from visaudit.tasks.data.cells import shared_cells, to_frame
-from visaudit.tasks.data.columns import is_in
+from visaudit.tasks.data.columns import PAIRS, attribute_pairs_of, is_in
 from visaudit.tasks.findings.inputs import stacked
 
 MAP = pa.map_(pa.string(), pa.string())
@@ -104,3 +104,26 @@ def test_a_list_column_too_long_for_one_chunk_stays_in_chunks() -> None:
     big = pa.ListArray.from_arrays(pa.array([0, 2**30], pa.int32()), pa.nulls(2**30))  # no value buffer: cheap
     frame = to_frame(pa.table({"v": pa.chunked_array([big, big, big])}), nested_as_arrow=True)
     assert pa.chunked_array(pa.array(frame["v"])).num_chunks == 3 and len(frame) == 3
+
+
+@pytest.mark.parametrize("nulls", [False, True], ids=["no-null-cell", "null-cells"])
+def test_attribute_pairs_equal_each_cell_read_as_a_dict(nulls: bool) -> None:
+    """(image, key, value) entries against a plain reading of every cell as a dict (a repeated
+    key keeps its last value, a null value is -1); also on a slice of a larger Arrow array, whose
+    offsets do not start at 0."""
+    rng = np.random.default_rng(3)
+    cells = []
+    for _ in range(300):
+        if nulls and rng.random() < 0.2:
+            cells.append(None)
+            continue
+        picked = rng.choice(["camera", "site", "light"], size=int(rng.integers(0, 5)))
+        cells.append([(str(k), None if rng.random() < 0.1 else f"v{int(rng.integers(0, 3))}") for k in picked])
+    whole = pa.array(cells, PAIRS)
+    for column in (pd.Series(whole.to_pylist(), dtype=object),
+                   pd.Series(pd.arrays.ArrowExtensionArray(whole.slice(50))), pd.Series(pd.arrays.ArrowExtensionArray(whole))):
+        expected = [(row, key, value) for row, cell in enumerate(column.tolist()) if cell is not None and cell is not pd.NA
+                    for key, value in dict(cell).items()]
+        pairs = attribute_pairs_of(column)
+        got = [(int(r), pairs.keys[k], None if v < 0 else pairs.values[v]) for r, k, v in zip(pairs.row, pairs.key, pairs.value)]
+        assert sorted(got, key=lambda e: (e[0], e[1])) == sorted(expected, key=lambda e: (e[0], e[1]))

@@ -114,11 +114,14 @@ def attribute_pairs_of(column: pd.Series) -> AttributePairs:
     pairs = arrow_array(column, PAIRS)
     offsets = pairs.offsets.to_numpy()  # into the keys and items of every cell, this array's or not
     spans = np.diff(offsets)
-    mine = np.repeat(pairs.is_valid().to_numpy(zero_copy_only=False), spans)
-    at = pa.array(np.arange(offsets[0], offsets[-1])[mine])
-    keys = pc.dictionary_encode(pairs.keys.take(at))
-    values = pc.dictionary_encode(pairs.items.take(at))
-    row = np.repeat(np.arange(len(pairs)), spans)[mine]
+    row = np.repeat(np.arange(len(pairs)), spans)
+    if pairs.null_count:  # a null cell's span (if any) holds no pairs of its own
+        mine = np.repeat(pairs.is_valid().to_numpy(zero_copy_only=False), spans)
+        at = pa.array(np.arange(offsets[0], offsets[-1])[mine])
+        keys, values, row = pc.dictionary_encode(pairs.keys.take(at)), pc.dictionary_encode(pairs.items.take(at)), row[mine]
+    else:  # every cell's pairs, in place (no index array, no copy of the strings)
+        span = slice(int(offsets[0]), int(offsets[-1]))
+        keys, values = pc.dictionary_encode(pairs.keys[span]), pc.dictionary_encode(pairs.items[span])
     key = keys.indices.to_numpy().astype(np.int64)
     value = pc.fill_null(values.indices, -1).to_numpy().astype(np.int64)
     entry = pd.Series(row * max(len(keys.dictionary), 1) + key)
