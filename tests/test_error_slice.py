@@ -120,7 +120,17 @@ def test_a_class_larger_than_the_sample_is_clustered_from_it(monkeypatch: pytest
     cats = signals[[ls[0] == "cat" for ls in audited["labels"]]]
     whole = error_clusters(audited, signals, Thresholds())
     monkeypatch.setattr(error_slice, "SAMPLE", 50)  # each class has 200 images
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    fitted: list[tuple[str, int]] = []
+    for kind in (KMeans, PCA):
+        def spy(self, x, *args, _fit=kind.fit, _name=kind.__name__, **kwargs):  # type: ignore[no-untyped-def]
+            fitted.append((_name, len(x)))
+            return _fit(self, x, *args, **kwargs)
+        monkeypatch.setattr(kind, "fit", spy)
     sampled = error_clusters(audited, signals, Thresholds())  # outside ``sharing``: computed again
+    assert sorted(fitted) == [("KMeans", 50)] * 2 + [("PCA", 50)] * 2  # each class's fits saw the sample only
     labels = cluster_labels(appearance(cats))
     assert len(np.unique(labels)) == 6  # k from the class's 200 images, not the sample's 50
     for cluster in np.unique(labels):  # every cluster still all reddish or all blue

@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from visaudit.tasks.data import scan
-from visaudit.tasks.data.scan import read_whole
+from visaudit.tasks.data.scan import _Gathered, read_whole
 
 SCHEMA = pa.schema([pa.field("image_id", pa.string()), pa.field("thumbnail", pa.list_(pa.uint8())),
                     pa.field("probabilities", pa.list_(pa.float32())), pa.field("names", pa.list_(pa.string())),
-                    pa.field("brightness", pa.float32())])
+                    pa.field("brightness", pa.float32())], metadata={"visaudit.table": "test"})
 
 
 def _parts(folder: Path, parts: int, rows: int, seed: int = 0, ragged: bool = False, null_item: bool = False) -> list[Path]:
@@ -53,16 +53,25 @@ def test_equals_a_plain_scan_with_one_chunk_per_vector_column(tmp_path: Path, ra
 
 def test_a_null_item_or_an_offset_overflow_falls_back_to_the_plain_scan(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    files = _parts(tmp_path, parts=3, rows=20, null_item=True)
+    files = _parts(tmp_path, parts=3, rows=20, null_item=True)  # a null item in the last file's batch
     plain = pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
     kept = read_whole(files, SCHEMA)
-    assert kept.equals(plain) and kept.column("probabilities").num_chunks > 1  # the null item kept, as a plain scan has it
+    assert kept.equals(plain) and kept.column("probabilities").num_chunks > 1  # the whole table read plainly
     (tmp_path / "clean").mkdir()
     clean = _parts(tmp_path / "clean", parts=3, rows=20)
-    monkeypatch.setattr(scan, "MAX_OFFSET", 100)  # 60 rows x 6 thumbnail bytes would overflow
+    monkeypatch.setattr(scan, "MAX_OFFSET", 200)  # 60 rows x 6 thumbnail bytes would overflow, 60 x 3 probabilities not
     overflowing = read_whole(clean, SCHEMA)
     assert overflowing.equals(pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in clean]))
-    assert overflowing.column("thumbnail").num_chunks > 1
+    assert overflowing.column("thumbnail").num_chunks > 1  # that column as the scan gives it ...
+    assert overflowing.column("probabilities").num_chunks == 1  # ... the other still gathered
+
+
+def test_sliced_batches_with_null_lists_are_gathered_from_their_offset() -> None:
+    lists = pa.array([[1, 2], None, [3], [], [4, 5, 6], None, [7]], pa.list_(pa.uint8()))
+    gathered = _Gathered(lists.type, rows=6)
+    for piece in (lists.slice(1, 3), lists.slice(4, 3)):  # offsets not starting at 0, null lists inside
+        assert gathered.add(piece)
+    assert gathered.array().equals(lists.slice(1))
 
 
 def test_no_rows(tmp_path: Path) -> None:

@@ -56,6 +56,10 @@ class _Gathered:
         return True
 
     def array(self) -> pa.ListArray:
+        """The column as one list array (its values a view of the buffer, copied only when the
+        buffer is over a tenth larger than they are: null or uneven lists)."""
+        if self.filled < 0.9 * len(self.values):
+            self.values = self.values[: self.filled].copy()
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, np.int64)
         offsets = np.zeros(len(lengths) + 1, np.int32)
         np.cumsum(lengths, out=offsets[1:])
@@ -67,24 +71,33 @@ class _Gathered:
 def read_whole(files: list[Path], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
     """Every row of ``files`` (in file order) with ``schema``, only ``columns`` when given; each
     list column of numbers is one chunk, gathered as the batches arrive (see the module). A
-    column whose items could overflow 32-bit offsets, or that holds a null item, is read as a
-    plain scan gives it (one chunk per batch)."""
+    column whose items would overflow 32-bit offsets (known from the first batch) or whose first
+    batch holds a null item stays as a plain scan gives it (one chunk per batch); a null item in a
+    later batch, or a later list long enough to overflow, reads the whole table plainly."""
     dataset = ds.dataset(files, schema=schema, format="parquet")
     names = schema.names if columns is None else list(columns)
     vectors = [name for name in names if _is_vector(schema.field(name).type)]
     rows = dataset.count_rows() if vectors else 0
     if not vectors or rows == 0:
         return dataset.to_table(columns=names)
-    gathered = {name: _Gathered(schema.field(name).type, rows) for name in vectors}
+    gathered = _gathered(dataset, schema, names, {name: _Gathered(schema.field(name).type, rows) for name in vectors})
+    # on None nothing of the abandoned scan is held any more during the plain one
+    return dataset.to_table(columns=names) if gathered is None else gathered
+
+
+def _gathered(dataset: ds.Dataset, schema: pa.Schema, names: list[str], gathered: dict[str, _Gathered]) -> pa.Table | None:
+    """The scan with ``gathered``'s columns copied into their buffers; None when a later batch
+    fails one of them (its earlier lists are in the buffer only)."""
     rest: list[pa.RecordBatch] = []
     for batch in dataset.to_batches(columns=names):  # in file order, each batch let go once copied
         for name in list(gathered):
-            column = batch.column(name)
-            if not gathered[name].add(column):
-                return dataset.to_table(columns=names)
-        rest.append(batch.drop_columns(vectors))
+            if not gathered[name].add(batch.column(name)):
+                if rest:
+                    return None
+                del gathered[name]  # the first batch: this column stays as the scan gives it
+        rest.append(batch.drop_columns(list(gathered)))
     table = pa.Table.from_batches(rest, schema=pa.schema([schema.field(n) for n in names if n not in gathered]))
     for name in names:
         if name in gathered:
             table = table.add_column(names.index(name), schema.field(name), gathered[name].array())
-    return table
+    return table.replace_schema_metadata(dataset.schema.metadata)

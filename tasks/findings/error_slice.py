@@ -74,7 +74,7 @@ def appearance(signals: pd.DataFrame, rows: np.ndarray | None = None) -> np.ndar
     the thumbnail's leading principal components, then its properties.
 
     The axes are fitted on at most ``SAMPLE`` evenly spaced thumbnails (all of a smaller
-    class), from their covariance (a 192 x 192 matrix, not an SVD of the sample); every thumbnail
+    class; from 1,920 of them on, scikit-learn fits them from their 192 x 192 covariance); every thumbnail
     is then gathered and projected, ``(x / 255 - mean) @ axes.T``, a chunk at a time, so memory
     holds no copy of the class's thumbnails, float64 or uint8."""
     from sklearn.decomposition import PCA
@@ -83,7 +83,7 @@ def appearance(signals: pd.DataFrame, rows: np.ndarray | None = None) -> np.ndar
     rows = np.arange(len(signals)) if rows is None else rows
     sample = stacked(thumbnails, np.uint8, rows[_evenly_spaced(len(rows))]) / 255.0
     components = min(MAX_COMPONENTS, len(sample) - 1, sample.shape[1])
-    pca = PCA(n_components=components, svd_solver="covariance_eigh").fit(sample)
+    pca = PCA(n_components=components, random_state=0).fit(sample)  # from 1,920 rows scikit-learn's own choice is the covariance
     keep = int(np.searchsorted(np.cumsum(pca.explained_variance_ratio_), THUMBNAIL_VARIANCE) + 1)
     axes = pca.components_[: min(keep, components)]
     scores = np.empty((len(rows), len(axes)))
