@@ -34,7 +34,7 @@ import pandas as pd
 from visaudit.tasks.data.schema import PROPERTY_COLUMNS
 from visaudit.tasks.findings.finding import Detector, Finding
 from visaudit.tasks.findings.group_gap import failing_groups
-from visaudit.tasks.findings.inputs import shared, signal_rows, stacked, true_class
+from visaudit.tasks.findings.inputs import evenly_spaced, shared, signal_rows, stacked, true_class
 from visaudit.tasks.findings.slice_gap import slice_gap, slice_table
 from visaudit.tasks.findings.stats import difference_interval
 from visaudit.tasks.findings.thresholds import Thresholds, severity
@@ -81,7 +81,7 @@ def appearance(signals: pd.DataFrame, rows: np.ndarray | None = None) -> np.ndar
 
     thumbnails = signals["thumbnail"]
     rows = np.arange(len(signals)) if rows is None else rows
-    sample = stacked(thumbnails, np.uint8, rows[_evenly_spaced(len(rows))]) / 255.0
+    sample = stacked(thumbnails, np.uint8, rows[evenly_spaced(len(rows), SAMPLE)]) / 255.0
     components = min(MAX_COMPONENTS, len(sample) - 1, sample.shape[1])
     pca = PCA(n_components=components, random_state=0).fit(sample)  # from 1,920 rows scikit-learn's own choice is the covariance
     keep = int(np.searchsorted(np.cumsum(pca.explained_variance_ratio_), THUMBNAIL_VARIANCE) + 1)
@@ -94,11 +94,6 @@ def appearance(signals: pd.DataFrame, rows: np.ndarray | None = None) -> np.ndar
     return np.column_stack([scores, *(p[rows] for p in properties)])
 
 
-def _evenly_spaced(n: int) -> np.ndarray:
-    """Positions of at most ``SAMPLE`` evenly spaced items of ``n`` (all of them when fewer)."""
-    return np.linspace(0, n - 1, min(n, SAMPLE)).astype(np.int64)
-
-
 def cluster_labels(features: np.ndarray) -> np.ndarray:
     """k-means clusters (k = clip(n / 20, 2, 6)) of one class's appearance features; a class of
     more than ``SAMPLE`` images has its centres fitted on ``SAMPLE`` evenly spaced ones, then
@@ -109,7 +104,7 @@ def cluster_labels(features: np.ndarray) -> np.ndarray:
     means = KMeans(n_clusters=k, n_init=4, random_state=0)
     if len(features) <= SAMPLE:
         return means.fit_predict(features)
-    return means.fit(features[_evenly_spaced(len(features))]).predict(features)
+    return means.fit(features[evenly_spaced(len(features), SAMPLE)]).predict(features)
 
 
 def _describe(properties: pd.DataFrame, inside: np.ndarray) -> tuple[tuple[str, float, float, float], ...]:
@@ -143,10 +138,9 @@ def error_clusters(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) 
     classes, positions = true_class(audited), signal_rows(audited, signals)
     keep = audited["correct"].notna().to_numpy() & classes.notna().to_numpy() & (positions >= 0)
     at = positions[keep]
-    frame = pd.DataFrame({  # each image's row of ``signals``: its thumbnail is taken per class
+    frame = pd.DataFrame({  # ``at``: each image's row of ``signals``, where its thumbnail is taken per class
         "image_id": audited["image_id"][keep].reset_index(drop=True),
         "class": pd.Categorical(classes[keep]),  # codes: no Python string per image
-        "_signal": at,
         "correct": audited["correct"][keep].astype(bool).to_numpy(), "confidence": audited["confidence"][keep].to_numpy(),
         **{name: signals[name].to_numpy()[at] for name in PROPERTY_COLUMNS},
     })
@@ -159,7 +153,7 @@ def error_clusters(audited: pd.DataFrame, signals: pd.DataFrame, t: Thresholds) 
         members = order[bounds[code] : bounds[code + 1]]
         if len(members) < 2 * t.min_group_images or correct_all[members].all():
             continue
-        labels = cluster_labels(appearance(signals, frame["_signal"].to_numpy()[members]))
+        labels = cluster_labels(appearance(signals, at[members]))
         for cluster in np.unique(labels):
             inside = labels == cluster
             if inside.sum() >= t.min_group_images and (~inside).sum() >= t.min_group_images:

@@ -157,6 +157,12 @@ def listed(cells: pd.Series) -> tuple[np.ndarray, np.ndarray]:
 STACK_CHUNK = 65_536  # object cells stacked per step (no full-size copy in the cells' own dtype)
 
 
+def evenly_spaced(n: int, at_most: int) -> np.ndarray:
+    """Positions of at most ``at_most`` evenly spaced items of ``n`` (all of them when fewer):
+    the sample a fit on a large class or table is made from."""
+    return np.linspace(0, n - 1, min(n, at_most)).astype(np.int64)
+
+
 def stacked(cells: pd.Series, dtype: type[np.generic], rows: np.ndarray | None = None) -> np.ndarray:
     """A column of equal-length vectors (``signals.embedding``, ``thumbnail``, ``probabilities``)
     as one (N, D) array of ``dtype``; only the cells at row positions ``rows``, in that order,

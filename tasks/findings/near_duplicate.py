@@ -26,7 +26,7 @@ import pandas as pd
 
 from visaudit.tasks.data.sources import attribute_pairs
 from visaudit.tasks.findings.finding import Detector, Finding
-from visaudit.tasks.findings.inputs import Embeddings, embedding_rows, signal_rows, stacked
+from visaudit.tasks.findings.inputs import Embeddings, embedding_rows, evenly_spaced, signal_rows, stacked
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def _search_radius(tree: cKDTree, radius: float) -> float | None:
     from the neighbour counts of COUNT_SAMPLE evenly spread points (no pairs built); None when
     not even identical points fit (large groups of one thumbnail)."""
     n = len(tree.data)
-    sample = tree.data[np.linspace(0, n - 1, min(n, COUNT_SAMPLE)).astype(np.int64)]
+    sample = tree.data[evenly_spaced(n, COUNT_SAMPLE)]
 
     def fits(r: float) -> bool:
         others = tree.query_ball_point(sample, r, return_length=True, workers=-1).sum() - len(sample)
@@ -122,7 +122,7 @@ def close_pairs(vectors: np.ndarray, max_rms: float) -> tuple[np.ndarray, np.nda
         return empty
     dims = v.shape[1]
     mean = v.mean(axis=0, dtype=np.float64)
-    sample = v[np.linspace(0, len(v) - 1, min(len(v), PCA_SAMPLE)).astype(np.int64)] - mean
+    sample = v[evenly_spaced(len(v), PCA_SAMPLE)] - mean
     axes = np.linalg.svd(sample, full_matrices=False)[2][: min(PROJECTED_DIMS, dims)]
     radius = max_rms * np.sqrt(dims) * (1 + 1e-6) + 1e-6  # rounding must not drop a pair at the edge
     tree = cKDTree(_projection(v, mean, axes))
