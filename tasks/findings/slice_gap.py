@@ -20,6 +20,8 @@ from visaudit.tasks.findings.inputs import shared, signal_rows
 from visaudit.tasks.findings.stats import difference_interval
 from visaudit.tasks.findings.thresholds import Thresholds, severity
 
+TERCILES = np.array(["low", "mid", "high"], dtype=object)
+
 
 @shared
 def attribute_table(audited: pd.DataFrame) -> pd.DataFrame:
@@ -53,10 +55,10 @@ def slice_table(audited: pd.DataFrame, signals: pd.DataFrame) -> pd.DataFrame:
     rows = signal_rows(frame, signals)
     found = rows >= 0
     derived = {}
-    for name in ("brightness", "contrast"):
-        terciles = pd.qcut(signals[name].rank(method="first"), 3, labels=["low", "mid", "high"]).astype(str).to_numpy()
+    for name in ("brightness", "contrast"):  # tercile codes, then one shared string object per label
+        codes = pd.qcut(signals[name].rank(method="first"), 3, labels=False).to_numpy()[rows[found]]
         cells = np.full(len(frame), np.nan, dtype=object)
-        cells[found] = terciles[rows[found]]
+        cells[np.flatnonzero(found)[~np.isnan(codes)]] = TERCILES[codes[~np.isnan(codes)].astype(np.intp)]
         derived[f"derived:{name}"] = pd.array(cells, dtype="str")
     return frame.assign(**derived).reset_index(drop=True)
 
