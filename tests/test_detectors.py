@@ -15,7 +15,13 @@ from visaudit.tasks.data.schema import PROPERTY_COLUMNS
 from visaudit.tasks.explain.signals import image_properties, thumbnails
 from visaudit.tasks.findings.colour_shortcut import colour_shortcuts
 from visaudit.tasks.findings.compute import FindingInputs, Thresholds, compute_findings
-from visaudit.tasks.findings.fixed_location import location_candidates, most_constant_patch, probe_location
+from visaudit.tasks.findings.fixed_location import (
+    RADIUS,
+    _neighbour_counts,
+    location_candidates,
+    most_constant_patch,
+    probe_location,
+)
 from visaudit.tasks.findings.inputs import embedding_rows
 from visaudit.tasks.findings.likely_label_error import likely_label_errors
 from visaudit.tasks.findings.near_duplicate import near_duplicates
@@ -384,6 +390,14 @@ def test_location_candidates_need_clustered_peaks() -> None:
     candidates = location_candidates(audited, explanations, Thresholds())
     assert [c.class_name for c in candidates] == ["cat"]
     assert abs(candidates[0].x - 0.1) < 0.03 and candidates[0].share >= 0.9
+
+
+def test_neighbour_counts_in_row_chunks_equal_the_whole_matrix() -> None:
+    """Peaks on a coarse grid (ties at exactly RADIUS included) counted in chunks of 7 rows."""
+    xy = np.random.default_rng(3).integers(0, 9, (100, 2)) / 8.0
+    whole = (np.hypot(*(xy[:, None, :] - xy[None, :, :]).transpose(2, 0, 1)) <= RADIUS).sum(axis=1)
+    assert np.array_equal(_neighbour_counts(xy, rows=7), whole) and whole.max() > 1
+    assert len(_neighbour_counts(np.zeros((0, 2)))) == 0
 
 
 # ----------------------------------------------------------------------------- colour_shortcut

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from visaudit.tasks.data import scan
-from visaudit.tasks.data.scan import _Gathered, read_whole
+from visaudit.tasks.data.scan import _Gathered, read_whole, scan_table
 
 SCHEMA = pa.schema([pa.field("image_id", pa.string()), pa.field("thumbnail", pa.list_(pa.uint8())),
                     pa.field("probabilities", pa.list_(pa.float32())), pa.field("names", pa.list_(pa.string())),
@@ -49,6 +49,16 @@ def test_equals_a_plain_scan_with_one_chunk_per_vector_column(tmp_path: Path, ra
     picked = read_whole(files, SCHEMA, ["probabilities", "image_id"])
     assert picked.column_names == ["probabilities", "image_id"]
     assert picked.equals(plain.select(["probabilities", "image_id"]))
+
+
+def test_reads_in_file_groups_keep_file_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Groups of 3 files (7 files: 3 + 3 + 1), whole or by column, equal one plain read in file order."""
+    monkeypatch.setattr(scan, "SCAN_GROUP", 3)
+    files = _parts(tmp_path, parts=7, rows=12, seed=4)
+    plain = pa.concat_tables([pq.read_table(f, schema=SCHEMA) for f in files])
+    assert scan_table(files, SCHEMA).equals(plain) and read_whole(files, SCHEMA).equals(plain)
+    assert scan_table(files, SCHEMA, ["brightness", "image_id"]).equals(plain.select(["brightness", "image_id"]))
+    assert scan_table([], SCHEMA, ["image_id"]).schema.names == ["image_id"]
 
 
 def test_a_null_item_or_an_offset_overflow_falls_back_to_the_plain_scan(tmp_path: Path,

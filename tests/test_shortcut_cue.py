@@ -11,6 +11,9 @@ import torch
 
 from visaudit.tasks.findings.cue_probe import (
     CueSample,
+    _best_match,
+    _fine_match,
+    _windows,
     cue_metric_rows,
     fill_background,
     find_cue,
@@ -73,6 +76,17 @@ def test_find_cue_finds_every_carrier_at_its_own_place() -> None:
         stamp = np.array(CORNERS[member % 3])
         assert (corner <= stamp).all() and (stamp + 6 <= corner + 8).all()
     assert match.ratio < 0.5 and match.side == 8
+
+
+def test_fine_match_in_chunks_equals_one_pass() -> None:
+    """The fine-stride match, a few images at a time, gives every image's best distance and
+    window exactly as one pass over all the windows."""
+    x = _stamped(n=10, carriers=4)
+    anchor = _windows(x[:1], 8, 2)[0, 5:6]
+    whole = _best_match(anchor, _windows(x, 8, 1))
+    chunked = _fine_match(anchor, x, 8, 1, budget=3 * 8 * 8 * 25 * 25 * 4 * 3)  # three images per chunk
+    assert torch.allclose(chunked[0], whole[0], atol=1e-6) and torch.equal(chunked[1], whole[1])
+    assert chunked[0].shape == (1, 10) and float(chunked[0][0, 0]) < 1e-4  # the anchor found in its own image
 
 
 def test_varying_strokes_at_the_centre_are_not_a_cue() -> None:

@@ -22,6 +22,7 @@ from visaudit.tasks.audit.progress import mark_images
 from visaudit.tasks.audit.shard import ShardResult, audit_shard
 from visaudit.tasks.data import storage
 from visaudit.tasks.data.batches import normalise, standardise, to_batch
+from visaudit.tasks.data.columns import rows_where
 from visaudit.tasks.data.images import Decoded, boxes_to_input, decode_many
 from visaudit.tasks.data.records import MetricRow, metric_frame
 from visaudit.tasks.data.schema import table_schema
@@ -249,7 +250,7 @@ def _model_probes(plan: RunPlan, audited: pd.DataFrame, explanations: pd.DataFra
     """The findings' model probes: each fixed-location candidate's spot muted on sample images of its
     class, and each class's recurring patch pasted and removed. The images they load are found by
     uri here, so that the detectors never hold that column."""
-    candidates = location_candidates(audited, explanations[explanations["layer"] == plan.layer], thresholds)
+    candidates = location_candidates(audited, rows_where(explanations, explanations["layer"] == plan.layer), thresholds)
     samples = cue_samples(audited, thresholds)
     if not candidates and not samples:
         return candidates, {}, {}
@@ -283,7 +284,7 @@ def find(plan: RunPlan) -> int:
               for table in ("predictions", "explanations", "signals", "occlusion", "metrics", "impressions", "adversarial")}
     thresholds = plan.request.finding_thresholds()
     predictions, explanations = staged["predictions"], staged["explanations"]
-    audited = predictions[predictions["error"].isna()]
+    audited = rows_where(predictions, predictions["error"].isna())
     candidates, probes, cues = _model_probes(plan, audited, explanations, thresholds)
     findings = compute_findings(FindingInputs(
         predictions=predictions, explanations=explanations, classes=plan.classes, multi_label=plan.multi_label,

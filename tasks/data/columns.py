@@ -52,6 +52,14 @@ def is_in(column: pd.Series, values: Iterable[str | None]) -> np.ndarray:
     return found.to_numpy(zero_copy_only=False) if isinstance(found, pa.Array) else np.asarray(found)
 
 
+def rows_where(frame: pd.DataFrame, keep: pd.Series | np.ndarray) -> pd.DataFrame:
+    """``frame[keep]``, or ``frame`` itself when every row is kept: a boolean selection copies
+    every column (the readable rows of a million-image run's predictions: ~470 MB), and the
+    readers of these frames never modify them (pandas' copy-on-write guards the rest)."""
+    mask = np.asarray(keep, dtype=bool)
+    return frame if mask.all() else frame[mask]
+
+
 def object_cells(column: pd.Series) -> pd.Series:
     """A list or map column with object cells, as ``read_table`` gives it by default (the
     column itself when it has them already)."""

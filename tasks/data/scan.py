@@ -9,6 +9,7 @@ are copied, as the batches arrive, into one buffer per column sized from the fir
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 MAX_OFFSET = 2**31 - 1  # a list array's 32-bit offsets
+SCAN_GROUP = 256  # part files per dataset scan (see scan_table)
 
 
 def _is_vector(kind: pa.DataType) -> bool:
@@ -68,28 +70,47 @@ class _Gathered:
                                         mask=pa.array(nulls) if nulls.any() else None)
 
 
+def _groups(files: list[Path], schema: pa.Schema) -> Iterator[ds.Dataset]:
+    """``files`` as datasets of ``SCAN_GROUP`` files each, in file order, each made when the last
+    is done with: a dataset keeps every scanned part's Parquet metadata (~80 KB a part)."""
+    for start in range(0, len(files), SCAN_GROUP):
+        yield ds.dataset(files[start : start + SCAN_GROUP], schema=schema, format="parquet")
+
+
+def scan_table(files: list[Path], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
+    """Every row of ``files`` (in file order) with ``schema``, only ``columns`` when given, read
+    ``SCAN_GROUP`` files at a time. One dataset over thousands of parts holds every part's
+    metadata until the scan ends: a million images' predictions (164 MB of Arrow data, 3,910
+    parts) took 597 MB more at the read's peak in one dataset, 319 MB in datasets of 256 parts
+    (64: 301 MB, 1,024: 377 MB), for 2.1 s instead of 1.5 s (this CPU, files cached)."""
+    target = pa.schema([schema.field(name) for name in columns]) if columns is not None else schema
+    tables = [group.to_table(columns=columns) for group in _groups(files, schema)]
+    return pa.concat_tables(tables) if tables else target.empty_table()
+
+
 def read_whole(files: list[Path], schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
     """Every row of ``files`` (in file order) with ``schema``, only ``columns`` when given; each
     list column of numbers is one chunk, gathered as the batches arrive (see the module). A
     column whose items would overflow 32-bit offsets (known from the first batch) or whose first
     batch holds a null item stays as a plain scan gives it (one chunk per batch); a null item in a
     later batch, or a later list long enough to overflow, reads the whole table plainly."""
-    dataset = ds.dataset(files, schema=schema, format="parquet")
     names = schema.names if columns is None else list(columns)
     vectors = [name for name in names if _is_vector(schema.field(name).type)]
-    rows = dataset.count_rows() if vectors else 0
+    rows = sum(group.count_rows() for group in _groups(files, schema)) if vectors else 0
     if not vectors or rows == 0:
-        return dataset.to_table(columns=names)
-    gathered = _gathered(dataset, schema, names, {name: _Gathered(schema.field(name).type, rows) for name in vectors})
+        return scan_table(files, schema, names)
+    gathered = _gathered(_groups(files, schema), schema, names, {name: _Gathered(schema.field(name).type, rows) for name in vectors})
     # on None nothing of the abandoned scan is held any more during the plain one
-    return dataset.to_table(columns=names) if gathered is None else gathered
+    return scan_table(files, schema, names) if gathered is None else gathered
 
 
-def _gathered(dataset: ds.Dataset, schema: pa.Schema, names: list[str], gathered: dict[str, _Gathered]) -> pa.Table | None:
+def _gathered(groups: Iterator[ds.Dataset], schema: pa.Schema, names: list[str],
+              gathered: dict[str, _Gathered]) -> pa.Table | None:
     """The scan with ``gathered``'s columns copied into their buffers; None when a later batch
     fails one of them (its earlier lists are in the buffer only)."""
     rest: list[pa.RecordBatch] = []
-    for batch in dataset.to_batches(columns=names):  # in file order, each batch let go once copied
+    batches = (batch for group in groups for batch in group.to_batches(columns=names))
+    for batch in batches:  # in file order, each batch let go once copied
         for name in list(gathered):
             if not gathered[name].add(batch.column(name)):
                 if rest:
@@ -100,4 +121,4 @@ def _gathered(dataset: ds.Dataset, schema: pa.Schema, names: list[str], gathered
     for name in names:
         if name in gathered:
             table = table.add_column(names.index(name), schema.field(name), gathered[name].array())
-    return table.replace_schema_metadata(dataset.schema.metadata)
+    return table.replace_schema_metadata(schema.metadata)

@@ -26,7 +26,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from visaudit.tasks.data.cells import to_frame
-from visaudit.tasks.data.scan import read_whole
+from visaudit.tasks.data.scan import read_whole, scan_table
 from visaudit.tasks.data.schema import SCHEMAS, table_schema
 
 PARTITIONING = ds.partitioning(pa.schema([pa.field("run_id", pa.string())]), flavor="hive")
@@ -149,7 +149,7 @@ def read_staged(table: str, out_dir: Path, run_id: str, columns: list[str] | Non
     if image_ids is None and nested_as_arrow:  # vector columns gathered into one chunk as they are read
         return to_frame(read_whole(files, schema, columns), nested_as_arrow)
     if image_ids is None:
-        return to_frame(ds.dataset(files, schema=schema, format="parquet").to_table(columns=columns), nested_as_arrow)
+        return to_frame(scan_table(files, schema, columns), nested_as_arrow)
     return to_frame(_rows_of(files, schema, columns, pa.array(sorted(set(image_ids)), pa.string())), nested_as_arrow)
 
 

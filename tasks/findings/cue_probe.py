@@ -125,6 +125,18 @@ def _best_match(anchors: torch.Tensor, windows: torch.Tensor, rows: int = 1024) 
     return torch.cat(values), torch.cat(indices)
 
 
+def _fine_match(anchor: torch.Tensor, x: torch.Tensor, side: int, stride: int,
+                budget: int = 16 << 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_best_match` of one anchor (1, D) to every crop at ``stride`` of ``x`` (N, C, S, S),
+    a few images at a time: the windows of all images at a fine stride would be ~110 MB for 48
+    images of 48 px (and three copies in flight), each chunk's under ``budget`` bytes."""
+    n, c, size, _ = x.shape
+    per_row = (size - side) // stride + 1
+    per_image = c * side * side * per_row * per_row * x.element_size()
+    parts = [_best_match(anchor, _windows(chunk, side, stride)) for chunk in x.split(max(1, budget // per_image))]
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+
 def find_cue(inputs: torch.Tensor, max_ratio: float) -> CueMatch | None:
     """Test 1 on (N, C, S, S) inputs of a class: every second crop of side s (at stride s/4) of
     every image is an anchor; it matches image j when its best distance to a crop of j is at
@@ -155,7 +167,7 @@ def find_cue(inputs: torch.Tensor, max_ratio: float) -> CueMatch | None:
     seed = anchor // positions
     fine = max(1, side // 8)  # the chosen anchor matched again at a finer stride: every carrier, aligned
     fine_row = (work - side) // fine + 1
-    fine_distance, fine_best = _best_match(anchors[anchor : anchor + 1], _windows(x, side, fine))
+    fine_distance, fine_best = _fine_match(anchors[anchor : anchor + 1], x, side, fine)
     ratio = fine_distance[0] / contrast[anchor]
     ratio[seed] = 0.0
     partners = torch.nonzero(ratio <= max_ratio).flatten()

@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from visaudit.tasks.data.columns import rows_where
 from visaudit.tasks.findings.probe_records import CueProbe, LocationCandidate, LocationProbe
 
 Locations = tuple[list[LocationCandidate], dict[str, LocationProbe]]
@@ -61,9 +62,9 @@ class FindingInputs:
         """The inputs as the detectors read them."""
         explanations = self.explanations
         if self.layer is not None and not explanations.empty:
-            explanations = explanations[explanations["layer"] == self.layer]
+            explanations = rows_where(explanations, explanations["layer"] == self.layer)
         return AuditTables(
-            audited=self.predictions[self.predictions["error"].isna()],
+            audited=rows_where(self.predictions, self.predictions["error"].isna()),
             explanations=explanations,
             classes=self.classes,
             multi_label=self.multi_label,

@@ -37,6 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from visaudit.tasks.data.columns import is_in
 from visaudit.tasks.data.records import MetricRow
 from visaudit.tasks.explain.catalogue import method_kind
 from visaudit.tasks.findings.stats import Z_95, wilson_interval
@@ -116,18 +117,18 @@ def localisation_metric_rows(predictions: pd.DataFrame, explanations: pd.DataFra
     inside = pc.is_in(pa.array(explanations["image_id"]), value_set=ids).to_numpy(zero_copy_only=False)
     maps = explanations[inside].assign(_row=np.flatnonzero(inside))
     has_labels = audited["labels"].map(lambda c: c is not None and len(c) > 0)
-    labelled_ids = set(audited.loc[has_labels, "image_id"].to_numpy())
-    judged_ids = set(audited.loc[audited["correct"].notna(), "image_id"].to_numpy())
+    labelled_ids = audited.loc[has_labels, "image_id"]  # Arrow's membership tests below: no Python string per id
+    judged_ids = audited.loc[audited["correct"].notna(), "image_id"]
     labelled = truth.dropna()
     rows: list[MetricRow] = []
     for (method, layer), group in maps.groupby(["method", "layer"], sort=True):
         pointed = group[group["is_label"] & group["box_area_fraction"].notna()]  # an empty map is a miss
-        if labelled_ids and labelled_ids <= set(pointed["image_id"].to_numpy()):
+        if len(labelled_ids) and is_in(labelled_ids, pointed["image_id"]).all():
             rows += _rate_rows("pointing_rate", pointed["pointing_hit"].fillna(False).astype(bool),
                                pointed["target"], method, layer,
                                "true class's map; tolerance 15 px at 224 px, scaled to the input")
         judged = group[group["localised"].notna()]
-        if not judged_ids or not judged_ids <= set(judged["image_id"].to_numpy()):
+        if not len(judged_ids) or not is_in(judged_ids, judged["image_id"]).all():
             judged = judged.iloc[:0]
         classes = truth.loc[judged["image_id"]].set_axis(judged.index)
         rows += _rate_rows("wsl_error", ~judged["localised"].astype(bool), classes, method, layer,

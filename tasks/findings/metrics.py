@@ -21,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visaudit.tasks.data.columns import arrow_lists, flat_items
+from visaudit.tasks.data.columns import arrow_lists, flat_items, rows_where
 from visaudit.tasks.findings.calibration import reliability_of
 
 
@@ -50,15 +50,15 @@ def first_labels(labels: pd.Series) -> pa.Array:
 
 def judged_rows(predictions: pd.DataFrame) -> pd.DataFrame:
     """Readable rows whose labels could be judged (``correct`` not null)."""
-    audited = predictions[predictions["error"].isna()]
-    return audited[audited["correct"].notna()]
+    audited = rows_where(predictions, predictions["error"].isna())
+    return rows_where(audited, audited["correct"].notna())
 
 
 def summary_metrics(predictions: pd.DataFrame, multi_label: bool) -> RunMetrics:
     """The headline numbers of a ``predictions`` frame (one run's rows; its ``labels`` and
     ``top_classes`` as Arrow lists or object cells: both are read whole through Arrow, no
     Python loop per row)."""
-    audited = predictions[predictions["error"].isna()]
+    audited = rows_where(predictions, predictions["error"].isna())
     judged = judged_rows(predictions)
     accuracy = top5 = ece = low = high = None
     if len(judged):
