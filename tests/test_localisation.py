@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 from scipy.stats import binomtest
@@ -11,7 +12,7 @@ from skimage.measure import label, regionprops
 
 from visaudit.tasks.explain import cam
 from visaudit.tasks.explain.localisation import box_iou, largest_segment_boxes, localise, wsl_columns
-from visaudit.tasks.findings.localisation_rates import localisation_metric_rows
+from visaudit.tasks.findings.localisation_rates import _single_labels, localisation_metric_rows
 
 
 def _two_blobs() -> np.ndarray:
@@ -202,3 +203,16 @@ def test_report_view_and_the_drawn_box() -> None:
     heat = np.zeros((4, 4), np.float32)
     drawn = overlay_pixels(heat, np.zeros((16, 16, 3)), 16, None, np.array([2.0, 3.0, 10.0, 12.0]))
     assert tuple(drawn[3, 6]) == WSL_BOX_COLOUR and tuple(drawn[7, 6]) != WSL_BOX_COLOUR
+
+
+@pytest.mark.parametrize("arrow", [False, True], ids=["object-cells", "arrow-lists"])
+def test_single_labels_as_the_per_cell_rule(arrow: bool) -> None:
+    """A row's label when it has exactly one (a null item as "None"), else missing; any label at all."""
+    cells = [np.array(["cat"]), None, np.array([], dtype=object), np.array(["dog", "cat"]), [None], ["dog"], ["cat"]]
+    labels = pd.Series(cells, dtype=object)
+    if arrow:
+        labels = pd.Series(pd.arrays.ArrowExtensionArray(pa.array(cells, pa.list_(pa.string()), from_pandas=True)))
+    truth, has_labels = _single_labels(labels)
+    assert [None if pd.isna(v) else v for v in truth] == ["cat", None, None, None, "None", "dog", "cat"]
+    assert has_labels.tolist() == [True, False, False, True, True, True, True]
+    assert len(truth.categories) == 3

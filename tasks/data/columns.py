@@ -52,6 +52,22 @@ def is_in(column: pd.Series, values: Iterable[str | None]) -> np.ndarray:
     return found.to_numpy(zero_copy_only=False) if isinstance(found, pa.Array) else np.asarray(found)
 
 
+def image_positions(column: pd.Series, ids: pd.Series) -> np.ndarray:
+    """Each cell's position in ``ids`` (distinct strings; the first, were one repeated), -1 for a
+    cell not among them: Arrow's hash lookup, no Python string per id (a pandas index of a
+    million string ids builds an object array and a hash table: ~110 MB)."""
+    value_set = pa.array(ids, from_pandas=True)
+    haystack = pa.array(column, from_pandas=True)
+    if len(value_set) == 0 or len(haystack) == 0:
+        return np.full(len(column), -1, dtype=np.int64)
+    if isinstance(value_set, pa.ChunkedArray):
+        value_set = value_set.combine_chunks()
+    if value_set.type != haystack.type:
+        value_set = value_set.cast(haystack.type)
+    found = pc.fill_null(pc.index_in(haystack, value_set=value_set), -1)
+    return np.asarray(found.to_numpy(zero_copy_only=False) if isinstance(found, pa.Array) else found, dtype=np.int64)
+
+
 def rows_where(frame: pd.DataFrame, keep: pd.Series | np.ndarray) -> pd.DataFrame:
     """``frame[keep]``, or ``frame`` itself when every row is kept: a boolean selection copies
     every column (the readable rows of a million-image run's predictions: ~470 MB), and the

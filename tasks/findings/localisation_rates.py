@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visaudit.tasks.data.columns import is_in
+from visaudit.tasks.data.columns import arrow_lists, image_positions, rows_where
 from visaudit.tasks.data.records import MetricRow
 from visaudit.tasks.explain.catalogue import method_kind
 from visaudit.tasks.findings.stats import Z_95, wilson_interval
@@ -46,16 +46,28 @@ TOP = 5
 EMPTY_MAP_KINDS = ("gradient", "cam")  # ReLU-ed maps: a class without positive evidence has an empty map
 
 
-def _first_label(cell: object) -> str | None:
-    values = list(cell) if cell is not None and not isinstance(cell, float) else []
-    return str(values[0]) if len(values) == 1 else None
+def _single_labels(labels: pd.Series) -> tuple[pd.Categorical, np.ndarray]:
+    """Each row's label when it has exactly one (a null item as "None", as ``str`` writes it),
+    else missing, as a categorical: one string a class, not one a row (a million Python strings
+    are ~70 MB); and whether each row has a label at all."""
+    lists = arrow_lists(labels)
+    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    one = lengths[parents] == 1
+    names = pc.dictionary_encode(pc.fill_null(pc.list_flatten(lists), "None").filter(pa.array(one)))
+    codes = np.full(len(labels), -1, dtype=np.int64)
+    codes[parents[one]] = names.indices.to_numpy(zero_copy_only=False)
+    categories = pd.Index(names.dictionary.to_pylist(), dtype=object)
+    return pd.Categorical.from_codes(codes, categories=categories), lengths > 0
 
 
 def _rate_rows(metric: str, hits: pd.Series, classes: pd.Series, method: str, layer: str,
                detail: str) -> list[MetricRow]:
     """``metric`` with its Wilson interval, per class and over all, from boolean ``hits``."""
     rows = []
-    groups = [(None, hits)] + [(str(name), group) for name, group in hits.groupby(classes.to_numpy(), sort=True)]
+    keys = pd.Series(classes.array, index=hits.index)  # by position; Arrow or categorical: no Python string a row
+    by_class = sorted((str(name), group) for name, group in hits.groupby(keys, sort=False, observed=True))
+    groups = [(None, hits)] + by_class
     for name, group in groups:
         n, k = len(group), int(group.sum())
         if n == 0:
@@ -72,33 +84,47 @@ def _distinct_top(classes: object) -> int:
     return len(set(list(classes)[:TOP]))
 
 
-def _top5_hits(maps: pd.DataFrame, audited: pd.DataFrame, labels: pd.Series,
-               heatmaps: Callable[[], pd.Series]) -> pd.Series | None:
-    """One hit per (image, top-5 class) pair of the images of ``labels`` (their single label,
-    by image id), indexed by image; None when a pair has no map.
+def _top5_hits(maps: pd.DataFrame, top_classes: pd.Series, labelled: np.ndarray, truth: pd.Categorical,
+               heatmaps: Callable[[], pd.Series]) -> tuple[np.ndarray, np.ndarray] | None:
+    """One hit per (image, top-5 class) pair of the ``labelled`` images (positions into the
+    audited rows, whose ``top_classes`` and single label ``truth`` are given in that order), and
+    each pair's image position; None when a pair has no map.
 
     The map counts come first: an image with fewer distinct targets among its maps than
     distinct top classes leaves a pair without a map, and the image with the fewest maps
     settles the usual case (maps of the predicted and true classes only) before any per-image
-    list is built. ``maps`` carry ``_row``, their positions in the series ``heatmaps`` returns,
-    which is read only when every pair has its map."""
-    have = maps.drop_duplicates(["image_id", "target"])["image_id"].value_counts()
-    have = have.reindex(labels.index.unique(), fill_value=0)
-    fewest = have.idxmin()
-    if have[fewest] < _distinct_top(audited.loc[audited["image_id"] == fewest, "top_classes"].iloc[0]):
+    list is built. ``maps`` carry ``_pos`` (their image's audited position) and ``_row``
+    (their position in the series ``heatmaps`` returns, read only when every pair has its map)."""
+    targets = pd.factorize(maps["target"])[0].astype(np.int64)  # (image, target) pairs as one integer each
+    width = targets.max(initial=0) + 2
+    pairs = np.sort(maps["_pos"].to_numpy(np.int64) * width + targets + 1)  # sorted, not np.unique's hash set
+    distinct = pairs[np.concatenate([[True], pairs[1:] != pairs[:-1]])] if len(pairs) else pairs
+    have = np.bincount(distinct // width, minlength=len(truth))
+    fewest = labelled[np.argmin(have[labelled])]
+    if have[fewest] < _distinct_top(top_classes.iloc[fewest]):
         return None
-    top = audited.set_index("image_id").loc[labels.index, "top_classes"].map(lambda c: list(c)[:TOP])
-    if (have.loc[top.index].to_numpy() < top.map(_distinct_top).to_numpy()).any():
+    top = top_classes.iloc[labelled].map(lambda c: list(c)[:TOP])
+    counts = top.map(len).to_numpy()
+    if (have[labelled] < top.map(_distinct_top).to_numpy()).any() or (counts == 0).any():  # no top class: no pairs
         return None
-    pairs = top.explode().rename("target").reset_index()
-    found = pairs.merge(maps, on=["image_id", "target"], how="left")
+    pairs = pd.DataFrame({"_pos": np.repeat(labelled, counts),
+                          "target": pd.Series(top.explode().to_numpy(), dtype=maps["target"].dtype)})
+    found = pairs.merge(maps[["_pos", "target", "pointing_hit", "_row"]], on=["_pos", "target"], how="left")
     if found["_row"].isna().any():
         return None
     cells = heatmaps().iloc[found["_row"].to_numpy(np.int64)]
-    present = found["target"].to_numpy() == labels.loc[found["image_id"]].to_numpy()
+    image = found["_pos"].to_numpy(np.int64)
+    present = found["target"].to_numpy(object) == np.asarray(truth[image], dtype=object)
     empty = cells.map(lambda h: float(np.max(h)) <= 0.0).to_numpy(bool)
-    hit = np.where(present, found["pointing_hit"].fillna(False).astype(bool).to_numpy(), empty)
-    return pd.Series(hit, index=found["image_id"].to_numpy())
+    return np.where(present, found["pointing_hit"].fillna(False).astype(bool).to_numpy(), empty), image
+
+
+def _covers(positions: pd.Series, required: np.ndarray, images: int) -> bool:
+    """Whether the image ``positions`` of some maps include every one of ``required`` (a few
+    non-empty; never an id lookup: a million string ids cost ~200 MB as a pandas index)."""
+    present = np.zeros(images, dtype=bool)
+    present[positions.to_numpy(np.int64)] = True
+    return len(required) > 0 and bool(present[required].all())
 
 
 def localisation_metric_rows(predictions: pd.DataFrame, explanations: pd.DataFrame, multi_label: bool,
@@ -109,41 +135,46 @@ def localisation_metric_rows(predictions: pd.DataFrame, explanations: pd.DataFra
     ``explanations`` (same rows, same order) for a caller that left it out of the frame (at a
     million images it is the largest column); it is called only for a method and layer whose maps
     cover every image's top classes. By default the frame's own column."""
-    audited = predictions[predictions["error"].isna() & predictions["box_x0"].notna()]
+    audited = rows_where(predictions, predictions["error"].isna() & predictions["box_x0"].notna())
     if audited.empty or explanations.empty or "localised" not in explanations:
         return []
-    truth = audited.set_index("image_id")["labels"].map(_first_label)
-    ids = pa.array(audited["image_id"])  # pyarrow's membership test: pandas' isin on its str dtype is ~20x slower
-    inside = pc.is_in(pa.array(explanations["image_id"]), value_set=ids).to_numpy(zero_copy_only=False)
-    maps = explanations[inside].assign(_row=np.flatnonzero(inside))
-    has_labels = audited["labels"].map(lambda c: c is not None and len(c) > 0)
-    labelled_ids = audited.loc[has_labels, "image_id"]  # Arrow's membership tests below: no Python string per id
-    judged_ids = audited.loc[audited["correct"].notna(), "image_id"]
-    labelled = truth.dropna()
+    truth, has_labels = _single_labels(audited["labels"])  # by audited position, as every lookup below
+    position = image_positions(explanations["image_id"], audited["image_id"])
+    inside = position >= 0
+    used = ["method", "layer", "target", "is_label", "box_area_fraction", "pointing_hit", "localised", "wsl_iou"]
+    maps = rows_where(explanations[used], inside).assign(_row=np.flatnonzero(inside), _pos=position[inside])
+    labelled_pos = np.flatnonzero(has_labels)
+    judged_pos = np.flatnonzero(audited["correct"].notna().to_numpy())
+    single = np.flatnonzero(truth.codes >= 0)
     rows: list[MetricRow] = []
-    for (method, layer), group in maps.groupby(["method", "layer"], sort=True):
-        pointed = group[group["is_label"] & group["box_area_fraction"].notna()]  # an empty map is a miss
-        if len(labelled_ids) and is_in(labelled_ids, pointed["image_id"]).all():
+    methods = maps[["method", "layer"]].drop_duplicates().sort_values(["method", "layer"])
+    for method, layer in methods.itertuples(index=False):  # each one's rows, not copied when it is the only one
+        group = rows_where(maps, (maps["method"] == method) & (maps["layer"] == layer))
+        pointed = group.loc[group["is_label"] & group["box_area_fraction"].notna(),  # an empty map is a miss
+                            ["_pos", "target", "pointing_hit"]]
+        if _covers(pointed["_pos"], labelled_pos, len(audited)):
             rows += _rate_rows("pointing_rate", pointed["pointing_hit"].fillna(False).astype(bool),
                                pointed["target"], method, layer,
                                "true class's map; tolerance 15 px at 224 px, scaled to the input")
-        judged = group[group["localised"].notna()]
-        if not len(judged_ids) or not is_in(judged_ids, judged["image_id"]).all():
+        judged = group.loc[group["localised"].notna(), ["_pos", "localised", "wsl_iou"]]
+        if not _covers(judged["_pos"], judged_pos, len(audited)):
             judged = judged.iloc[:0]
-        classes = truth.loc[judged["image_id"]].set_axis(judged.index)
+        classes = pd.Series(truth[judged["_pos"].to_numpy(np.int64)], index=judged.index)
         rows += _rate_rows("wsl_error", ~judged["localised"].astype(bool), classes, method, layer,
                            "predicted class's map: top-1 wrong or IoU < 0.5")
-        for name, part in [(None, judged)] + list(judged.groupby(classes.to_numpy(), sort=True)):
+        iou = judged["wsl_iou"]
+        by_class = sorted((str(name), part) for name, part in iou.groupby(classes.set_axis(iou.index), sort=False, observed=True))
+        for name, part in [(None, iou)] + by_class:
             if len(part):
-                rows.append(MetricRow(metric="wsl_mean_iou", value=float(part["wsl_iou"].mean()), images=len(part),
+                rows.append(MetricRow(metric="wsl_mean_iou", value=float(part.mean()), images=len(part),
                                       method=method, layer=layer, class_name=name,
                                       detail="predicted class's map"))
         kind = method_kind(method)
-        if not multi_label and len(labelled) and kind in EMPTY_MAP_KINDS:
-            hits = _top5_hits(group[["image_id", "target", "pointing_hit", "_row"]], audited, labelled,
+        if not multi_label and len(single) and kind in EMPTY_MAP_KINDS:
+            hits = _top5_hits(group, audited["top_classes"], single, truth,
                               heatmaps or (lambda: explanations["heatmap"]))
             if hits is not None:
-                rows += _rate_rows("pointing_top5_rate", hits.reset_index(drop=True),
-                                   labelled.loc[hits.index].reset_index(drop=True), method, layer,
+                hit, image = hits
+                rows += _rate_rows("pointing_top5_rate", pd.Series(hit), pd.Series(truth[image]), method, layer,
                                    "top-5 classes' maps: present class's peak in the box, absent class's map empty")
     return rows
