@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,9 @@ from visaudit.tasks.audit.progress import mark_images
 from visaudit.tasks.audit.shard import ShardResult, audit_shard
 from visaudit.tasks.data import storage
 from visaudit.tasks.data.batches import normalise, standardise, to_batch
-from visaudit.tasks.data.columns import rows_where
+from visaudit.tasks.data.columns import image_positions, rows_where
 from visaudit.tasks.data.images import Decoded, boxes_to_input, decode_many
+from visaudit.tasks.data.memory import release_freed, system_arrow_pool
 from visaudit.tasks.data.records import MetricRow, metric_frame
 from visaudit.tasks.data.schema import table_schema
 from visaudit.tasks.data.sources import read_index
@@ -238,11 +239,19 @@ def _staged_embeddings(plan: RunPlan, image_ids: Sequence[str]) -> np.ndarray:
     return embedding_rows(rows, image_ids)
 
 
-def _staged_uris(plan: RunPlan) -> pd.Series:
-    """Every staged image's ``uri`` by image id: read for the probes alone, which load a few
-    images of every class (the detectors never read it: 86 MB at a million images)."""
+def _staged_uris(plan: RunPlan) -> Callable[[Sequence[str]], list[str]]:
+    """The ``uri`` of staged images by image id (KeyError for an id not staged): read for the
+    probes alone, which load a few images of every class (the detectors never read it: 86 MB at
+    a million images). Looked up by Arrow's hash, not a pandas index (another ~110 MB)."""
     rows = storage.read_staged("predictions", Path(plan.out_dir), plan.run_id, columns=["image_id", "uri"])
-    return rows.drop_duplicates("image_id").set_index("image_id")["uri"]
+
+    def uris_of(image_ids: Sequence[str]) -> list[str]:
+        at = image_positions(pd.Series(list(image_ids), dtype=object), rows["image_id"])
+        if (missing := [i for i, p in zip(image_ids, at) if p < 0]):
+            raise KeyError(f"images not staged in run {plan.run_id}: {missing[:5]}")
+        return rows["uri"].iloc[at].tolist()
+
+    return uris_of
 
 
 def _model_probes(plan: RunPlan, audited: pd.DataFrame, explanations: pd.DataFrame,
@@ -257,7 +266,7 @@ def _model_probes(plan: RunPlan, audited: pd.DataFrame, explanations: pd.DataFra
     uris, loaded = _staged_uris(plan), plan.load_model()
 
     def load(image_ids: Sequence[str]) -> torch.Tensor:
-        return load_inputs(plan, loaded, uris.loc[list(image_ids)].tolist())
+        return load_inputs(plan, loaded, uris(image_ids))
 
     probes = {}
     for candidate in candidates:
@@ -277,34 +286,37 @@ def find(plan: RunPlan) -> int:
     The fixed-location and shortcut-cue detectors also need the model: their candidate spots
     are probed by muting them on sample images of the class (``findings.fixed_location``),
     recurring near-identical patches by pasting and removing them (``findings.cue_probe``).
+    Arrow allocates from ``malloc`` meanwhile (``system_arrow_pool``), which hands its pages back.
     """
-    out_dir = Path(plan.out_dir)
-    staged = {table: storage.read_staged(table, out_dir, plan.run_id, columns=FIND_COLUMNS.get(table),
-                                         nested_as_arrow=table == "signals")  # vectors as Arrow: no object per cell
-              for table in ("predictions", "explanations", "signals", "occlusion", "metrics", "impressions", "adversarial")}
-    thresholds = plan.request.finding_thresholds()
-    predictions, explanations = staged["predictions"], staged["explanations"]
-    audited = rows_where(predictions, predictions["error"].isna())
-    candidates, probes, cues = _model_probes(plan, audited, explanations, thresholds)
-    findings = compute_findings(FindingInputs(
-        predictions=predictions, explanations=explanations, classes=plan.classes, multi_label=plan.multi_label,
-        layer=plan.layer, signals=staged["signals"], occlusion=staged["occlusion"], metrics=staged["metrics"],
-        impressions=staged["impressions"], locations=(candidates, probes), cues=cues,
-        adversarial=staged["adversarial"], embeddings=functools.partial(_staged_embeddings, plan),
-    ), thresholds)
-    if probes:  # every probed candidate's numbers, flagged or not, for the record
-        rows = metric_frame(location_metric_rows(candidates, probes, plan.layer))
-        storage.write_part(rows, "metrics", out_dir, plan.run_id, "locations")
-    if cues:
-        storage.write_part(metric_frame(cue_metric_rows(cues, plan.layer)), "metrics", out_dir, plan.run_id, "cues")
+    with system_arrow_pool():
+        out_dir = Path(plan.out_dir)
+        staged = {table: storage.read_staged(table, out_dir, plan.run_id, columns=FIND_COLUMNS.get(table),
+                                             nested_as_arrow=table == "signals")  # vectors as Arrow: no object per cell
+                  for table in ("predictions", "explanations", "signals", "occlusion", "metrics", "impressions", "adversarial")}
+        thresholds = plan.request.finding_thresholds()
+        predictions, explanations = staged["predictions"], staged["explanations"]
+        audited = rows_where(predictions, predictions["error"].isna())
+        candidates, probes, cues = _model_probes(plan, audited, explanations, thresholds)
+        release_freed()  # the probes' images and search arrays
+        findings = compute_findings(FindingInputs(
+            predictions=predictions, explanations=explanations, classes=plan.classes, multi_label=plan.multi_label,
+            layer=plan.layer, signals=staged["signals"], occlusion=staged["occlusion"], metrics=staged["metrics"],
+            impressions=staged["impressions"], locations=(candidates, probes), cues=cues,
+            adversarial=staged["adversarial"], embeddings=functools.partial(_staged_embeddings, plan),
+        ), thresholds)
+        if probes:  # every probed candidate's numbers, flagged or not, for the record
+            rows = metric_frame(location_metric_rows(candidates, probes, plan.layer))
+            storage.write_part(rows, "metrics", out_dir, plan.run_id, "locations")
+        if cues:
+            storage.write_part(metric_frame(cue_metric_rows(cues, plan.layer)), "metrics", out_dir, plan.run_id, "cues")
 
-    def heatmaps() -> pd.Series:  # read only for a top-5 pointing game the maps can give
-        return storage.read_staged("explanations", out_dir, plan.run_id, columns=["heatmap"])["heatmap"]
+        def heatmaps() -> pd.Series:  # read only for a top-5 pointing game the maps can give
+            return storage.read_staged("explanations", out_dir, plan.run_id, columns=["heatmap"])["heatmap"]
 
-    if located := localisation_metric_rows(predictions, explanations, plan.multi_label, heatmaps):  # pointing game, WSL
-        storage.write_part(metric_frame(located), "metrics", out_dir, plan.run_id, "localisation")
-    storage.write_part(findings, "findings", out_dir, plan.run_id, "00000")
-    return len(findings)
+        if located := localisation_metric_rows(predictions, explanations, plan.multi_label, heatmaps):  # pointing game, WSL
+            storage.write_part(metric_frame(located), "metrics", out_dir, plan.run_id, "localisation")
+        storage.write_part(findings, "findings", out_dir, plan.run_id, "00000")
+        return len(findings)
 
 
 def feature_views(plan: RunPlan) -> int:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import pyarrow as pa
 
@@ -34,3 +35,17 @@ def release_freed() -> None:
     pa.default_memory_pool().release_unused()
     if (trim := _malloc_trim()) is not None:
         trim(0)
+
+
+@contextmanager
+def system_arrow_pool() -> Iterator[None]:
+    """Arrow's allocations within the block from the C library's ``malloc`` (its default pool
+    after). pyarrow's default, mimalloc, keeps the pages freed in each scan thread's own heap,
+    which ``release_unused`` (this thread's heap) does not return: on a million images'
+    findings (the probes, with their reads) 1,904 MB at the step's peak against 1,751 MB so."""
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)

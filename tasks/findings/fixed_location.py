@@ -54,7 +54,8 @@ def location_candidates(audited: pd.DataFrame, explanations: pd.DataFrame, t: Th
     """Classes whose Grad-CAM peaks cluster at one spot (test 1)."""
     if explanations.empty:
         return []
-    maps = explanations[(explanations["method"] == "gradcam") & explanations["is_label"]]
+    own = (explanations["method"] == "gradcam") & explanations["is_label"]
+    maps = explanations.loc[own, ["image_id", "target", "peak_x", "peak_y"]]  # the columns read, not the whole rows
     maps = maps[is_in(maps["image_id"], audited["image_id"])].dropna(subset=["peak_x", "peak_y"])
     found = []
     for name, group in maps.groupby("target", sort=True):
