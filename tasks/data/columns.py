@@ -34,38 +34,44 @@ def arrow_lists(column: pd.Series) -> pa.ListArray:
     return arrow_array(column, STRINGS)
 
 
+def _lookup(column: pd.Series, values: Iterable[str | None]) -> tuple[pa.Array | pa.ChunkedArray, pa.Array] | None:
+    """``column`` and ``values`` as Arrow arrays of one type for a hash lookup (``values`` in one
+    chunk); None when either is empty."""
+    value_set = pa.array(values if isinstance(values, pd.Series) else list(values), from_pandas=True)
+    haystack = pa.array(column, from_pandas=True)
+    if len(value_set) == 0 or len(haystack) == 0:
+        return None
+    if isinstance(value_set, pa.ChunkedArray):
+        value_set = value_set.combine_chunks()
+    if value_set.type != haystack.type:
+        value_set = value_set.cast(haystack.type)
+    return haystack, value_set
+
+
+def _as_numpy(found: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return found.to_numpy(zero_copy_only=False) if isinstance(found, pa.Array) else np.asarray(found)
+
+
 def is_in(column: pd.Series, values: Iterable[str | None]) -> np.ndarray:
     """``column.isin(values)`` for a string column, as a bool array: Arrow's hash lookup of each
     cell in the set ``values`` (a null cell is in it when ``values`` holds a null).
 
     pandas' own ``isin`` on an Arrow string column builds a Python scalar per *value*: for the
     million image ids of a large audit, ~360 MB and seconds; this holds the ids as Arrow data."""
-    value_set = pa.array(values if isinstance(values, pd.Series) else list(values), from_pandas=True)
-    haystack = pa.array(column, from_pandas=True)
-    if len(value_set) == 0 or len(haystack) == 0:
+    if (arrays := _lookup(column, values)) is None:
         return np.zeros(len(column), dtype=bool)
-    if isinstance(value_set, pa.ChunkedArray):
-        value_set = value_set.combine_chunks()
-    if value_set.type != haystack.type:
-        value_set = value_set.cast(haystack.type)
-    found = pc.fill_null(pc.is_in(haystack, value_set=value_set, skip_nulls=False), False)
-    return found.to_numpy(zero_copy_only=False) if isinstance(found, pa.Array) else np.asarray(found)
+    haystack, value_set = arrays
+    return _as_numpy(pc.fill_null(pc.is_in(haystack, value_set=value_set, skip_nulls=False), False))
 
 
 def image_positions(column: pd.Series, ids: pd.Series) -> np.ndarray:
     """Each cell's position in ``ids`` (distinct strings; the first, were one repeated), -1 for a
-    cell not among them: Arrow's hash lookup, no Python string per id (a pandas index of a
-    million string ids builds an object array and a hash table: ~110 MB)."""
-    value_set = pa.array(ids, from_pandas=True)
-    haystack = pa.array(column, from_pandas=True)
-    if len(value_set) == 0 or len(haystack) == 0:
+    cell not among them: Arrow's hash lookup, as :func:`is_in`, no Python string per id (a pandas
+    index of a million string ids builds an object array and a hash table: ~110 MB)."""
+    if (arrays := _lookup(column, ids)) is None:
         return np.full(len(column), -1, dtype=np.int64)
-    if isinstance(value_set, pa.ChunkedArray):
-        value_set = value_set.combine_chunks()
-    if value_set.type != haystack.type:
-        value_set = value_set.cast(haystack.type)
-    found = pc.fill_null(pc.index_in(haystack, value_set=value_set), -1)
-    return np.asarray(found.to_numpy(zero_copy_only=False) if isinstance(found, pa.Array) else found, dtype=np.int64)
+    haystack, value_set = arrays
+    return _as_numpy(pc.fill_null(pc.index_in(haystack, value_set=value_set), -1)).astype(np.int64, copy=False)
 
 
 def rows_where(frame: pd.DataFrame, keep: pd.Series | np.ndarray) -> pd.DataFrame:

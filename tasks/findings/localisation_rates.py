@@ -37,7 +37,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from visaudit.tasks.data.columns import arrow_lists, image_positions, rows_where
+from visaudit.tasks.data.columns import flat_items, image_positions, rows_where
 from visaudit.tasks.data.records import MetricRow
 from visaudit.tasks.explain.catalogue import method_kind
 from visaudit.tasks.findings.stats import Z_95, wilson_interval
@@ -50,24 +50,28 @@ def _single_labels(labels: pd.Series) -> tuple[pd.Categorical, np.ndarray]:
     """Each row's label when it has exactly one (a null item as "None", as ``str`` writes it),
     else missing, as a categorical: one string a class, not one a row (a million Python strings
     are ~70 MB); and whether each row has a label at all."""
-    lists = arrow_lists(labels)
-    lengths = pc.fill_null(pc.list_value_length(lists), 0).to_numpy(zero_copy_only=False)
-    parents = pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)
+    parents, items = flat_items(labels)
+    lengths = np.bincount(parents, minlength=len(labels))
     one = lengths[parents] == 1
-    names = pc.dictionary_encode(pc.fill_null(pc.list_flatten(lists), "None").filter(pa.array(one)))
+    names = pc.dictionary_encode(items.filter(pa.array(one)))
     codes = np.full(len(labels), -1, dtype=np.int64)
     codes[parents[one]] = names.indices.to_numpy(zero_copy_only=False)
     categories = pd.Index(names.dictionary.to_pylist(), dtype=object)
     return pd.Categorical.from_codes(codes, categories=categories), lengths > 0
 
 
+def _by_class(values: pd.Series, classes: pd.Series) -> list[tuple[str, pd.Series]]:
+    """``values`` grouped by ``classes`` (same positions; Arrow or categorical, so no Python
+    string a row), missing classes left out, in the classes' name order."""
+    keys = pd.Series(classes.array, index=values.index)
+    return sorted((str(name), group) for name, group in values.groupby(keys, sort=False, observed=True))
+
+
 def _rate_rows(metric: str, hits: pd.Series, classes: pd.Series, method: str, layer: str,
                detail: str) -> list[MetricRow]:
     """``metric`` with its Wilson interval, per class and over all, from boolean ``hits``."""
     rows = []
-    keys = pd.Series(classes.array, index=hits.index)  # by position; Arrow or categorical: no Python string a row
-    by_class = sorted((str(name), group) for name, group in hits.groupby(keys, sort=False, observed=True))
-    groups = [(None, hits)] + by_class
+    groups = [(None, hits)] + _by_class(hits, classes)
     for name, group in groups:
         n, k = len(group), int(group.sum())
         if n == 0:
@@ -120,8 +124,8 @@ def _top5_hits(maps: pd.DataFrame, top_classes: pd.Series, labelled: np.ndarray,
 
 
 def _covers(positions: pd.Series, required: np.ndarray, images: int) -> bool:
-    """Whether the image ``positions`` of some maps include every one of ``required`` (a few
-    non-empty; never an id lookup: a million string ids cost ~200 MB as a pandas index)."""
+    """Whether the image ``positions`` (of some maps) include every one of ``required``, which
+    must not be empty; positions, not ids: a million string ids cost ~200 MB as a pandas index."""
     present = np.zeros(images, dtype=bool)
     present[positions.to_numpy(np.int64)] = True
     return len(required) > 0 and bool(present[required].all())
@@ -163,8 +167,7 @@ def localisation_metric_rows(predictions: pd.DataFrame, explanations: pd.DataFra
         rows += _rate_rows("wsl_error", ~judged["localised"].astype(bool), classes, method, layer,
                            "predicted class's map: top-1 wrong or IoU < 0.5")
         iou = judged["wsl_iou"]
-        by_class = sorted((str(name), part) for name, part in iou.groupby(classes.set_axis(iou.index), sort=False, observed=True))
-        for name, part in [(None, iou)] + by_class:
+        for name, part in [(None, iou)] + _by_class(iou, classes):
             if len(part):
                 rows.append(MetricRow(metric="wsl_mean_iou", value=float(part.mean()), images=len(part),
                                       method=method, layer=layer, class_name=name,
