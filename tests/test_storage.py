@@ -6,7 +6,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from visaudit.tasks.data import schema, storage
+from visaudit.tasks.data import scan, schema, storage
 
 
 def _findings(n: int) -> pd.DataFrame:
@@ -128,13 +128,19 @@ def test_part_writer_with_no_rows_writes_an_empty_part_and_abort_leaves_nothing(
         storage.PartWriter("findings", tmp_path, "r1", "0").write(_findings(1).drop(columns=["message"]))
 
 
-def test_read_staged_picks_rows_by_image_id(tmp_path) -> None:
+def test_read_staged_picks_rows_by_image_id(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(scan, "SCAN_GROUP", 2)  # five parts: scans of 2 + 2 + 1 parts
     names = schema.table_schema("signals").names
-    rows = pd.DataFrame({name: [[0.5]] * 3 if name in ("probabilities", "embedding") else [0.0] * 3 for name in names})
-    rows = rows.assign(image_id=["a", "b", "c"], thumbnail=[[1, 2]] * 3, embedding=[[1.0], [2.0], [3.0]])
-    storage.write_part(rows, "signals", tmp_path, "r1", "0")
-    picked = storage.read_staged("signals", tmp_path, "r1", columns=["image_id", "embedding"], image_ids=["c", "a", "x"])
-    assert picked["image_id"].tolist() == ["a", "c"], "table order, unknown ids ignored"
-    assert [cell.tolist() for cell in picked["embedding"]] == [[1.0], [3.0]]
+    for part, ids in enumerate([["a", "b", "c"], ["d"], ["e", "f"], ["g"], ["h", "i"]]):
+        rows = pd.DataFrame({name: [[0.5]] * len(ids) if name in ("probabilities", "embedding") else [0.0] * len(ids)
+                             for name in names})
+        rows = rows.assign(image_id=ids, thumbnail=[[1, 2]] * len(ids), embedding=[[float(ord(i))] for i in ids])
+        storage.write_part(rows, "signals", tmp_path, "r1", f"{part:05d}")
+    picked = storage.read_staged("signals", tmp_path, "r1", columns=["image_id", "embedding"],
+                                 image_ids=["i", "c", "a", "x", "f"])
+    assert picked["image_id"].tolist() == ["a", "c", "f", "i"], "table order across parts, unknown ids ignored"
+    assert [cell.tolist() for cell in picked["embedding"]] == [[97.0], [99.0], [102.0], [105.0]]
+    none = storage.read_staged("signals", tmp_path, "r1", columns=["embedding", "image_id"], image_ids=["x"])
+    assert none.empty and none.columns.tolist() == ["embedding", "image_id"]
     with pytest.raises(ValueError, match="no image_id column"):
         storage.read_staged("metrics", tmp_path, "r1", image_ids=["a"])

@@ -70,7 +70,7 @@ class _Gathered:
                                         mask=pa.array(nulls) if nulls.any() else None)
 
 
-def _groups(files: list[Path], schema: pa.Schema) -> Iterator[ds.Dataset]:
+def groups(files: list[Path], schema: pa.Schema) -> Iterator[ds.Dataset]:
     """``files`` as datasets of ``SCAN_GROUP`` files each, in file order, each made when the last
     is done with: a dataset keeps every scanned part's Parquet metadata (~80 KB a part)."""
     for start in range(0, len(files), SCAN_GROUP):
@@ -84,7 +84,7 @@ def scan_table(files: list[Path], schema: pa.Schema, columns: list[str] | None =
     parts) took 597 MB more at the read's peak in one dataset, 319 MB in datasets of 256 parts
     (64: 301 MB, 1,024: 377 MB), for 2.1 s instead of 1.5 s (this CPU, files cached)."""
     target = pa.schema([schema.field(name) for name in columns]) if columns is not None else schema
-    tables = [group.to_table(columns=columns) for group in _groups(files, schema)]
+    tables = [group.to_table(columns=columns) for group in groups(files, schema)]
     return pa.concat_tables(tables) if tables else target.empty_table()
 
 
@@ -96,10 +96,10 @@ def read_whole(files: list[Path], schema: pa.Schema, columns: list[str] | None =
     later batch, or a later list long enough to overflow, reads the whole table plainly."""
     names = schema.names if columns is None else list(columns)
     vectors = [name for name in names if _is_vector(schema.field(name).type)]
-    rows = sum(group.count_rows() for group in _groups(files, schema)) if vectors else 0
+    rows = sum(group.count_rows() for group in groups(files, schema)) if vectors else 0
     if not vectors or rows == 0:
         return scan_table(files, schema, names)
-    gathered = _gathered(_groups(files, schema), schema, names, {name: _Gathered(schema.field(name).type, rows) for name in vectors})
+    gathered = _gathered(groups(files, schema), schema, names, {name: _Gathered(schema.field(name).type, rows) for name in vectors})
     # on None nothing of the abandoned scan is held any more during the plain one
     return scan_table(files, schema, names) if gathered is None else gathered
 

@@ -21,12 +21,11 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from visaudit.tasks.data.cells import to_frame
-from visaudit.tasks.data.scan import read_whole, scan_table
+from visaudit.tasks.data.scan import groups, read_whole, scan_table
 from visaudit.tasks.data.schema import SCHEMAS, table_schema
 
 PARTITIONING = ds.partitioning(pa.schema([pa.field("run_id", pa.string())]), flavor="hive")
@@ -154,20 +153,16 @@ def read_staged(table: str, out_dir: Path, run_id: str, columns: list[str] | Non
 
 
 def _rows_of(files: list[Path], schema: pa.Schema, columns: list[str] | None, ids: pa.Array) -> pa.Table:
-    """The rows of ``ids`` in ``files``, one row group at a time: its ``image_id`` column first,
-    the other columns only where it holds one of ``ids``. A dataset scan with the same filter
-    decodes every batch ahead and held 0.7-1.1 GB here to pick 200 rows of a million images'
-    embeddings."""
+    """The rows of ``ids`` in ``files`` (in file order): a filtered scan of ``SCAN_GROUP`` files
+    at a time (``scan.groups``). Reading part by part (``ParquetFile.read_row_group``, the wide
+    columns only where a row group held one of ``ids``) cost 27 ms a part and held memory it had
+    freed: 150,000 of a million images' embeddings (77 MB of Arrow data) took 128 s and 9.9 GB
+    more at its peak, against 4.4 s and 183 MB here (200 images: 3.1 s, 32 MB)."""
     names = schema.names if columns is None else list(columns)
     target = pa.schema([schema.field(name) for name in names])
-    kept = []
-    for path in files:
-        source = pq.ParquetFile(path)
-        for group in range(source.metadata.num_row_groups):
-            wanted = pc.is_in(source.read_row_group(group, columns=["image_id"])["image_id"], value_set=ids)
-            if pc.any(wanted).as_py():  # only then are the (wide) columns of this row group decoded
-                kept.append(source.read_row_group(group, columns=names).filter(wanted).cast(target))
-    return pa.concat_tables(kept) if kept else target.empty_table()
+    wanted = ds.field("image_id").isin(ids)
+    kept = [group.to_table(columns=names, filter=wanted) for group in groups(files, schema)]
+    return pa.concat_tables(kept).cast(target) if kept else target.empty_table()
 
 
 def commit_run(out_dir: Path, run_id: str, tables: list[str] | None = None) -> None:
