@@ -66,6 +66,7 @@ class Measured:
     load: float
     cpu: float  # user + system seconds of the run and the children it reaped (less sensitive to load than wall)
     peak_by_stage_mb: dict[str, float] = dataclasses.field(default_factory=dict)  # the tree's peak RSS in each stage
+    peak_by_role_mb: dict[str, float] = dataclasses.field(default_factory=dict)  # the run, Prefect's server, other children
 
 
 def _chunk(args: tuple[int, int, int, str]) -> str:
@@ -125,24 +126,41 @@ def _stage(out: Path) -> str:
     return "report" if any((out / "runs").glob("r*/run.json")) else "prepare"
 
 
+def _role(member: psutil.Process, run: psutil.Process) -> str:
+    """What a process of the run's tree is: the run itself, Prefect's API server, or another child
+    (the PDF's process, decode workers)."""
+    if member.pid == run.pid:
+        return "run"
+    try:
+        return "prefect server" if "uvicorn" in member.cmdline() else "other children"
+    except psutil.Error:
+        return "other children"
+
+
 def _watch(process: psutil.Process, peaks: list[float], stop: threading.Event, out: Path,
-           by_stage: dict[str, float]) -> None:
-    """Peak RSS (MB) of the process tree (the sum) and of its largest process, and the tree's peak by stage."""
+           by_stage: dict[str, float], by_role: dict[str, float]) -> None:
+    """Peak RSS (MB) of the process tree (the sum) and of its largest process, the tree's peak by
+    stage, and each role's (``_role``: the sum over its processes) peak."""
     while not stop.wait(0.2):
         try:
             tree = [process, *process.children(recursive=True)]
-            sizes = []
+            sizes, roles = [], {}
             for member in tree:
                 try:
-                    sizes.append(member.memory_info().rss)
+                    size = member.memory_info().rss
                 except psutil.Error:
-                    pass
+                    continue
+                sizes.append(size)
+                role = _role(member, process)
+                roles[role] = roles.get(role, 0) + size
         except psutil.Error:
             return
         peaks[0] = max(peaks[0], sum(sizes) / 2**20)
         peaks[1] = max(peaks[1], max(sizes, default=0) / 2**20)
         stage = _stage(out)
         by_stage[stage] = max(by_stage.get(stage, 0.0), round(sum(sizes) / 2**20))
+        for role, size in roles.items():
+            by_role[role] = max(by_role.get(role, 0.0), round(size / 2**20))
 
 
 def _size_mb(folder: Path) -> float:
@@ -170,8 +188,9 @@ def audit(manifest: Path, out: Path, input_size: int, extra: list[str], model_cl
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peaks, stop, by_stage = [0.0, 0.0], threading.Event(), {}
-    watcher = threading.Thread(target=_watch, args=(psutil.Process(child.pid), peaks, stop, out, by_stage), daemon=True)
+    peaks, stop, by_stage, by_role = [0.0, 0.0], threading.Event(), {}, {}
+    watcher = threading.Thread(target=_watch, args=(psutil.Process(child.pid), peaks, stop, out, by_stage, by_role),
+                               daemon=True)
     watcher.start()
     stdout, stderr = child.communicate()
     wall = time.perf_counter() - started
@@ -198,7 +217,8 @@ def audit(manifest: Path, out: Path, input_size: int, extra: list[str], model_cl
     subprocess.run([str(visaudit), "report", run_id, "--out", str(out)], check=True, capture_output=True)
     report = time.perf_counter() - mark
     tables = {name: _size_mb(out / "tables" / name / f"run_id={run_id}") for name in TABLES}
-    return Measured(record["metrics"]["images"], wall, stages, peaks[0], peaks[1], tables, report, load, cpu, by_stage)
+    return Measured(record["metrics"]["images"], wall, stages, peaks[0], peaks[1], tables, report, load, cpu, by_stage,
+                    by_role)
 
 
 def median_of(runs: list[Measured]) -> Measured:
@@ -208,6 +228,7 @@ def median_of(runs: list[Measured]) -> Measured:
         runs[0].images, pick(r.wall for r in runs), {k: pick(r.stages[k] for r in runs) for k in runs[0].stages},
         pick(r.peak_tree_mb for r in runs), pick(r.peak_process_mb for r in runs), runs[0].tables_mb,
         pick(r.report for r in runs), pick(r.load for r in runs), pick(r.cpu for r in runs), runs[0].peak_by_stage_mb,
+        runs[0].peak_by_role_mb,
     )
 
 
