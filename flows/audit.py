@@ -86,7 +86,7 @@ def audit(request: AuditRequest) -> str:
     pdf = PdfProcess() if request.report.pdf else None
     try:
         mark_stage(plan.folder, "commit")
-        commit_task(plan, timings)
+        commit_task(plan, timings, sum(result.reused for result in results))
         # 6. The release gate (--fail-on, --policy), judged on the committed tables: its outcome goes on the cover.
         outcome = gate_task(plan.out_dir, plan.run_id, request.gate.gate_policy())
         # 7. Report from the committed tables (re-rendered later with `visaudit report`): the HTML, then its PDF

@@ -92,6 +92,45 @@ def test_read_table_picks_rows_by_image_id_from_the_parts_holding_them(tmp_path)
         storage.read_table(tmp_path, "findings", image_ids=["a"])
 
 
+def test_commit_merges_the_parts_into_files_of_whole_row_groups_rows_in_order(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(storage, "MERGED_FILE_ROWS", 6)
+    monkeypatch.setattr(storage, "MERGED_GROUP_ROWS", 2)
+    monkeypatch.setattr(scan, "SCAN_GROUP", 2)  # the parts streamed two at a time
+    ids = [f"i{n:02d}" for n in range(13)]
+    for part, start in enumerate(range(0, 13, 3)):  # five parts: 3 + 3 + 3 + 3 + 1 rows
+        storage.write_part(_predictions(ids[start : start + 3]), "predictions", tmp_path, "r1", f"{part:05d}")
+    staged = storage.read_staged("predictions", tmp_path, "r1")
+    storage.commit_run(tmp_path, "r1")
+    folder = storage.partition_dir(tmp_path, "predictions", "r1")
+    files = sorted(folder.glob("*.parquet"))
+    assert [pq.ParquetFile(f).metadata.num_rows for f in files] == [6, 6, 1], "files of MERGED_FILE_ROWS rows"
+    assert [pq.ParquetFile(f).metadata.num_row_groups for f in files] == [3, 3, 1], "row groups of 2 rows"
+    assert not list(folder.parent.glob("_*")), "no staging or merge folder left"
+    full = storage.read_table(tmp_path, "predictions", "r1")
+    assert full.drop(columns="run_id").equals(staged) and full["image_id"].tolist() == ids, "the same rows, in order"
+    picked = storage.read_table(tmp_path, "predictions", "r1", ["image_id", "uri"], image_ids=["i12", "i03", "x"])
+    assert picked["image_id"].tolist() == ["i03", "i12"] and picked["uri"].tolist() == ["/d/i03.png", "/d/i12.png"]
+    assert pq.read_schema(files[0]).metadata[b"visaudit.schema_version"] == schema.SCHEMA_VERSION.encode()
+
+
+def test_a_commit_stopped_after_merging_is_done_again_from_the_staged_parts(tmp_path) -> None:
+    for part, ids in enumerate((["a", "b"], ["c"])):
+        storage.write_part(_predictions(ids), "predictions", tmp_path, "r1", str(part))
+    staged = storage.staging_dir(tmp_path, "predictions", "r1")
+    stale = storage.merge_parts(staged, "predictions", staged.with_name("_merge-r1"))  # stopped here once
+    (stale / "part-00009.parquet").write_bytes(b"truncated")
+    storage.commit_run(tmp_path, "r1")
+    assert storage.read_table(tmp_path, "predictions", "r1")["image_id"].tolist() == ["a", "b", "c"]
+    assert storage.merge_parts(storage.partition_dir(tmp_path, "predictions", "r1"), "predictions",
+                               tmp_path / "unused") is None, "one file: nothing to merge"
+    for part in ("0", "1"):  # parts without rows keep an empty table
+        storage.write_part(schema.table_schema("predictions").empty_table().to_pandas(), "predictions", tmp_path, "r2",
+                           part)
+    storage.commit_run(tmp_path, "r2")
+    assert list(storage.partition_dir(tmp_path, "predictions", "r2").glob("*.parquet"))
+    assert storage.read_table(tmp_path, "predictions", "r2").empty
+
+
 def test_read_staged_can_read_some_columns(tmp_path) -> None:
     storage.write_part(_findings(2), "findings", tmp_path, "r1", "0")
     some = storage.read_staged("findings", tmp_path, "r1", columns=["value", "kind"])

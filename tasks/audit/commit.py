@@ -61,7 +61,8 @@ def run_metric_rows(metrics: RunMetrics, findings: pd.DataFrame, series: str) ->
     return [MetricRow(metric=name, detail=series, value=value, images=metrics.audited) for name, value in values.items()]
 
 
-def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, float]) -> RunRecord:
+def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, float],
+                 resumed_shards: int = 0) -> RunRecord:
     """The record of a finished run (its metrics computed from its predictions)."""
     import prefect
 
@@ -102,6 +103,7 @@ def build_record(plan: RunPlan, predictions: pd.DataFrame, timings: dict[str, fl
         versions={"visaudit": _version("visaudit"), "torch": torch.__version__, "torchvision": _version("torchvision"),
                   "prefect": prefect.__version__, "python": platform.python_version()},
         timings=timings,
+        resumed_shards=resumed_shards,
         metrics=metrics,
         setup=plan.setup,
         near_chance=audit_near_chance(predictions, plan.multi_label, request.setup.confidence),
@@ -119,13 +121,15 @@ def audit_near_chance(predictions: pd.DataFrame, multi_label: bool, confidence: 
                        "exact_match" if multi_label else "accuracy")
 
 
-def commit(plan: RunPlan, timings: dict[str, float]) -> Path:
-    """Make the run visible: write run.json, move staged tables and figures into place, drop the plan."""
+def commit(plan: RunPlan, timings: dict[str, float], resumed_shards: int = 0) -> Path:
+    """Make the run visible: write run.json, move staged tables and figures into place (the tables'
+    parts merged: ``storage.commit_run``), drop the plan. ``resumed_shards``: how many shards an
+    earlier attempt of the run had finished (``run.json``'s ``resumed_shards``)."""
     out_dir = Path(plan.out_dir)
     predictions = storage.read_staged("predictions", out_dir, plan.run_id, columns=RECORD_COLUMNS)
     run_dir = out_dir / "runs" / plan.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = build_record(plan, predictions, timings)
+    record = build_record(plan, predictions, timings, resumed_shards)
     for folder in (FEATURES_DIR, IMPRESSIONS_DIR, ADVERSARIAL_DIR):  # figures made at audit time (they need the model)
         staged = plan.folder / folder
         if staged.is_dir():

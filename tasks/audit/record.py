@@ -61,6 +61,7 @@ class RunRecord(BaseModel):
     parameters: dict[str, Any] = Field(default_factory=dict)
     versions: dict[str, str] = Field(default_factory=dict)
     timings: dict[str, float] = Field(default_factory=dict)
+    resumed_shards: int = 0  # shards an earlier attempt of this run (same --run-id) had finished, reused as written
     metrics: RunMetrics | None = None
     setup: SetupReport | None = None  # the setup checks on the probe (None when skipped)
     near_chance: NearChance | None = None  # the whole audit's accuracy against chance

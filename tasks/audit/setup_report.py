@@ -7,10 +7,10 @@ them without loading the model's stack.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
 
 from visaudit.tasks.findings.stats import wilson_interval
 
@@ -102,5 +102,5 @@ def near_chance(correct: np.ndarray, label_keys: list[str], confidence: float, m
         return NearChance(metric, float("nan"), float("nan"), float("nan"), float("nan"), 0, False)
     chance = float(pd.Series(label_keys).value_counts().iloc[0] / n)
     k = float(np.sum(correct))
-    low, high = wilson_interval(np.array(k), np.array(float(n)), float(norm.ppf(0.5 + confidence / 2)))
+    low, high = wilson_interval(np.array(k), np.array(float(n)), NormalDist().inv_cdf(0.5 + confidence / 2))
     return NearChance(metric, k / n, float(low), float(high), chance, n, bool(low <= chance))

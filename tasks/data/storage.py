@@ -165,10 +165,17 @@ def _rows_of(files: list[Path], schema: pa.Schema, columns: list[str] | None, id
     return pa.concat_tables(kept).cast(target) if kept else target.empty_table()
 
 
+MERGED_FILE_ROWS = 131_072  # rows per committed file of a table merged at commit
+MERGED_GROUP_ROWS = 2_048  # rows per row group there: picking an image's rows (read_table's image_ids) decodes one group
+
+
 def commit_run(out_dir: Path, run_id: str, tables: list[str] | None = None) -> None:
     """Make a run visible: rename each table's staging folder into its partition.
 
     A table with no staged parts gets an empty part, so every committed run has every table.
+    A table of several parts (a shard's each) is merged first (:func:`merge_parts`) and the
+    merged folder renamed instead; a commit stopped at any point leaves the staged parts, and
+    a later commit does it again.
     """
     for table in tables or list(SCHEMAS):
         folder = staging_dir(out_dir, table, run_id)
@@ -177,10 +184,65 @@ def commit_run(out_dir: Path, run_id: str, tables: list[str] | None = None) -> N
             write_part(table_schema(table).empty_table().to_pandas(), table, out_dir, run_id, "empty")
         for leftover in folder.glob(".part-*.tmp"):
             leftover.unlink()
+        merged = merge_parts(folder, table, folder.with_name(f"_merge-{run_id}"))
         target = partition_dir(out_dir, table, run_id)
         if target.exists():
             shutil.rmtree(target)
-        os.replace(folder, target)
+        os.replace(merged or folder, target)
+        if merged is not None:
+            shutil.rmtree(folder)
+
+
+def merge_parts(folder: Path, table: str, merged: Path) -> Path | None:
+    """The parts of ``folder`` rewritten, rows in file order, as files of ``MERGED_FILE_ROWS`` rows
+    in row groups of ``MERGED_GROUP_ROWS`` in the new folder ``merged`` (replaced if it exists),
+    streamed ``SCAN_GROUP`` parts at a time; None when ``folder`` holds one part (nothing to merge).
+
+    A million-image run writes ~3,900 parts of 256 rows a table; every reader then opens each
+    (~1 ms a file) and a dataset keeps each one's metadata. At 200,000 images merging took 6.2 s
+    for every table and cut the report's reads (``read_inputs``) from 1.1 to 0.27 s and the files
+    on disk by 20-50% (zstd on larger pages)."""
+    files = sorted(folder.glob("part-*.parquet"))
+    if len(files) < 2:
+        return None
+    schema = table_schema(table)
+    if merged.exists():
+        shutil.rmtree(merged)
+    merged.mkdir()
+    writer: pq.ParquetWriter | None = None
+    written = files_done = 0
+    waiting: list[pa.RecordBatch] = []
+
+    def write(rows: pa.Table) -> None:
+        nonlocal writer, written, files_done
+        while rows.num_rows:
+            if writer is None:
+                writer = pq.ParquetWriter(merged / f"part-{files_done:05d}.parquet", schema, compression="zstd")
+            now = rows.slice(0, MERGED_FILE_ROWS - written)
+            writer.write_table(now, row_group_size=MERGED_GROUP_ROWS)
+            written += now.num_rows
+            rows = rows.slice(now.num_rows)
+            if written == MERGED_FILE_ROWS:
+                writer.close()
+                writer, written, files_done = None, 0, files_done + 1
+
+    try:
+        for group in groups(files, schema):
+            for batch in group.to_batches():
+                waiting.append(batch)
+                rows = sum(b.num_rows for b in waiting)
+                if rows >= MERGED_GROUP_ROWS:  # whole row groups only; the rest waits for the next batches
+                    ready = pa.Table.from_batches(waiting, schema)
+                    cut = rows - rows % MERGED_GROUP_ROWS
+                    write(ready.slice(0, cut))
+                    waiting = ready.slice(cut).to_batches()
+        write(pa.Table.from_batches(waiting, schema))
+        if writer is None and files_done == 0:  # parts without rows: the run keeps its (empty) table
+            pq.write_table(schema.empty_table(), merged / "part-00000.parquet", compression="zstd")
+    finally:
+        if writer is not None:
+            writer.close()
+    return merged
 
 
 def read_table(
@@ -198,9 +260,9 @@ def read_table(
     ``nested_as_arrow`` their Arrow data (``pd.ArrowDtype``: no Python object per cell, for
     whole-column work on many rows).
 
-    With ``image_ids``, a first scan of the ``image_id`` column finds the part files holding
-    them, and only those are read whole: a few images' rows (their heatmaps, say) cost one
-    small column of every part, not every column."""
+    With ``image_ids``, a first scan of the ``image_id`` column finds the row groups holding
+    them, and only those are read: a few images' rows (their heatmaps, say) cost one small
+    column of the table and a row group (``MERGED_GROUP_ROWS`` rows) an image, not every column."""
     root = Path(out_dir) / "tables" / table
     schema = table_schema(table)
     if image_ids is not None and "image_id" not in schema.names:
@@ -220,14 +282,17 @@ def read_table(
     if image_ids is not None:
         ids = pa.array(sorted(set(image_ids)), pa.string())
         expr = ds.field("image_id").isin(ids) if expr is None else expr & ds.field("image_id").isin(ids)
-        holding = _parts_holding(dataset, expr) if len(ids) else set()
-        parts = [part for part in dataset.get_fragments() if part.path in holding]  # in the dataset's order
-        dataset = ds.FileSystemDataset(parts, dataset.schema, dataset.format, dataset.filesystem)
+        dataset = _row_groups_holding(dataset, expr) if len(ids) else ds.FileSystemDataset(
+            [], dataset.schema, dataset.format, dataset.filesystem)
     return to_frame(dataset.to_table(columns=columns, filter=expr), nested_as_arrow)
 
 
-def _parts_holding(dataset: ds.FileSystemDataset, expr: ds.Expression) -> set[str]:
-    """The paths of the part files with a row matching ``expr``, from a scan of ``image_id``
-    alone (``expr`` reads nothing else but partition fields)."""
-    scan = dataset.scanner(columns=["image_id"], filter=expr).scan_batches()
-    return {batch.fragment.path for batch in scan if batch.record_batch.num_rows}
+def _row_groups_holding(dataset: ds.FileSystemDataset, expr: ds.Expression) -> ds.FileSystemDataset:
+    """The row groups of ``dataset`` with a row matching ``expr`` (in the dataset's order), found by
+    a scan of ``image_id`` alone (``expr`` reads nothing else but partition fields)."""
+    groups_of = [group for part in dataset.get_fragments(filter=expr) for group in part.split_by_row_group()]
+    by_group = ds.FileSystemDataset(groups_of, dataset.schema, dataset.format, dataset.filesystem)
+    scan = by_group.scanner(columns=["image_id"], filter=expr).scan_batches()
+    holding = {(batch.fragment.path, batch.fragment.row_groups[0].id) for batch in scan if batch.record_batch.num_rows}
+    kept = [group for group in groups_of if (group.path, group.row_groups[0].id) in holding]
+    return ds.FileSystemDataset(kept, dataset.schema, dataset.format, dataset.filesystem)
