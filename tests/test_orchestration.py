@@ -3,6 +3,7 @@ failed PDF that loses nothing else, and shards that read only their rows of the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from conftest import make_shapes
 from typer.testing import CliRunner
 
 from visaudit.flows.cli import app
+from visaudit.tasks.audit import plan as plan_module
 from visaudit.tasks.data.sources import INDEX_ROW_GROUP, read_index, write_index
 from visaudit.tasks.data.storage import read_table
 from visaudit.tasks.report.pdf import PdfFailed, PdfProcess
@@ -187,3 +189,15 @@ def test_load_plan_parses_once_until_the_file_changes(tmp_path, monkeypatch) -> 
     saved["images"] = 3
     (folder / plan_module.PLAN_NAME).write_text(json.dumps(saved) + " ")  # rewritten (a resumed run's plan)
     assert plan_module.load_plan(folder).images == 3 and len(parsed) == 2
+
+
+def test_the_data_fingerprint_hashes_the_index_in_chunks_as_in_one_pass(monkeypatch) -> None:
+    """The fingerprint names the data (URIs and labels, in order): a chunked pass gives the value one
+    pass over the whole index gave, so runs fingerprinted before stay comparable."""
+    index = _index(23).set_index(pd.Index(range(100, 123)))
+    rows = index[["uri"]].assign(labels=index["labels"].map(";".join))
+    one_pass = hashlib.sha256(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes()).hexdigest()
+    monkeypatch.setattr(plan_module, "FINGERPRINT_ROWS", 5)
+    assert plan_module._fingerprint(index) == one_pass
+    assert plan_module._fingerprint(index.iloc[::-1]) != one_pass, "the order counts"
+    assert plan_module._fingerprint(index.assign(labels=[["b"]] * 23)) != one_pass, "the labels count"

@@ -2,8 +2,8 @@
 
 Layout under the output folder::
 
-    tables/<table>/run_id=<run_id>/part-<shard>.parquet   (visible, complete runs)
-    tables/<table>/_tmp-<run_id>/part-<shard>.parquet     (a run in progress)
+    tables/<table>/run_id=<run_id>/part-<n>.parquet       (visible, complete runs: the parts merged)
+    tables/<table>/_tmp-<run_id>/part-<shard>.parquet     (a run in progress: a part a shard)
 
 Readers (pyarrow, pandas) skip folders starting with ``_``, so a run in progress or one
 that died is invisible; a run becomes visible when its staging folder is renamed into
